@@ -1,0 +1,546 @@
+//! Planning a batch: the pure step between loading and writing.
+//!
+//! Given a partition's messages (already decoded) and what the store knows about their
+//! commands and aggregates, [`plan`] decides every outcome and every row to write. It does
+//! no I/O, so the same inputs always give the same plan; the store then writes the plan in
+//! one transaction.
+
+use std::collections::{HashMap, HashSet};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use commands::domain::Registry;
+use commands::envelope::{event_id, preview, Command, DeadLetterKind, DecodeError, EventEnvelope};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+/// A Kafka header: name and raw value.
+pub type Header = (String, Option<Vec<u8>>);
+
+/// One consumed message and what decoding made of it.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    /// Offset in the commands partition.
+    pub offset: i64,
+    /// Original key bytes.
+    pub key: Option<Vec<u8>>,
+    /// Original value bytes.
+    pub value: Option<Vec<u8>>,
+    /// Original headers.
+    pub headers: Vec<Header>,
+    /// The decoded command, or why it is a dead letter.
+    pub decoded: Result<Command, DecodeError>,
+}
+
+/// The stored outcome of a processed command.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// `applied` or `rejected`.
+    pub outcome: OutcomeKind,
+    /// The rejection reason.
+    pub reason: Option<String>,
+    /// The aggregate version after the command.
+    pub version: i64,
+    /// Ids of the events the command emitted.
+    pub event_ids: Vec<Uuid>,
+}
+
+/// Applied or rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutcomeKind {
+    /// The command's events were stored.
+    Applied,
+    /// The aggregate refused the command.
+    Rejected,
+}
+
+impl OutcomeKind {
+    /// The stored form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Rejected => "rejected",
+        }
+    }
+}
+
+/// An aggregate as loaded: version and JSON state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    /// Stored version; 0 when the aggregate does not exist yet.
+    pub version: i64,
+    /// Stored state; `Null` when the aggregate does not exist yet.
+    pub state: Value,
+}
+
+/// A processed command to record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessedRow {
+    /// The command's source.
+    pub source: String,
+    /// The command's id.
+    pub command_id: String,
+    /// Aggregate type.
+    pub aggregate_type: String,
+    /// Aggregate id.
+    pub aggregate_id: String,
+    /// `account.Deposit` and so on.
+    pub command_type: String,
+    /// Offset of the command.
+    pub offset: i64,
+    /// What happened.
+    pub outcome: Outcome,
+}
+
+/// A delivery of an already processed command.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DuplicateRow {
+    /// Offset of the duplicate.
+    pub offset: i64,
+    /// The command's source.
+    pub source: String,
+    /// The command's id.
+    pub command_id: String,
+    /// The original's outcome, which is the duplicate's too.
+    pub outcome: Outcome,
+}
+
+/// An event to store and publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRow {
+    /// The full envelope; `sequence` is filled in with the outbox sequence.
+    pub envelope: EventEnvelope,
+}
+
+/// A dead letter to record and publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetterRow {
+    /// Offset of the message.
+    pub offset: i64,
+    /// Why.
+    pub kind: DeadLetterKind,
+    /// What is wrong, for a human.
+    pub message: String,
+    /// Original key.
+    pub key: Option<Vec<u8>>,
+    /// Original value.
+    pub value: Option<Vec<u8>>,
+    /// Original headers.
+    pub headers: Vec<Header>,
+    /// The aggregate, when known.
+    pub aggregate: Option<(String, String)>,
+}
+
+/// An aggregate write, guarded by the version it was read at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AggregateWrite {
+    /// Aggregate type.
+    pub aggregate_type: String,
+    /// Aggregate id.
+    pub aggregate_id: String,
+    /// The version read; 0 means insert.
+    pub read_version: i64,
+    /// The version written.
+    pub new_version: i64,
+    /// The state written.
+    pub state: Value,
+}
+
+/// Everything a batch writes, and its counts.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    /// Commands processed for the first time.
+    pub processed: Vec<ProcessedRow>,
+    /// Deliveries of commands already processed.
+    pub duplicates: Vec<DuplicateRow>,
+    /// Events, in order.
+    pub events: Vec<EventRow>,
+    /// Dead letters, in order.
+    pub dead_letters: Vec<DeadLetterRow>,
+    /// Aggregate writes, one per touched aggregate.
+    pub writes: Vec<AggregateWrite>,
+    /// The offset after the last message of the batch.
+    pub next_offset: i64,
+}
+
+impl Plan {
+    /// Commands applied.
+    pub fn applied(&self) -> usize {
+        self.processed
+            .iter()
+            .filter(|p| p.outcome.outcome == OutcomeKind::Applied)
+            .count()
+    }
+
+    /// Commands rejected.
+    pub fn rejected(&self) -> usize {
+        self.processed
+            .iter()
+            .filter(|p| p.outcome.outcome == OutcomeKind::Rejected)
+            .count()
+    }
+}
+
+/// The identity of a command for deduplication: `(source, id)`.
+pub type CommandKey = (String, String);
+/// The identity of an aggregate: `(type, id)`.
+pub type AggregateKey = (String, String);
+
+/// Decides the outcome of every message of a batch, in offset order.
+///
+/// `known` holds the recorded outcomes of the batch's commands that were processed before;
+/// `aggregates` the stored state of the aggregates the batch names (absent ones are new).
+pub fn plan(
+    registry: &Registry,
+    messages: Vec<Incoming>,
+    known: &HashMap<CommandKey, Outcome>,
+    aggregates: &HashMap<AggregateKey, Loaded>,
+) -> Plan {
+    let mut out = Plan::default();
+    let mut seen: HashMap<CommandKey, Outcome> = HashMap::new();
+    let mut current: HashMap<AggregateKey, Loaded> = HashMap::new();
+    let mut order: Vec<AggregateKey> = Vec::new();
+    let mut touched: HashSet<AggregateKey> = HashSet::new();
+
+    for m in messages {
+        out.next_offset = m.offset + 1;
+        let command = match m.decoded {
+            Ok(c) => c,
+            Err(e) => {
+                out.dead_letters
+                    .push(dead_letter(m.offset, e, m.key, m.value, m.headers));
+                continue;
+            }
+        };
+        let ckey = (
+            command.source.as_str().to_owned(),
+            command.id.as_str().to_owned(),
+        );
+        if let Some(outcome) = seen.get(&ckey).or_else(|| known.get(&ckey)) {
+            out.duplicates.push(DuplicateRow {
+                offset: m.offset,
+                source: ckey.0,
+                command_id: ckey.1,
+                outcome: outcome.clone(),
+            });
+            continue;
+        }
+        let agg_type = command.command_type.aggregate_type().to_owned();
+        let Some(aggregate) = registry.get(&agg_type) else {
+            let e = DecodeError {
+                kind: DeadLetterKind::UnknownType,
+                message: format!("unknown aggregate type `{agg_type}`"),
+                aggregate: Some((agg_type, command.subject.to_string())),
+            };
+            out.dead_letters
+                .push(dead_letter(m.offset, e, m.key, m.value, m.headers));
+            continue;
+        };
+        let akey = (agg_type.clone(), command.subject.as_str().to_owned());
+        let loaded = current.entry(akey.clone()).or_insert_with(|| {
+            order.push(akey.clone());
+            aggregates.get(&akey).cloned().unwrap_or(Loaded {
+                version: 0,
+                state: Value::Null,
+            })
+        });
+
+        let handled = if let Some(expected) = command
+            .expected_version
+            .filter(|v| *v as i64 != loaded.version)
+        {
+            Ok(Ok(Err(commands::Rejection::new(format!(
+                "expected version {expected}, aggregate is at version {}",
+                loaded.version
+            )))))
+        } else {
+            catch_unwind(AssertUnwindSafe(|| {
+                aggregate.handle(&loaded.state, command.command_type.name(), &command.data)
+            }))
+        };
+        let outcome = match handled {
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                let e = DecodeError {
+                    kind: DeadLetterKind::HandlerPanic,
+                    message: format!("handler for {} panicked: {what}", command.command_type),
+                    aggregate: Some(akey.clone()),
+                };
+                out.dead_letters
+                    .push(dead_letter(m.offset, e, m.key, m.value, m.headers));
+                continue;
+            }
+            Ok(Err(command_error)) => {
+                let kind = match command_error {
+                    commands::aggregate::CommandError::UnknownCommand(_) => {
+                        DeadLetterKind::UnknownType
+                    }
+                    commands::aggregate::CommandError::InvalidData(_) => DeadLetterKind::Schema,
+                };
+                let e = DecodeError {
+                    kind,
+                    message: command_error.to_string(),
+                    aggregate: Some(akey.clone()),
+                };
+                out.dead_letters
+                    .push(dead_letter(m.offset, e, m.key, m.value, m.headers));
+                continue;
+            }
+            Ok(Ok(Err(rejection))) => Outcome {
+                outcome: OutcomeKind::Rejected,
+                reason: Some(rejection.reason),
+                version: loaded.version,
+                event_ids: Vec::new(),
+            },
+            Ok(Ok(Ok(events))) => {
+                let mut ids = Vec::with_capacity(events.len());
+                let base = loaded.version;
+                for (i, ev) in events.iter().enumerate() {
+                    let id = event_id(&command.source, &command.id, i);
+                    ids.push(id);
+                    out.events.push(EventRow {
+                        envelope: EventEnvelope {
+                            id,
+                            event_type: format!("{}.{}", agg_type, ev.name),
+                            aggregate_type: agg_type.clone(),
+                            subject: command.subject.to_string(),
+                            aggregate_version: (base + 1 + i as i64) as u64,
+                            command_source: command.source.to_string(),
+                            command_id: command.id.to_string(),
+                            correlation_id: command.correlation_id.clone(),
+                            time: command.time,
+                            sequence: 0,
+                            data: ev.data.clone(),
+                        },
+                    });
+                }
+                if !events.is_empty() {
+                    loaded.state = aggregate.apply(&loaded.state, &events);
+                    loaded.version = base + events.len() as i64;
+                    touched.insert(akey.clone());
+                }
+                Outcome {
+                    outcome: OutcomeKind::Applied,
+                    reason: None,
+                    version: loaded.version,
+                    event_ids: ids,
+                }
+            }
+        };
+        seen.insert(ckey.clone(), outcome.clone());
+        out.processed.push(ProcessedRow {
+            source: ckey.0,
+            command_id: ckey.1,
+            aggregate_type: akey.0,
+            aggregate_id: akey.1,
+            command_type: command.command_type.to_string(),
+            offset: m.offset,
+            outcome,
+        });
+    }
+
+    for akey in order {
+        if !touched.contains(&akey) {
+            continue;
+        }
+        let now = &current[&akey];
+        let read_version = aggregates.get(&akey).map_or(0, |l| l.version);
+        out.writes.push(AggregateWrite {
+            aggregate_type: akey.0.clone(),
+            aggregate_id: akey.1.clone(),
+            read_version,
+            new_version: now.version,
+            state: now.state.clone(),
+        });
+    }
+    out
+}
+
+fn dead_letter(
+    offset: i64,
+    e: DecodeError,
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    headers: Vec<Header>,
+) -> DeadLetterRow {
+    DeadLetterRow {
+        offset,
+        kind: e.kind,
+        message: e.message,
+        key,
+        value,
+        headers,
+        aggregate: e.aggregate,
+    }
+}
+
+/// Headers as stored in JSON: `[{"k": name, "x": hex value or null}]`, so binary header
+/// values survive untouched.
+pub fn headers_to_json(headers: &[Header]) -> Value {
+    Value::Array(
+        headers
+            .iter()
+            .map(|(k, v)| json!({"k": k, "x": v.as_deref().map(hex)}))
+            .collect(),
+    )
+}
+
+/// The inverse of [`headers_to_json`].
+pub fn headers_from_json(v: &Value) -> Vec<Header> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|h| {
+                    let k = h.get("k")?.as_str()?.to_owned();
+                    let v = h.get("x").and_then(Value::as_str).and_then(unhex);
+                    Some((k, v))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
+}
+
+/// A short printable preview of a dead letter's value.
+pub fn value_preview(value: Option<&[u8]>) -> String {
+    value
+        .map(|v| preview(v, 120))
+        .unwrap_or_else(|| "<no value>".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use commands::schema::Schemas;
+
+    fn msg(offset: i64, source: &str, id: &str, ty: &str, subject: &str, data: Value) -> Incoming {
+        let v = json!({"specversion":"1.0","id":id,"source":source,"type":ty,"subject":subject,"data":data});
+        let bytes = serde_json::to_vec(&v).unwrap();
+        let decoded = Command::decode(
+            Some(subject.as_bytes()),
+            &[],
+            Some(&bytes),
+            Schemas::builtin(),
+        );
+        Incoming {
+            offset,
+            key: Some(subject.as_bytes().to_vec()),
+            value: Some(bytes),
+            headers: vec![],
+            decoded,
+        }
+    }
+
+    #[test]
+    fn applies_in_order_and_dedupes_within_the_batch() {
+        let registry = Registry::builtin();
+        let msgs = vec![
+            msg(10, "/t", "1", "account.Open", "a", json!({"owner":"ada"})),
+            msg(11, "/t", "2", "account.Deposit", "a", json!({"amount":10})),
+            msg(12, "/t", "2", "account.Deposit", "a", json!({"amount":10})),
+            msg(13, "/t", "3", "account.Withdraw", "a", json!({"amount":11})),
+            msg(14, "/t", "4", "account.Withdraw", "a", json!({"amount":4})),
+        ];
+        let p = plan(&registry, msgs, &HashMap::new(), &HashMap::new());
+        assert_eq!(p.next_offset, 15);
+        assert_eq!(p.applied(), 3);
+        assert_eq!(p.rejected(), 1);
+        assert_eq!(p.duplicates.len(), 1);
+        assert_eq!(p.duplicates[0].outcome.version, 2);
+        assert_eq!(p.writes.len(), 1);
+        assert_eq!(p.writes[0].read_version, 0);
+        assert_eq!(p.writes[0].new_version, 3);
+        assert_eq!(p.writes[0].state["balance"], 6);
+        let versions: Vec<u64> = p
+            .events
+            .iter()
+            .map(|e| e.envelope.aggregate_version)
+            .collect();
+        assert_eq!(versions, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn known_outcomes_make_duplicates_and_expected_version_is_honoured() {
+        let registry = Registry::builtin();
+        let mut known = HashMap::new();
+        let recorded = Outcome {
+            outcome: OutcomeKind::Applied,
+            reason: None,
+            version: 1,
+            event_ids: vec![],
+        };
+        known.insert(("/t".to_owned(), "1".to_owned()), recorded.clone());
+        let mut aggregates = HashMap::new();
+        aggregates.insert(
+            ("account".to_owned(), "a".to_owned()),
+            Loaded {
+                version: 1,
+                state: json!({"opened": true, "owner": "ada", "balance": 0}),
+            },
+        );
+        let mut stale = msg(2, "/t", "5", "account.Deposit", "a", json!({"amount":1}));
+        if let Ok(c) = stale.decoded.as_mut() {
+            c.expected_version = Some(7);
+        }
+        let msgs = vec![
+            msg(1, "/t", "1", "account.Open", "a", json!({"owner":"ada"})),
+            stale,
+        ];
+        let p = plan(&registry, msgs, &known, &aggregates);
+        assert_eq!(p.duplicates[0].outcome, recorded);
+        assert_eq!(p.rejected(), 1);
+        assert!(p.processed[0]
+            .outcome
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("expected version 7"));
+        assert!(p.writes.is_empty());
+    }
+
+    #[test]
+    fn dead_letters_keep_their_bytes_and_do_not_stop_the_batch() {
+        let registry = Registry::builtin();
+        let bad = Incoming {
+            offset: 0,
+            key: Some(b"k".to_vec()),
+            value: Some(b"\xffnope".to_vec()),
+            headers: vec![("h".into(), Some(vec![0, 1, 2]))],
+            decoded: Command::decode(Some(b"k"), &[], Some(b"\xffnope"), Schemas::builtin()),
+        };
+        let msgs = vec![
+            bad,
+            msg(
+                1,
+                "/t",
+                "1",
+                "room.Book",
+                "r",
+                json!({"night":"2026-12-24","guest":"g"}),
+            ),
+        ];
+        let p = plan(&registry, msgs, &HashMap::new(), &HashMap::new());
+        assert_eq!(p.dead_letters.len(), 1);
+        assert_eq!(p.dead_letters[0].kind, DeadLetterKind::Malformed);
+        assert_eq!(p.dead_letters[0].value.as_deref(), Some(&b"\xffnope"[..]));
+        assert_eq!(p.applied(), 1);
+        let h = headers_to_json(&p.dead_letters[0].headers);
+        assert_eq!(headers_from_json(&h), p.dead_letters[0].headers);
+    }
+}

@@ -1,0 +1,35 @@
+//! `cmdproc inspect <type> <id>`.
+
+use clap::Args;
+
+use super::Common;
+
+/// Arguments of `inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Aggregate type, e.g. `account`.
+    pub aggregate_type: String,
+    /// Aggregate id, e.g. `acc-42`.
+    pub aggregate_id: String,
+    /// How many recent commands and events to show.
+    #[arg(long, default_value_t = 20)]
+    pub limit: i64,
+}
+
+/// Prints the aggregate, or fails when nothing is known about it.
+pub async fn run(common: &Common, args: InspectArgs) -> anyhow::Result<()> {
+    let pool = super::pool(common, 2).await?;
+    match crate::inspect::aggregate(&pool, &args.aggregate_type, &args.aggregate_id, args.limit)
+        .await?
+    {
+        Some(v) => {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        None => anyhow::bail!(
+            "no {} `{}` has been seen",
+            args.aggregate_type,
+            args.aggregate_id
+        ),
+    }
+}

@@ -1,0 +1,164 @@
+//! The `cmdproc` command line: one file per subcommand, tied together by [`Command`].
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use commands::Topic;
+
+pub mod demo;
+pub mod inspect;
+pub mod migrate;
+pub mod produce;
+pub mod relay;
+pub mod run;
+pub mod topics;
+
+/// The database `deploy/local/postgres.sh` creates.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://cmdproc:cmdproc@127.0.0.1:5432/cmdproc";
+
+/// cmdproc: a Kafka-based single-writer command processor with exactly-once effects in
+/// Postgres.
+///
+/// Produce commands (CloudEvents keyed by aggregate id), run workers that apply them in
+/// order per aggregate, and inspect the results. Start a local Kafka and Postgres with
+/// `deploy/local/up.sh`, then `cmdproc migrate` and `cmdproc topics create`.
+#[derive(Debug, Parser)]
+#[command(name = "cmdproc", version, max_term_width = 100)]
+pub struct Cli {
+    /// Settings shared by every subcommand.
+    #[command(flatten)]
+    pub common: Common,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Settings shared by every subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct Common {
+    /// Kafka bootstrap servers.
+    #[arg(
+        long,
+        env = "CMDPROC_BROKERS",
+        default_value = "127.0.0.1:9092",
+        global = true
+    )]
+    pub brokers: String,
+    /// Postgres URL (the password is never logged).
+    #[arg(long, env = "CMDPROC_DATABASE_URL", default_value = DEFAULT_DATABASE_URL, global = true, hide_default_value = true)]
+    pub database_url: String,
+    /// Consumer group of the workers.
+    #[arg(long, env = "CMDPROC_GROUP", default_value = "cmdproc", global = true)]
+    pub group: String,
+    /// Topic the commands are produced to; dead letters go to `<commands-topic>.dlq`.
+    #[arg(
+        long,
+        env = "CMDPROC_COMMANDS_TOPIC",
+        default_value = "commands",
+        global = true
+    )]
+    pub commands_topic: Topic,
+    /// Topic the relay publishes events to.
+    #[arg(
+        long,
+        env = "CMDPROC_EVENTS_TOPIC",
+        default_value = "events",
+        global = true
+    )]
+    pub events_topic: Topic,
+    /// Log format.
+    #[arg(long, env = "CMDPROC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// How long to wait for Kafka or Postgres before giving up on a one-shot command.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, global = true)]
+    pub connect_timeout: Duration,
+}
+
+/// Log output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply the database migrations (idempotent).
+    Migrate,
+    /// Manage the commands, events and dead-letter topics.
+    #[command(subcommand)]
+    Topics(topics::TopicsCommand),
+    /// Produce commands: one from flags, or many as JSON lines from a file or stdin.
+    Produce(produce::ProduceArgs),
+    /// Run a worker: join the group and apply commands, with the outbox relay inside.
+    Run(run::RunArgs),
+    /// Run the outbox relay alone.
+    Relay(relay::RelayArgs),
+    /// Print an aggregate as JSON with its recent commands and events.
+    Inspect(inspect::InspectArgs),
+    /// Run a demonstration: two workers, thousands of commands, a summary and the invariants.
+    Demo(demo::DemoArgs),
+}
+
+/// Parses `500ms`, `5s`, `2m` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration such as 500ms, 5s or 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("`{s}` has an unknown unit; use ms, s or m")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("`{s}` is not a valid duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Runs a parsed command line.
+pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let common = cli.common;
+    match cli.command {
+        Command::Migrate => migrate::run(&common).await,
+        Command::Topics(t) => topics::run(&common, t).await,
+        Command::Produce(a) => produce::run(&common, a).await,
+        Command::Run(a) => run::run(&common, a).await,
+        Command::Relay(a) => relay::run(&common, a).await,
+        Command::Inspect(a) => inspect::run(&common, a).await,
+        Command::Demo(a) => demo::run(&common, a).await,
+    }
+}
+
+/// Connects to Postgres for a one-shot command.
+pub async fn pool(common: &Common, max: u32) -> anyhow::Result<sqlx::PgPool> {
+    Ok(crate::store::connect(&common.database_url, max, common.connect_timeout).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+}

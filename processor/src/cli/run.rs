@@ -1,0 +1,119 @@
+//! `cmdproc run`: a worker with the outbox relay inside.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{parse_duration, Common};
+use crate::relay::Relay;
+use crate::stats::Stats;
+use crate::worker::{MisroutedPolicy, Worker, WorkerConfig};
+
+/// Arguments of `run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Most commands applied in one transaction.
+    #[arg(long, env = "CMDPROC_BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub batch_size: u32,
+    /// Longest wait for a batch to fill before it is applied.
+    #[arg(long, env = "CMDPROC_BATCH_LINGER", default_value = "5ms", value_parser = parse_duration)]
+    pub batch_linger: Duration,
+    /// Larger messages are dead-lettered as `too_large`.
+    #[arg(long, env = "CMDPROC_MAX_COMMAND_BYTES", default_value_t = 256 * 1024)]
+    pub max_command_bytes: usize,
+    /// Consumer group session timeout: how long a silent worker keeps its partitions.
+    #[arg(long, env = "CMDPROC_SESSION_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub session_timeout: Duration,
+    /// What to do with a command on a partition its key does not map to.
+    #[arg(long, value_enum, default_value_t = MisroutedPolicy::DeadLetter)]
+    pub misrouted: MisroutedPolicy,
+    /// Do not run the outbox relay in this process (run `cmdproc relay` elsewhere).
+    #[arg(long)]
+    pub no_relay: bool,
+    /// On SIGTERM, how long to drain in-flight work before exiting.
+    #[arg(long, default_value = "8s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+    /// Database connections of this worker.
+    #[arg(long, default_value_t = 8)]
+    pub db_connections: u32,
+    /// Name of this worker in logs and in the database (default: host and pid).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+/// Runs until SIGTERM or Ctrl-C, then drains within the shutdown timeout.
+pub async fn run(common: &Common, args: RunArgs) -> anyhow::Result<()> {
+    let pool = super::pool(common, args.db_connections).await?;
+    crate::store::migrate(&pool).await?;
+    let owner = args.name.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let config = WorkerConfig {
+        brokers: common.brokers.clone(),
+        group: common.group.clone(),
+        commands_topic: common.commands_topic.clone(),
+        events_topic: common.events_topic.clone(),
+        batch_size: args.batch_size as usize,
+        batch_linger: args.batch_linger,
+        max_command_bytes: args.max_command_bytes,
+        session_timeout: args.session_timeout,
+        misrouted: args.misrouted,
+        owner,
+    };
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let stats = Arc::new(Stats::default());
+    let relay_shutdown = CancellationToken::new();
+    let relay_wake = if args.no_relay {
+        None
+    } else {
+        let relay = Relay::new(
+            pool.clone(),
+            &common.brokers,
+            common.commands_topic.as_str(),
+            1000,
+        )?;
+        let wake = relay.waker();
+        let token = relay_shutdown.clone();
+        let drain = args.shutdown_timeout / 2;
+        tracker.spawn(async move { relay.run(token, drain).await });
+        Some(wake)
+    };
+    let worker = Worker::new(config, pool, stats.clone(), relay_wake);
+    tokio::spawn(on_signal(shutdown.clone()));
+    let result = worker.run(shutdown.clone()).await;
+    // The worker has stopped taking batches; now let the relay publish what they wrote.
+    relay_shutdown.cancel();
+    tracker.close();
+    if tokio::time::timeout(args.shutdown_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("relay did not stop within the shutdown timeout");
+    }
+    tracing::info!(
+        applied = Stats::get(&stats.applied),
+        rejected = Stats::get(&stats.rejected),
+        duplicates = Stats::get(&stats.duplicates),
+        dead_letters = Stats::get(&stats.dead_letters),
+        fenced = Stats::get(&stats.fenced),
+        "worker stopped"
+    );
+    result
+}
+
+/// Cancels `token` on SIGTERM or Ctrl-C.
+pub async fn on_signal(token: CancellationToken) {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutdown requested");
+    token.cancel();
+}

@@ -1,0 +1,674 @@
+//! Every SQL statement of the engine, in one place.
+//!
+//! A batch is one transaction: lock the partition row and check the epoch (fencing), load
+//! the recorded outcomes and aggregates the batch names, [`plan`](crate::batch::plan) it,
+//! then write processed commands, aggregates (version-checked), events, dead letters,
+//! outbox rows and the next offset with set-based statements.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use commands::domain::Registry;
+use commands::envelope::CLOUDEVENTS_JSON;
+use serde_json::Value;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use crate::batch::{
+    self, headers_to_json, AggregateKey, CommandKey, Header, Incoming, Loaded, Outcome,
+    OutcomeKind, Plan,
+};
+
+/// Errors of the store layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another worker took the partition: this worker's epoch is stale.
+    #[error(
+        "partition {partition} is fenced: epoch {mine} is stale, the current epoch is {current}"
+    )]
+    Fenced {
+        /// The partition.
+        partition: i32,
+        /// The epoch this worker holds.
+        mine: i64,
+        /// The epoch in the database.
+        current: i64,
+    },
+    /// A versioned write found another version: another writer existed.
+    #[error("version conflict: {0}")]
+    Conflict(String),
+    /// The database cannot be reached or dropped the connection.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// Any other database error.
+    #[error("database error: {0}")]
+    Database(String),
+}
+
+/// The store's result type.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Database(db) => {
+                let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+                if code == "23505" || code == "40001" || code == "40P01" {
+                    StoreError::Conflict(db.message().to_owned())
+                } else if code.starts_with("08") || code.starts_with("57") || code == "53300" {
+                    StoreError::Unavailable(db.message().to_owned())
+                } else {
+                    StoreError::Database(format!("{} ({code})", db.message()))
+                }
+            }
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.to_string()),
+            _ => StoreError::Database(e.to_string()),
+        }
+    }
+}
+
+/// Opens a pool, failing within `timeout` with a message naming the server when it cannot
+/// be reached.
+pub async fn connect(url: &str, max_connections: u32, timeout: Duration) -> Result<PgPool> {
+    let options: PgConnectOptions = url
+        .parse()
+        .map_err(|e| StoreError::Database(format!("invalid database URL: {e}")))?;
+    let target = format!(
+        "{}:{}/{}",
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("")
+    );
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(timeout)
+        .connect_with(options)
+        .await
+        .map_err(|e| {
+            StoreError::Unavailable(format!("cannot connect to Postgres at {target}: {e}"))
+        })
+}
+
+/// Applies the embedded migrations; idempotent.
+pub async fn migrate(pool: &PgPool) -> Result<usize> {
+    let migrator = sqlx::migrate!("../migrations");
+    migrator
+        .run(pool)
+        .await
+        .map_err(|e| StoreError::Database(format!("migration failed: {e}")))?;
+    Ok(migrator.iter().count())
+}
+
+/// A partition as acquired by a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Acquired {
+    /// The new epoch, the worker's fencing token.
+    pub epoch: i64,
+    /// The stored next offset to consume.
+    pub next_offset: i64,
+}
+
+/// Takes a partition: increments its epoch (fencing every earlier owner) and reads its
+/// stored next offset.
+pub async fn acquire_partition(
+    pool: &PgPool,
+    topic: &str,
+    partition: i32,
+    owner: &str,
+) -> Result<Acquired> {
+    let mut tx = pool.begin().await?;
+    let row = sqlx::query(
+        "INSERT INTO partitions (topic, partition, epoch, owner, acquired_at) VALUES ($1, $2, 1, $3, now())
+         ON CONFLICT (topic, partition) DO UPDATE
+           SET epoch = partitions.epoch + 1, owner = EXCLUDED.owner, acquired_at = now(), updated_at = now()
+         RETURNING epoch, next_offset",
+    )
+    .bind(topic)
+    .bind(partition)
+    .bind(owner)
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query("INSERT INTO relay_positions (partition) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(partition)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(Acquired {
+        epoch: row.get(0),
+        next_offset: row.get(1),
+    })
+}
+
+/// What a committed batch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchResult {
+    /// Messages in the batch, after dropping those below the stored offset.
+    pub messages: usize,
+    /// Commands applied.
+    pub applied: usize,
+    /// Commands rejected.
+    pub rejected: usize,
+    /// Duplicate deliveries.
+    pub duplicates: usize,
+    /// Dead letters.
+    pub dead_letters: usize,
+    /// Events stored.
+    pub events: usize,
+    /// The stored next offset after the batch.
+    pub next_offset: i64,
+}
+
+/// Where a batch goes.
+#[derive(Debug, Clone)]
+pub struct BatchTarget<'a> {
+    /// Commands topic.
+    pub topic: &'a str,
+    /// Its dead-letter topic.
+    pub dead_letter_topic: &'a str,
+    /// Events topic.
+    pub events_topic: &'a str,
+    /// Partition.
+    pub partition: i32,
+    /// The worker's epoch for it.
+    pub epoch: i64,
+}
+
+/// Applies a batch of one partition's messages in one transaction. Messages below the
+/// stored next offset were applied before and are dropped.
+pub async fn process_batch(
+    pool: &PgPool,
+    target: &BatchTarget<'_>,
+    registry: &Registry,
+    messages: &[Incoming],
+) -> Result<BatchResult> {
+    let mut tx = pool.begin().await?;
+    let row = sqlx::query(
+        "SELECT epoch, next_offset, outbox_seq FROM partitions WHERE topic = $1 AND partition = $2 FOR UPDATE",
+    )
+    .bind(target.topic)
+    .bind(target.partition)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else {
+        return Err(StoreError::Fenced {
+            partition: target.partition,
+            mine: target.epoch,
+            current: 0,
+        });
+    };
+    let (epoch, stored_next, outbox_seq): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    if epoch != target.epoch {
+        return Err(StoreError::Fenced {
+            partition: target.partition,
+            mine: target.epoch,
+            current: epoch,
+        });
+    }
+    let fresh: Vec<Incoming> = messages
+        .iter()
+        .filter(|m| m.offset >= stored_next)
+        .cloned()
+        .collect();
+    if fresh.is_empty() {
+        tx.rollback().await?;
+        return Ok(BatchResult {
+            next_offset: stored_next,
+            ..Default::default()
+        });
+    }
+
+    let known = load_outcomes(&mut tx, &fresh).await?;
+    let aggregates = load_aggregates(&mut tx, &fresh).await?;
+    let plan = batch::plan(registry, fresh, &known, &aggregates);
+    let result = BatchResult {
+        messages: plan.processed.len() + plan.duplicates.len() + plan.dead_letters.len(),
+        applied: plan.applied(),
+        rejected: plan.rejected(),
+        duplicates: plan.duplicates.len(),
+        dead_letters: plan.dead_letters.len(),
+        events: plan.events.len(),
+        next_offset: plan.next_offset,
+    };
+    let outbox_end = write_plan(&mut tx, target, &plan, outbox_seq).await?;
+    let updated = sqlx::query(
+        "UPDATE partitions SET next_offset = $3, outbox_seq = $4, updated_at = now()
+         WHERE topic = $1 AND partition = $2 AND epoch = $5",
+    )
+    .bind(target.topic)
+    .bind(target.partition)
+    .bind(plan.next_offset)
+    .bind(outbox_end)
+    .bind(target.epoch)
+    .execute(&mut *tx)
+    .await?;
+    if updated.rows_affected() != 1 {
+        return Err(StoreError::Fenced {
+            partition: target.partition,
+            mine: target.epoch,
+            current: -1,
+        });
+    }
+    tx.commit().await?;
+    Ok(result)
+}
+
+async fn load_outcomes(
+    tx: &mut Transaction<'_, Postgres>,
+    msgs: &[Incoming],
+) -> Result<HashMap<CommandKey, Outcome>> {
+    let (sources, ids): (Vec<&str>, Vec<&str>) = msgs
+        .iter()
+        .filter_map(|m| m.decoded.as_ref().ok())
+        .map(|c| (c.source.as_str(), c.id.as_str()))
+        .unzip();
+    if sources.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows = sqlx::query(
+        "SELECT p.source, p.command_id, p.outcome, p.reason, p.version, p.event_ids
+         FROM processed_commands p
+         JOIN UNNEST($1::text[], $2::text[]) AS k(source, command_id)
+           ON p.source = k.source AND p.command_id = k.command_id",
+    )
+    .bind(&sources)
+    .bind(&ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let outcome = if r.get::<&str, _>(2) == "applied" {
+                OutcomeKind::Applied
+            } else {
+                OutcomeKind::Rejected
+            };
+            (
+                (r.get(0), r.get(1)),
+                Outcome {
+                    outcome,
+                    reason: r.get(3),
+                    version: r.get(4),
+                    event_ids: r.get(5),
+                },
+            )
+        })
+        .collect())
+}
+
+async fn load_aggregates(
+    tx: &mut Transaction<'_, Postgres>,
+    msgs: &[Incoming],
+) -> Result<HashMap<AggregateKey, Loaded>> {
+    let mut keys: Vec<(&str, &str)> = msgs
+        .iter()
+        .filter_map(|m| m.decoded.as_ref().ok())
+        .map(|c| (c.command_type.aggregate_type(), c.subject.as_str()))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let (types, ids): (Vec<&str>, Vec<&str>) = keys.into_iter().unzip();
+    let rows = sqlx::query(
+        "SELECT a.aggregate_type, a.aggregate_id, a.version, a.state
+         FROM aggregates a
+         JOIN UNNEST($1::text[], $2::text[]) AS k(t, i) ON a.aggregate_type = k.t AND a.aggregate_id = k.i",
+    )
+    .bind(&types)
+    .bind(&ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            (
+                (r.get(0), r.get(1)),
+                Loaded {
+                    version: r.get(2),
+                    state: r.get(3),
+                },
+            )
+        })
+        .collect())
+}
+
+/// An outbox row to insert.
+struct OutboxRow {
+    topic: String,
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    headers: Value,
+}
+
+async fn write_plan(
+    tx: &mut Transaction<'_, Postgres>,
+    target: &BatchTarget<'_>,
+    plan: &Plan,
+    outbox_seq: i64,
+) -> Result<i64> {
+    // Aggregates first: a version conflict aborts before anything else is written.
+    let (inserts, updates): (Vec<_>, Vec<_>) =
+        plan.writes.iter().partition(|w| w.read_version == 0);
+    if !inserts.is_empty() {
+        let n = sqlx::query(
+            "INSERT INTO aggregates (aggregate_type, aggregate_id, version, state)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::jsonb[])
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(
+            inserts
+                .iter()
+                .map(|w| w.aggregate_type.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            inserts
+                .iter()
+                .map(|w| w.aggregate_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(inserts.iter().map(|w| w.new_version).collect::<Vec<_>>())
+        .bind(inserts.iter().map(|w| w.state.clone()).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+        if n != inserts.len() as u64 {
+            return Err(StoreError::Conflict(format!(
+                "{} of {} new aggregates already exist",
+                inserts.len() as u64 - n,
+                inserts.len()
+            )));
+        }
+    }
+    if !updates.is_empty() {
+        let n = sqlx::query(
+            "UPDATE aggregates a SET version = u.new_version, state = u.state, updated_at = now()
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::jsonb[])
+               AS u(t, i, read_version, new_version, state)
+             WHERE a.aggregate_type = u.t AND a.aggregate_id = u.i AND a.version = u.read_version",
+        )
+        .bind(
+            updates
+                .iter()
+                .map(|w| w.aggregate_type.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            updates
+                .iter()
+                .map(|w| w.aggregate_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(updates.iter().map(|w| w.read_version).collect::<Vec<_>>())
+        .bind(updates.iter().map(|w| w.new_version).collect::<Vec<_>>())
+        .bind(updates.iter().map(|w| w.state.clone()).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+        if n != updates.len() as u64 {
+            return Err(StoreError::Conflict(format!(
+                "{} of {} aggregates changed since they were read",
+                updates.len() as u64 - n,
+                updates.len()
+            )));
+        }
+    }
+
+    if !plan.processed.is_empty() {
+        let p = &plan.processed;
+        sqlx::query(
+            "INSERT INTO processed_commands
+               (source, command_id, aggregate_type, aggregate_id, command_type, outcome, reason, version,
+                event_ids, topic, partition, \"offset\")
+             SELECT s, c, t, i, ct, o, r, v, COALESCE(string_to_array(e, ',')::uuid[], '{}'), $10, $11, off
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                         $8::bigint[], $9::text[], $12::bigint[])
+               AS u(s, c, t, i, ct, o, r, v, e, off)",
+        )
+        .bind(p.iter().map(|r| r.source.as_str()).collect::<Vec<_>>())
+        .bind(p.iter().map(|r| r.command_id.as_str()).collect::<Vec<_>>())
+        .bind(p.iter().map(|r| r.aggregate_type.as_str()).collect::<Vec<_>>())
+        .bind(p.iter().map(|r| r.aggregate_id.as_str()).collect::<Vec<_>>())
+        .bind(p.iter().map(|r| r.command_type.as_str()).collect::<Vec<_>>())
+        .bind(p.iter().map(|r| r.outcome.outcome.as_str()).collect::<Vec<_>>())
+        .bind(p.iter().map(|r| r.outcome.reason.as_deref()).collect::<Vec<_>>())
+        .bind(p.iter().map(|r| r.outcome.version).collect::<Vec<_>>())
+        .bind(p.iter().map(|r| join_ids(&r.outcome.event_ids)).collect::<Vec<_>>())
+        .bind(target.topic)
+        .bind(target.partition)
+        .bind(p.iter().map(|r| r.offset).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+    }
+
+    if !plan.duplicates.is_empty() {
+        let d = &plan.duplicates;
+        sqlx::query(
+            "INSERT INTO duplicate_deliveries (topic, partition, \"offset\", source, command_id)
+             SELECT $1, $2, off, s, c FROM UNNEST($3::bigint[], $4::text[], $5::text[]) AS u(off, s, c)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(target.topic)
+        .bind(target.partition)
+        .bind(d.iter().map(|r| r.offset).collect::<Vec<_>>())
+        .bind(d.iter().map(|r| r.source.as_str()).collect::<Vec<_>>())
+        .bind(d.iter().map(|r| r.command_id.as_str()).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+    }
+
+    let mut outbox = Vec::with_capacity(plan.events.len() + plan.dead_letters.len());
+    let mut seq = outbox_seq;
+    if !plan.events.is_empty() {
+        let e = &plan.events;
+        sqlx::query(
+            "INSERT INTO events (event_id, aggregate_type, aggregate_id, version, event_type, data, source, command_id)
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::jsonb[],
+                                  $7::text[], $8::text[])",
+        )
+        .bind(e.iter().map(|r| r.envelope.id).collect::<Vec<Uuid>>())
+        .bind(e.iter().map(|r| r.envelope.aggregate_type.as_str()).collect::<Vec<_>>())
+        .bind(e.iter().map(|r| r.envelope.subject.as_str()).collect::<Vec<_>>())
+        .bind(e.iter().map(|r| r.envelope.aggregate_version as i64).collect::<Vec<_>>())
+        .bind(e.iter().map(|r| r.envelope.event_type.as_str()).collect::<Vec<_>>())
+        .bind(e.iter().map(|r| r.envelope.data.clone()).collect::<Vec<_>>())
+        .bind(e.iter().map(|r| r.envelope.command_source.as_str()).collect::<Vec<_>>())
+        .bind(e.iter().map(|r| r.envelope.command_id.as_str()).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+        for ev in e {
+            seq += 1;
+            let mut envelope = ev.envelope.clone();
+            envelope.sequence = seq as u64;
+            outbox.push(OutboxRow {
+                topic: target.events_topic.to_owned(),
+                key: Some(envelope.subject.clone().into_bytes()),
+                payload: Some(serde_json::to_vec(&envelope.to_json()).expect("JSON serializes")),
+                headers: headers_to_json(&[(
+                    "content-type".into(),
+                    Some(CLOUDEVENTS_JSON.as_bytes().to_vec()),
+                )]),
+            });
+        }
+    }
+
+    if !plan.dead_letters.is_empty() {
+        let d = &plan.dead_letters;
+        sqlx::query(
+            "INSERT INTO dead_letters (topic, partition, \"offset\", kind, message, key, value, headers,
+                                       aggregate_type, aggregate_id)
+             SELECT $1, $2, off, k, m, key, val, h, t, i
+             FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::bytea[], $7::bytea[], $8::jsonb[],
+                         $9::text[], $10::text[]) AS u(off, k, m, key, val, h, t, i)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(target.topic)
+        .bind(target.partition)
+        .bind(d.iter().map(|r| r.offset).collect::<Vec<_>>())
+        .bind(d.iter().map(|r| r.kind.as_str()).collect::<Vec<_>>())
+        .bind(d.iter().map(|r| r.message.as_str()).collect::<Vec<_>>())
+        .bind(d.iter().map(|r| r.key.clone()).collect::<Vec<_>>())
+        .bind(d.iter().map(|r| r.value.clone()).collect::<Vec<_>>())
+        .bind(d.iter().map(|r| headers_to_json(&r.headers)).collect::<Vec<_>>())
+        .bind(d.iter().map(|r| r.aggregate.as_ref().map(|a| a.0.as_str())).collect::<Vec<_>>())
+        .bind(d.iter().map(|r| r.aggregate.as_ref().map(|a| a.1.as_str())).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+        for dl in d {
+            seq += 1;
+            let mut headers: Vec<Header> = dl.headers.clone();
+            let mut add = |k: &str, v: String| headers.push((k.to_owned(), Some(v.into_bytes())));
+            add("cmdproc-error-kind", dl.kind.as_str().to_owned());
+            add("cmdproc-error-message", dl.message.clone());
+            add("cmdproc-original-topic", target.topic.to_owned());
+            add("cmdproc-original-partition", target.partition.to_string());
+            add("cmdproc-original-offset", dl.offset.to_string());
+            outbox.push(OutboxRow {
+                topic: target.dead_letter_topic.to_owned(),
+                key: dl.key.clone(),
+                payload: dl.value.clone(),
+                headers: headers_to_json(&headers),
+            });
+        }
+    }
+
+    if !outbox.is_empty() {
+        sqlx::query(
+            "INSERT INTO outbox (partition, seq, topic, key, payload, headers)
+             SELECT $1, s, t, k, p, h FROM UNNEST($2::bigint[], $3::text[], $4::bytea[], $5::bytea[], $6::jsonb[])
+               AS u(s, t, k, p, h)",
+        )
+        .bind(target.partition)
+        .bind((outbox_seq + 1..=seq).collect::<Vec<i64>>())
+        .bind(outbox.iter().map(|o| o.topic.as_str()).collect::<Vec<_>>())
+        .bind(outbox.iter().map(|o| o.key.clone()).collect::<Vec<_>>())
+        .bind(outbox.iter().map(|o| o.payload.clone()).collect::<Vec<_>>())
+        .bind(outbox.iter().map(|o| o.headers.clone()).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(seq)
+}
+
+fn join_ids(ids: &[Uuid]) -> Option<String> {
+    if ids.is_empty() {
+        None
+    } else {
+        Some(
+            ids.iter()
+                .map(Uuid::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+    }
+}
+
+/// A partition whose outbox has rows the relay has not published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    /// The commands partition.
+    pub partition: i32,
+    /// Rows waiting.
+    pub pending: i64,
+}
+
+/// Partitions with unpublished outbox rows, largest backlog first.
+pub async fn outbox_backlog(pool: &PgPool, topic: &str) -> Result<Vec<Backlog>> {
+    let rows = sqlx::query(
+        "SELECT r.partition, p.outbox_seq - r.published_seq AS pending
+         FROM relay_positions r JOIN partitions p ON p.topic = $1 AND p.partition = r.partition
+         WHERE p.outbox_seq > r.published_seq
+         ORDER BY pending DESC",
+    )
+    .bind(topic)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Backlog {
+            partition: r.get(0),
+            pending: r.get(1),
+        })
+        .collect())
+}
+
+/// An outbox row read by the relay.
+#[derive(Debug, Clone)]
+pub struct OutboxMessage {
+    /// Sequence within the commands partition.
+    pub seq: i64,
+    /// Destination topic.
+    pub topic: String,
+    /// Message key.
+    pub key: Option<Vec<u8>>,
+    /// Message value.
+    pub payload: Option<Vec<u8>>,
+    /// Message headers.
+    pub headers: Vec<Header>,
+}
+
+/// Locks a partition's relay position for this transaction, or returns `None` when another
+/// relay holds it. Returns the last published sequence.
+pub async fn lock_relay_position(
+    tx: &mut Transaction<'_, Postgres>,
+    partition: i32,
+) -> Result<Option<i64>> {
+    let row = sqlx::query(
+        "SELECT published_seq FROM relay_positions WHERE partition = $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(partition)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// The next unpublished outbox rows of a partition, in sequence order.
+pub async fn next_outbox_rows(
+    tx: &mut Transaction<'_, Postgres>,
+    partition: i32,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<OutboxMessage>> {
+    let rows = sqlx::query(
+        "SELECT seq, topic, key, payload, headers FROM outbox
+         WHERE partition = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+    )
+    .bind(partition)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| OutboxMessage {
+            seq: r.get(0),
+            topic: r.get(1),
+            key: r.get(2),
+            payload: r.get(3),
+            headers: batch::headers_from_json(&r.get::<Value, _>(4)),
+        })
+        .collect())
+}
+
+/// Records that a partition's outbox is published up to `seq`.
+pub async fn mark_published(
+    tx: &mut Transaction<'_, Postgres>,
+    partition: i32,
+    seq: i64,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE relay_positions SET published_seq = $2, published_at = now() WHERE partition = $1",
+    )
+    .bind(partition)
+    .bind(seq)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

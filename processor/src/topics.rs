@@ -1,0 +1,149 @@
+//! Creating the commands, events and dead-letter topics through the admin API.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::RDKafkaErrorCode;
+
+/// What happened to one topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopicStatus {
+    /// Created now.
+    Created {
+        /// Its partitions.
+        partitions: i32,
+    },
+    /// It was there already.
+    Exists {
+        /// Its partitions.
+        partitions: i32,
+    },
+}
+
+/// Errors while talking to the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum TopicError {
+    /// The broker cannot be reached.
+    #[error("cannot reach the Kafka broker at {brokers}: {reason}")]
+    Unreachable {
+        /// The bootstrap servers.
+        brokers: String,
+        /// Why.
+        reason: String,
+    },
+    /// The broker refused.
+    #[error("creating topic `{topic}` failed: {reason}")]
+    Failed {
+        /// The topic.
+        topic: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Fails within `timeout` when no broker answers, instead of hanging.
+pub fn check_reachable(brokers: &str, timeout: Duration) -> Result<(), TopicError> {
+    let admin = admin(brokers, timeout)?;
+    admin
+        .inner()
+        .fetch_metadata(None, timeout)
+        .map(|_| ())
+        .map_err(|e| TopicError::Unreachable {
+            brokers: brokers.to_owned(),
+            reason: e.to_string(),
+        })
+}
+
+fn admin(
+    brokers: &str,
+    timeout: Duration,
+) -> Result<AdminClient<DefaultClientContext>, TopicError> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set(
+            "socket.connection.setup.timeout.ms",
+            timeout.as_millis().max(1000).to_string(),
+        )
+        .create()
+        .map_err(|e| TopicError::Unreachable {
+            brokers: brokers.to_owned(),
+            reason: e.to_string(),
+        })
+}
+
+/// The partition count of a topic, `None` when it does not exist.
+pub fn partitions_of(
+    brokers: &str,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Option<i32>, TopicError> {
+    let admin = admin(brokers, timeout)?;
+    let md = admin
+        .inner()
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| TopicError::Unreachable {
+            brokers: brokers.to_owned(),
+            reason: e.to_string(),
+        })?;
+    Ok(md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| t.partitions().len() as i32))
+}
+
+/// Creates each `(topic, partitions)` that does not exist; idempotent.
+pub async fn create(
+    brokers: &str,
+    topics: &[(String, i32)],
+    replication: i32,
+    timeout: Duration,
+) -> Result<Vec<(String, TopicStatus)>, TopicError> {
+    check_reachable(brokers, timeout)?;
+    let admin = admin(brokers, timeout)?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(replication)))
+        .collect();
+    let results = admin
+        .create_topics(
+            &new,
+            &AdminOptions::new()
+                .operation_timeout(Some(timeout))
+                .request_timeout(Some(timeout)),
+        )
+        .await
+        .map_err(|e| TopicError::Unreachable {
+            brokers: brokers.to_owned(),
+            reason: e.to_string(),
+        })?;
+    let mut out = Vec::new();
+    for (r, (topic, partitions)) in results.into_iter().zip(topics) {
+        match r {
+            Ok(_) => out.push((
+                topic.clone(),
+                TopicStatus::Created {
+                    partitions: *partitions,
+                },
+            )),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                let existing = partitions_of(brokers, topic, timeout)?.unwrap_or(*partitions);
+                out.push((
+                    topic.clone(),
+                    TopicStatus::Exists {
+                        partitions: existing,
+                    },
+                ));
+            }
+            Err((_, code)) => {
+                return Err(TopicError::Failed {
+                    topic: topic.clone(),
+                    reason: code.to_string(),
+                })
+            }
+        }
+    }
+    Ok(out)
+}

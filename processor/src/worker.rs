@@ -1,0 +1,499 @@
+//! The worker: joins the consumer group and applies each owned partition's commands in
+//! offset order, in micro-batches, each one Postgres transaction.
+//!
+//! Ownership is taken in the rebalance callback: for every partition assigned, the worker
+//! increments the partition's epoch in Postgres (fencing any earlier owner) and assigns it
+//! at the offset stored there, so Kafka's committed offsets are never the source of truth.
+//! Every batch re-checks the epoch under a row lock; a stale epoch means another worker
+//! owns the partition now, and this worker drops it without committing anything.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use commands::domain::Registry;
+use commands::envelope::{Command, DeadLetterKind, DecodeError};
+use commands::partitioner::partition_for_key;
+use commands::schema::Schemas;
+use commands::Topic;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{
+    BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
+};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::Incoming;
+use crate::retry::Backoff;
+use crate::stats::Stats;
+use crate::store::{self, BatchTarget, StoreError};
+
+/// What to do with a command found on a partition its key does not map to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MisroutedPolicy {
+    /// Dead-letter it: it breaks the single-writer guarantee.
+    DeadLetter,
+    /// Apply it anyway (only for topics whose producers use another partitioner knowingly).
+    Accept,
+}
+
+/// Settings of a worker.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Kafka bootstrap servers.
+    pub brokers: String,
+    /// Consumer group.
+    pub group: String,
+    /// Commands topic.
+    pub commands_topic: Topic,
+    /// Events topic.
+    pub events_topic: Topic,
+    /// Most commands per batch.
+    pub batch_size: usize,
+    /// Longest wait for a batch to fill.
+    pub batch_linger: Duration,
+    /// Larger messages are dead-lettered as `too_large`.
+    pub max_command_bytes: usize,
+    /// Consumer group session timeout.
+    pub session_timeout: Duration,
+    /// What to do with misrouted commands.
+    pub misrouted: MisroutedPolicy,
+    /// This worker's name in logs and in the `partitions.owner` column.
+    pub owner: String,
+}
+
+/// Shared state of a worker and its rebalance callback.
+struct WorkerContext {
+    pool: PgPool,
+    runtime: tokio::runtime::Handle,
+    topic: String,
+    owner: String,
+    owned: Arc<Mutex<HashMap<i32, i64>>>,
+    shutdown: CancellationToken,
+    stats: Arc<Stats>,
+}
+
+impl ClientContext for WorkerContext {}
+
+impl ConsumerContext for WorkerContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        Stats::inc(&self.stats.rebalances);
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let mut assign = TopicPartitionList::new();
+                for elem in tpl.elements() {
+                    let partition = elem.partition();
+                    let Some(acquired) = self.acquire(partition) else {
+                        continue;
+                    };
+                    tracing::info!(
+                        partition,
+                        epoch = acquired.epoch,
+                        offset = acquired.next_offset,
+                        "partition assigned"
+                    );
+                    self.owned
+                        .lock()
+                        .expect("owned map")
+                        .insert(partition, acquired.epoch);
+                    let _ = assign.add_partition_offset(
+                        elem.topic(),
+                        partition,
+                        Offset::Offset(acquired.next_offset),
+                    );
+                }
+                let result = if cooperative {
+                    consumer.incremental_assign(&assign)
+                } else {
+                    consumer.assign(&assign)
+                };
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "assigning partitions failed");
+                }
+                // A partition fenced earlier was paused; owning it again means consuming again.
+                let _ = consumer.resume(&assign);
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let lost = consumer.assignment_lost();
+                {
+                    let mut owned = self.owned.lock().expect("owned map");
+                    for elem in tpl.elements() {
+                        owned.remove(&elem.partition());
+                        tracing::info!(partition = elem.partition(), lost, "partition revoked");
+                    }
+                }
+                let result = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "unassigning partitions failed");
+                }
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance failed; dropping every partition");
+                self.owned.lock().expect("owned map").clear();
+                let _ = consumer.unassign();
+            }
+        }
+    }
+}
+
+impl WorkerContext {
+    /// Takes a partition in Postgres, retrying while the database is unavailable. Runs
+    /// inside the rebalance callback, which is synchronous, hence the blocking bridge.
+    fn acquire(&self, partition: i32) -> Option<store::Acquired> {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            let result = tokio::task::block_in_place(|| {
+                self.runtime.block_on(store::acquire_partition(
+                    &self.pool,
+                    &self.topic,
+                    partition,
+                    &self.owner,
+                ))
+            });
+            match result {
+                Ok(a) => return Some(a),
+                Err(e) => {
+                    if self.shutdown.is_cancelled() {
+                        return None;
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::warn!(partition, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot take partition; retrying");
+                    std::thread::sleep(delay);
+                }
+            }
+        }
+    }
+}
+
+/// A running worker.
+#[derive(Debug)]
+pub struct Worker {
+    config: WorkerConfig,
+    pool: PgPool,
+    stats: Arc<Stats>,
+    relay_wake: Option<Arc<Notify>>,
+}
+
+impl Worker {
+    /// A worker over `pool`; `relay_wake` is notified after every committed batch.
+    pub fn new(
+        config: WorkerConfig,
+        pool: PgPool,
+        stats: Arc<Stats>,
+        relay_wake: Option<Arc<Notify>>,
+    ) -> Self {
+        Self {
+            config,
+            pool,
+            stats,
+            relay_wake,
+        }
+    }
+
+    /// Consumes and applies commands until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let cfg = &self.config;
+        let owned = Arc::new(Mutex::new(HashMap::new()));
+        let context = WorkerContext {
+            pool: self.pool.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            topic: cfg.commands_topic.to_string(),
+            owner: cfg.owner.clone(),
+            owned: owned.clone(),
+            shutdown: shutdown.clone(),
+            stats: self.stats.clone(),
+        };
+        let consumer: StreamConsumer<WorkerContext> = ClientConfig::new()
+            .set("bootstrap.servers", &cfg.brokers)
+            .set("group.id", &cfg.group)
+            .set("client.id", &cfg.owner)
+            .set("enable.auto.commit", "true")
+            // Offsets live in Postgres; Kafka's committed offsets only mirror them for lag tools.
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set(
+                "session.timeout.ms",
+                cfg.session_timeout.as_millis().to_string(),
+            )
+            .set(
+                "heartbeat.interval.ms",
+                (cfg.session_timeout.as_millis() / 4).max(500).to_string(),
+            )
+            .set("fetch.wait.max.ms", "50")
+            .set(
+                "max.partition.fetch.bytes",
+                (cfg.max_command_bytes.max(1 << 20) * 2).to_string(),
+            )
+            .create_with_context(context)?;
+
+        let partitions = partition_count(&consumer, cfg.commands_topic.as_str())?;
+        consumer.subscribe(&[cfg.commands_topic.as_str()])?;
+        tracing::info!(
+            topic = %cfg.commands_topic, group = %cfg.group, owner = %cfg.owner, partitions,
+            "worker started"
+        );
+
+        let registry = Registry::builtin();
+        let schemas = Schemas::builtin();
+        let mut last_report = Instant::now();
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                m = consumer.recv() => m,
+            };
+            let mut batch: Vec<(i32, Incoming)> = Vec::with_capacity(cfg.batch_size);
+            match first {
+                Ok(m) => batch.push(self.incoming(&m, partitions, schemas)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "consumer error");
+                    continue;
+                }
+            }
+            let deadline = tokio::time::Instant::now() + cfg.batch_linger;
+            while batch.len() < cfg.batch_size {
+                match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                    Ok(Ok(m)) => batch.push(self.incoming(&m, partitions, schemas)),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                    Err(_) => break,
+                }
+            }
+            for (partition, messages) in group_by_partition(batch) {
+                self.apply(&consumer, &owned, &registry, partition, messages, &shutdown)
+                    .await;
+                if shutdown.is_cancelled() {
+                    break;
+                }
+            }
+            if last_report.elapsed() > Duration::from_secs(10) {
+                last_report = Instant::now();
+                let s = &self.stats;
+                tracing::info!(
+                    applied = Stats::get(&s.applied),
+                    rejected = Stats::get(&s.rejected),
+                    duplicates = Stats::get(&s.duplicates),
+                    dead_letters = Stats::get(&s.dead_letters),
+                    fenced = Stats::get(&s.fenced),
+                    conflicts = Stats::get(&s.conflicts),
+                    "progress"
+                );
+            }
+        }
+        tracing::info!("worker stopping: leaving the consumer group");
+        consumer.unsubscribe();
+        drop(consumer);
+        Ok(())
+    }
+
+    fn incoming(
+        &self,
+        m: &BorrowedMessage<'_>,
+        partitions: i32,
+        schemas: &Schemas,
+    ) -> (i32, Incoming) {
+        let key = m.key().map(<[u8]>::to_vec);
+        let value = m.payload().map(<[u8]>::to_vec);
+        let headers: Vec<(String, Option<Vec<u8>>)> = m
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let size = key.as_ref().map_or(0, Vec::len) + value.as_ref().map_or(0, Vec::len);
+        let decoded = if size > self.config.max_command_bytes {
+            Err(DecodeError {
+                kind: DeadLetterKind::TooLarge,
+                message: format!(
+                    "message is {size} bytes, more than the limit of {}",
+                    self.config.max_command_bytes
+                ),
+                aggregate: None,
+            })
+        } else {
+            let hs: Vec<(&str, Option<&[u8]>)> = headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_deref()))
+                .collect();
+            Command::decode(key.as_deref(), &hs, value.as_deref(), schemas)
+                .and_then(|c| self.check_route(c, m.partition(), partitions))
+        };
+        (
+            m.partition(),
+            Incoming {
+                offset: m.offset(),
+                key,
+                value,
+                headers,
+                decoded,
+            },
+        )
+    }
+
+    fn check_route(
+        &self,
+        c: Command,
+        partition: i32,
+        partitions: i32,
+    ) -> Result<Command, DecodeError> {
+        if self.config.misrouted == MisroutedPolicy::Accept {
+            return Ok(c);
+        }
+        let expected = partition_for_key(c.subject.as_str().as_bytes(), partitions);
+        if expected == Some(partition) {
+            return Ok(c);
+        }
+        Err(DecodeError {
+            kind: DeadLetterKind::Misrouted,
+            message: format!(
+                "key `{}` maps to partition {} of {partitions} (murmur2) but the command is on partition {partition}; \
+                 producers must use the murmur2 partitioner",
+                c.subject,
+                expected.unwrap_or(-1)
+            ),
+            aggregate: Some((c.command_type.aggregate_type().to_owned(), c.subject.to_string())),
+        })
+    }
+
+    #[tracing::instrument(skip_all, fields(partition, messages = messages.len()))]
+    async fn apply(
+        &self,
+        consumer: &StreamConsumer<WorkerContext>,
+        owned: &Mutex<HashMap<i32, i64>>,
+        registry: &Registry,
+        partition: i32,
+        messages: Vec<Incoming>,
+        shutdown: &CancellationToken,
+    ) {
+        let cfg = &self.config;
+        let dead_letter_topic = cfg.commands_topic.dead_letter();
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            let Some(epoch) = owned.lock().expect("owned map").get(&partition).copied() else {
+                tracing::debug!(
+                    partition,
+                    "skipping messages of a partition this worker does not own"
+                );
+                return;
+            };
+            let target = BatchTarget {
+                topic: cfg.commands_topic.as_str(),
+                dead_letter_topic: dead_letter_topic.as_str(),
+                events_topic: cfg.events_topic.as_str(),
+                partition,
+                epoch,
+            };
+            match store::process_batch(&self.pool, &target, registry, &messages).await {
+                Ok(r) => {
+                    let s = &self.stats;
+                    Stats::inc(&s.batches);
+                    Stats::add(&s.applied, r.applied);
+                    Stats::add(&s.rejected, r.rejected);
+                    Stats::add(&s.duplicates, r.duplicates);
+                    Stats::add(&s.dead_letters, r.dead_letters);
+                    Stats::add(&s.events, r.events);
+                    tracing::debug!(
+                        partition,
+                        applied = r.applied,
+                        rejected = r.rejected,
+                        duplicates = r.duplicates,
+                        dead_letters = r.dead_letters,
+                        next_offset = r.next_offset,
+                        "batch committed"
+                    );
+                    // Mirror the stored position into Kafka for lag tools; failures do not matter.
+                    let _ = consumer.store_offset(
+                        cfg.commands_topic.as_str(),
+                        partition,
+                        r.next_offset,
+                    );
+                    if let Some(w) = &self.relay_wake {
+                        w.notify_one();
+                    }
+                    return;
+                }
+                Err(StoreError::Fenced { mine, current, .. }) => {
+                    Stats::inc(&self.stats.fenced);
+                    tracing::warn!(
+                        partition,
+                        epoch = mine,
+                        current_epoch = current,
+                        "fenced: another worker owns this partition now; dropping it"
+                    );
+                    owned.lock().expect("owned map").remove(&partition);
+                    let mut tpl = TopicPartitionList::new();
+                    tpl.add_partition(cfg.commands_topic.as_str(), partition);
+                    let _ = consumer.pause(&tpl);
+                    return;
+                }
+                Err(StoreError::Conflict(reason)) => {
+                    Stats::inc(&self.stats.conflicts);
+                    tracing::warn!(partition, %reason, "version conflict; reloading and retrying the batch");
+                }
+                Err(e) => {
+                    Stats::inc(&self.stats.db_retries);
+                    let delay = backoff.next_delay();
+                    tracing::warn!(partition, error = %e, attempt = backoff.attempts, retry_in_ms = delay.as_millis() as u64, "batch failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Splits a batch by partition, keeping offset order and dropping offsets seen earlier in
+/// the batch (a partition reassigned mid-batch is fetched again from its stored offset).
+fn group_by_partition(batch: Vec<(i32, Incoming)>) -> Vec<(i32, Vec<Incoming>)> {
+    let mut groups: Vec<(i32, Vec<Incoming>)> = Vec::new();
+    for (p, m) in batch {
+        match groups.iter_mut().find(|(q, _)| *q == p) {
+            Some((_, v)) => {
+                if v.last().is_none_or(|l| m.offset > l.offset) {
+                    v.push(m);
+                }
+            }
+            None => groups.push((p, vec![m])),
+        }
+    }
+    groups
+}
+
+/// The number of partitions of `topic`, or a clear error when the topic does not exist.
+fn partition_count<C: Consumer<X>, X: ConsumerContext>(
+    consumer: &C,
+    topic: &str,
+) -> anyhow::Result<i32> {
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|e| anyhow::anyhow!("cannot read metadata of topic `{topic}`: {e}"))?;
+    let t = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .ok_or_else(|| anyhow::anyhow!("topic `{topic}` not found"))?;
+    if t.error().is_some() || t.partitions().is_empty() {
+        anyhow::bail!("topic `{topic}` does not exist; create it with `cmdproc topics create`");
+    }
+    Ok(t.partitions().len() as i32)
+}
