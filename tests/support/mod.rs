@@ -1,0 +1,359 @@
+//! Helpers shared by the integration suites: a fresh database and fresh topics per test,
+//! real worker processes, producing, reading topics back, and waiting for the workers.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use commands::producer::{CommandProducer, Delivery};
+use commands::{Command, Topic};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use sqlx::{Connection, PgPool, Row};
+
+pub mod workload;
+
+pub const BROKERS: &str = "127.0.0.1:9092";
+
+/// The server URL tests create their databases on.
+pub fn admin_url() -> String {
+    std::env::var("CMDPROC_DATABASE_URL")
+        .unwrap_or_else(|_| processor::cli::DEFAULT_DATABASE_URL.to_owned())
+}
+
+/// A short unique suffix for names.
+pub fn unique() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+/// A database of its own for one test, migrated.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let name = format!("cmdproc_test_{}", unique());
+        let admin = admin_url();
+        let mut conn = sqlx::PgConnection::connect(&admin)
+            .await
+            .expect("connect to Postgres: is deploy/local/up.sh running?");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .expect("create database");
+        let base = admin.rsplit_once('/').expect("database URL has a path").0;
+        let url = format!("{base}/{name}");
+        let pool = processor::store::connect(&url, 8, Duration::from_secs(5))
+            .await
+            .expect("connect test database");
+        processor::store::migrate(&pool).await.expect("migrate");
+        TestDb { name, url, pool }
+    }
+
+    /// Drops the database (call at the end of a passing test; a failing one keeps it).
+    pub async fn drop_db(self) {
+        self.pool.close().await;
+        let mut conn = sqlx::PgConnection::connect(&admin_url())
+            .await
+            .expect("connect");
+        let _ = sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&mut conn)
+        .await;
+    }
+}
+
+/// Fresh commands, events and dead-letter topics.
+pub struct TestTopics {
+    pub commands: Topic,
+    pub events: Topic,
+    pub dead_letters: Topic,
+    pub group: String,
+    pub partitions: i32,
+}
+
+impl TestTopics {
+    pub async fn new(partitions: i32) -> TestTopics {
+        let id = unique();
+        let commands = Topic::parse(format!("test-{id}-commands")).unwrap();
+        let events = Topic::parse(format!("test-{id}-events")).unwrap();
+        let dead_letters = commands.dead_letter();
+        let wanted = vec![
+            (commands.to_string(), partitions),
+            (events.to_string(), partitions),
+            (dead_letters.to_string(), partitions),
+        ];
+        processor::topics::create(BROKERS, &wanted, 1, Duration::from_secs(10))
+            .await
+            .expect("create topics");
+        TestTopics {
+            commands,
+            events,
+            dead_letters,
+            group: format!("test-{id}"),
+            partitions,
+        }
+    }
+
+    pub fn producer(&self) -> CommandProducer {
+        CommandProducer::new(BROKERS, self.commands.clone(), Duration::from_secs(30))
+            .expect("producer")
+    }
+}
+
+/// The `cmdproc` binary under test.
+pub fn cmdproc() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cmdproc"))
+}
+
+fn log_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("worker-logs");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A real worker process (`cmdproc run`), killed when dropped.
+pub struct WorkerProcess {
+    pub child: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl WorkerProcess {
+    pub fn spawn(db: &TestDb, topics: &TestTopics, name: &str, extra: &[&str]) -> WorkerProcess {
+        let log = log_dir().join(format!("{}-{name}.log", topics.group));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = cmdproc()
+            .args([
+                "run",
+                "--brokers",
+                BROKERS,
+                "--database-url",
+                &db.url,
+                "--group",
+                &topics.group,
+            ])
+            .args([
+                "--commands-topic",
+                topics.commands.as_str(),
+                "--events-topic",
+                topics.events.as_str(),
+            ])
+            .args(["--session-timeout", "6s", "--name", name])
+            .args(extra)
+            .env("CMDPROC_LOG", "info,sqlx=warn,rdkafka=warn")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn cmdproc run");
+        WorkerProcess { child, log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Produces commands in order (per-key order holds), returning where each landed.
+pub async fn produce_all(producer: &CommandProducer, commands: &[Command]) -> Vec<Delivery> {
+    use futures::StreamExt;
+    futures::stream::iter(commands.iter().map(|c| producer.send(c)))
+        .buffered(2000)
+        .map(|r| r.expect("produce"))
+        .collect()
+        .await
+}
+
+/// The offset after the last message of each partition, from deliveries.
+pub fn ends(deliveries: &[Delivery]) -> BTreeMap<i32, i64> {
+    let mut out = BTreeMap::new();
+    for d in deliveries {
+        let e = out.entry(d.partition).or_insert(0);
+        *e = (*e).max(d.offset + 1);
+    }
+    out
+}
+
+/// Waits until the workers stored positions at or past `ends` and the relay published the
+/// whole outbox; panics with the workers' logs after `timeout`.
+pub async fn wait_processed(
+    db: &TestDb,
+    topic: &Topic,
+    ends: &BTreeMap<i32, i64>,
+    timeout: Duration,
+    workers: &[&WorkerProcess],
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let rows = sqlx::query(
+            "SELECT p.partition, p.next_offset, p.outbox_seq, COALESCE(r.published_seq, 0)
+             FROM partitions p LEFT JOIN relay_positions r ON r.partition = p.partition WHERE p.topic = $1",
+        )
+        .bind(topic.as_str())
+        .fetch_all(&db.pool)
+        .await
+        .expect("read positions");
+        let stored: HashMap<i32, (i64, i64, i64)> = rows
+            .iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+            .collect();
+        let consumed = ends
+            .iter()
+            .all(|(p, end)| stored.get(p).is_some_and(|s| s.0 >= *end));
+        let published = stored.values().all(|s| s.2 >= s.1);
+        if consumed && published {
+            return;
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = workers
+                .iter()
+                .map(|w| format!("--- {}\n{}", w.log.display(), w.log_tail(30)))
+                .collect();
+            panic!(
+                "not processed within {timeout:?}: positions {stored:?}, wanted {ends:?}\n{}",
+                logs.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A message read back from a topic.
+#[derive(Debug, Clone)]
+pub struct Read {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Read {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.as_ref())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(self.value.as_deref().unwrap_or_default()).expect("JSON value")
+    }
+}
+
+/// Reads a whole topic from the beginning up to its current high watermarks.
+pub fn read_topic(topic: &Topic) -> Vec<Read> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", BROKERS)
+        .set("group.id", format!("reader-{}", unique()))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .expect("consumer");
+    let md = consumer
+        .fetch_metadata(Some(topic.as_str()), Duration::from_secs(10))
+        .expect("metadata");
+    let partitions: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
+    let mut tpl = TopicPartitionList::new();
+    let mut highs = HashMap::new();
+    for p in &partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic.as_str(), *p, Duration::from_secs(10))
+            .expect("watermarks");
+        if high > low {
+            highs.insert(*p, high);
+        }
+        tpl.add_partition_offset(topic.as_str(), *p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let mut done: HashMap<i32, bool> = highs.keys().map(|p| (*p, false)).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while done.values().any(|d| !d) {
+        assert!(Instant::now() < deadline, "reading {topic} timed out");
+        match consumer.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => {
+                out.push(Read {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    value: m.payload().map(<[u8]>::to_vec),
+                    headers: m
+                        .headers()
+                        .map(|hs| {
+                            hs.iter()
+                                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                });
+                if m.offset() + 1 >= highs[&m.partition()] {
+                    done.insert(m.partition(), true);
+                }
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {
+                // Transaction markers or compaction can leave the last offsets unreadable.
+                for (p, d) in done.iter_mut() {
+                    if let Ok(pos) = consumer.position() {
+                        if let Some(e) = pos.find_partition(topic.as_str(), *p) {
+                            if let Offset::Offset(o) = e.offset() {
+                                if o >= highs[p] {
+                                    *d = true;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
