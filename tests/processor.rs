@@ -17,6 +17,9 @@ use sqlx::Row;
 use support::workload::{assert_events_published, assert_matches_model, generate, serial_model};
 use support::{ends, produce_all, wait_processed, TestDb, TestTopics, WorkerProcess, BROKERS};
 
+/// A raw message to produce: key, value, partition to force, expected dead-letter kind.
+type BadInput = (Option<String>, Vec<u8>, Option<i32>, &'static str);
+
 fn cmd(id: &str, ty: &str, subject: &str, data: Value) -> Command {
     Command::new(
         Source::parse("/test").unwrap(),
@@ -87,7 +90,7 @@ async fn a_command_delivered_three_times_has_one_effect() {
     );
     let worker = WorkerProcess::spawn(&db, &topics, "w2", &[]);
     all.push(deposit.clone());
-    let d3 = produce_all(&producer, &[deposit.clone()]).await;
+    let d3 = produce_all(&producer, std::slice::from_ref(&deposit)).await;
     wait_processed(
         &db,
         &topics.commands,
@@ -262,7 +265,7 @@ async fn each_kind_of_bad_input_is_dead_lettered_and_the_rest_applies() {
     let partition_of =
         |key: &str| commands::partitioner::partition_for_key(key.as_bytes(), 3).unwrap();
     // (key, value, forced partition, expected kind)
-    let bad: Vec<(Option<String>, Vec<u8>, Option<i32>, &str)> = vec![
+    let bad: Vec<BadInput> = vec![
         (
             Some("acc-x".into()),
             b"{not json".to_vec(),
