@@ -1,22 +1,37 @@
-//! The outbox relay: publishes outbox rows in sequence order per commands partition.
+//! The outbox relay: publishes outbox rows in sequence order per commands partition,
+//! exactly once.
 //!
-//! A relay locks a partition's row in `relay_positions` (`FOR UPDATE SKIP LOCKED`) for the
-//! transaction in which it publishes, so any number of relays (one inside every worker,
-//! plus standalone `cmdproc relay` processes) share the work without two of them ever
-//! publishing the same partition at once or out of order.
+//! Two locks make one relay at a time work a partition, in order:
+//! - in Postgres, the partition's `relay_positions` row, held (`FOR UPDATE SKIP LOCKED`) for
+//!   the transaction in which the relay publishes and then records its position;
+//! - in Kafka, a transactional producer per partition (`transactional.id` =
+//!   `cmdproc-relay.<commands topic>.<partition>`): taking it over fences any earlier relay
+//!   of that partition, and aborts whatever it left open.
+//!
+//! Each batch is one Kafka transaction that also commits the batch's last outbox sequence
+//! as the offset of group `cmdproc-relay.<commands topic>` on the commands partition. If a
+//! relay dies after Kafka committed but before Postgres recorded the position, the next
+//! relay to take the partition reads that offset back and skips what was published, so no
+//! event appears twice to a `read_committed` consumer.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{self, StoreError};
+
+/// How long a Kafka transaction step may take before the relay gives up and retries.
+const KAFKA_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Errors of the relay.
 #[derive(Debug, thiserror::Error)]
@@ -24,7 +39,7 @@ pub enum RelayError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// Kafka did not take a message.
+    /// Kafka did not take a message or a transaction.
     #[error("publishing to Kafka failed: {0}")]
     Kafka(String),
 }
@@ -38,13 +53,20 @@ pub enum RelayOutcome {
     Idle,
 }
 
+/// The partitions a relay may publish: all of them, or those its worker owns.
+pub type Owned = Arc<Mutex<HashMap<i32, i64>>>;
+
 /// Publishes the outbox of one commands topic.
 pub struct Relay {
     pool: PgPool,
-    producer: FutureProducer,
+    brokers: String,
     commands_topic: String,
     batch_size: i64,
     wake: Arc<Notify>,
+    only: Option<Owned>,
+    producers: Mutex<HashMap<i32, Arc<FutureProducer>>>,
+    positions: BaseConsumer,
+    group: ConsumerGroupMetadata,
 }
 
 impl std::fmt::Debug for Relay {
@@ -55,29 +77,40 @@ impl std::fmt::Debug for Relay {
     }
 }
 
+/// The consumer group whose offsets hold each partition's last published outbox sequence.
+pub fn relay_group(commands_topic: &str) -> String {
+    format!("cmdproc-relay.{commands_topic}")
+}
+
 impl Relay {
-    /// Creates a relay with its own idempotent producer.
+    /// Creates a relay. With `only`, it publishes just the partitions in that map (the ones
+    /// its worker owns), so relays of different workers do not take turns fencing each other.
     pub fn new(
         pool: PgPool,
         brokers: &str,
         commands_topic: &str,
         batch_size: i64,
+        only: Option<Owned>,
     ) -> Result<Self, RelayError> {
-        let producer = ClientConfig::new()
+        let positions: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("partitioner", "murmur2_random")
-            .set("linger.ms", "2")
-            .set("message.timeout.ms", "30000")
-            .create::<FutureProducer>()
+            .set("group.id", relay_group(commands_topic))
+            .set("enable.auto.commit", "false")
+            .create()
             .map_err(|e| RelayError::Kafka(e.to_string()))?;
+        let group = positions.group_metadata().ok_or_else(|| {
+            RelayError::Kafka("no consumer group metadata for the relay group".into())
+        })?;
         Ok(Self {
             pool,
-            producer,
+            brokers: brokers.to_owned(),
             commands_topic: commands_topic.to_owned(),
             batch_size,
             wake: Arc::new(Notify::new()),
+            only,
+            producers: Mutex::new(HashMap::new()),
+            positions,
+            group,
         })
     }
 
@@ -91,7 +124,23 @@ impl Relay {
         let backlog = store::outbox_backlog(&self.pool, &self.commands_topic).await?;
         let mut total = 0;
         for b in backlog {
-            total += self.relay_partition(b.partition).await?;
+            if let Some(only) = &self.only {
+                if !only.lock().expect("owned map").contains_key(&b.partition) {
+                    continue;
+                }
+            }
+            match self.relay_partition(b.partition).await {
+                Ok(n) => total += n,
+                Err(e) => {
+                    // Start over with a fresh producer: it re-fences, aborts what is open,
+                    // and recovers the position from Kafka.
+                    self.producers
+                        .lock()
+                        .expect("producers")
+                        .remove(&b.partition);
+                    return Err(e);
+                }
+            }
         }
         Ok(if total == 0 {
             RelayOutcome::Idle
@@ -100,20 +149,116 @@ impl Relay {
         })
     }
 
+    /// The partition's transactional producer, created (fencing earlier relays) on first use.
+    /// Returns whether it is new, in which case the position must be recovered from Kafka.
+    fn producer(&self, partition: i32) -> Result<(Arc<FutureProducer>, bool), RelayError> {
+        if let Some(p) = self.producers.lock().expect("producers").get(&partition) {
+            return Ok((p.clone(), false));
+        }
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set(
+                "transactional.id",
+                format!("{}.{partition}", relay_group(&self.commands_topic)),
+            )
+            .set("transaction.timeout.ms", "60000")
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", "2")
+            .set("message.timeout.ms", "30000")
+            .create()
+            .map_err(|e| RelayError::Kafka(e.to_string()))?;
+        tokio::task::block_in_place(|| producer.init_transactions(KAFKA_TIMEOUT)).map_err(|e| {
+            RelayError::Kafka(format!(
+                "taking over partition {partition}'s transactional id: {e}"
+            ))
+        })?;
+        let producer = Arc::new(producer);
+        self.producers
+            .lock()
+            .expect("producers")
+            .insert(partition, producer.clone());
+        Ok((producer, true))
+    }
+
+    /// The last outbox sequence Kafka committed for a partition, 0 if none.
+    fn kafka_position(&self, partition: i32) -> Result<i64, RelayError> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.commands_topic, partition);
+        let committed =
+            tokio::task::block_in_place(|| self.positions.committed_offsets(tpl, KAFKA_TIMEOUT))
+                .map_err(|e| {
+                    RelayError::Kafka(format!(
+                        "reading the relay position of partition {partition}: {e}"
+                    ))
+                })?;
+        Ok(committed
+            .find_partition(&self.commands_topic, partition)
+            .and_then(|e| match e.offset() {
+                Offset::Offset(n) => Some(n),
+                _ => None,
+            })
+            .unwrap_or(0))
+    }
+
     #[tracing::instrument(skip_all, fields(partition))]
     async fn relay_partition(&self, partition: i32) -> Result<usize, RelayError> {
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
-        let Some(published) = store::lock_relay_position(&mut tx, partition).await? else {
+        let Some(mut published) = store::lock_relay_position(&mut tx, partition).await? else {
             return Ok(0);
         };
+        let (producer, fresh) = self.producer(partition)?;
+        if fresh {
+            let in_kafka = self.kafka_position(partition)?;
+            if in_kafka > published {
+                tracing::info!(
+                    partition,
+                    recorded = published,
+                    in_kafka,
+                    "a previous relay published past its recorded position; resuming after what Kafka committed"
+                );
+                store::mark_published(&mut tx, partition, in_kafka).await?;
+                published = in_kafka;
+            }
+        }
         let rows = store::next_outbox_rows(&mut tx, partition, published, self.batch_size).await?;
         let Some(last) = rows.last().map(|r| r.seq) else {
+            tx.commit().await.map_err(StoreError::from)?;
             return Ok(0);
         };
-        // Enqueue every message in order before awaiting any: the idempotent producer keeps
-        // that order per Kafka partition, retries included.
+
+        producer
+            .begin_transaction()
+            .map_err(|e| RelayError::Kafka(e.to_string()))?;
+        let published_batch = self.publish(&producer, &rows, partition, last).await;
+        if let Err(e) = published_batch {
+            let _ = tokio::task::block_in_place(|| producer.abort_transaction(KAFKA_TIMEOUT));
+            return Err(e);
+        }
+        store::mark_published(&mut tx, partition, last).await?;
+        tx.commit().await.map_err(StoreError::from)?;
+        tracing::debug!(
+            partition,
+            published = rows.len(),
+            up_to = last,
+            "relayed outbox rows"
+        );
+        Ok(rows.len())
+    }
+
+    /// Sends the rows and commits them with the position in one Kafka transaction.
+    async fn publish(
+        &self,
+        producer: &FutureProducer,
+        rows: &[store::OutboxMessage],
+        partition: i32,
+        last: i64,
+    ) -> Result<(), RelayError> {
+        // Enqueue every message in order before awaiting any: the producer keeps that order
+        // per Kafka partition, retries included.
         let mut pending = Vec::with_capacity(rows.len());
-        for row in &rows {
+        for row in rows {
             let mut headers = OwnedHeaders::new_with_capacity(row.headers.len());
             for (k, v) in &row.headers {
                 headers = headers.insert(Header {
@@ -130,7 +275,7 @@ impl Relay {
                 record = record.payload(p);
             }
             loop {
-                match self.producer.send_result(record) {
+                match producer.send_result(record) {
                     Ok(f) => {
                         pending.push(f);
                         break;
@@ -150,27 +295,29 @@ impl Relay {
                 Err(_) => return Err(RelayError::Kafka("delivery was cancelled".into())),
             }
         }
-        store::mark_published(&mut tx, partition, last).await?;
-        tx.commit().await.map_err(StoreError::from)?;
-        tracing::debug!(
-            partition,
-            published = rows.len(),
-            up_to = last,
-            "relayed outbox rows"
-        );
-        Ok(rows.len())
+        let mut position = TopicPartitionList::new();
+        position
+            .add_partition_offset(&self.commands_topic, partition, Offset::Offset(last))
+            .map_err(|e| RelayError::Kafka(e.to_string()))?;
+        tokio::task::block_in_place(|| {
+            producer.send_offsets_to_transaction(&position, &self.group, KAFKA_TIMEOUT)?;
+            producer.commit_transaction(KAFKA_TIMEOUT)
+        })
+        .map_err(|e| RelayError::Kafka(format!("committing the Kafka transaction: {e}")))
     }
 
     /// Runs until `shutdown`, then drains what is waiting for at most `drain`.
     pub async fn run(&self, shutdown: CancellationToken, drain: Duration) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff =
+            crate::retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             if shutdown.is_cancelled() {
                 break;
             }
             match self.relay_once().await {
-                Ok(RelayOutcome::Relayed(_)) => backoff = Duration::from_millis(100),
+                Ok(RelayOutcome::Relayed(_)) => backoff.reset(),
                 Ok(RelayOutcome::Idle) => {
+                    backoff.reset();
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = self.wake.notified() => {}
@@ -178,12 +325,12 @@ impl Relay {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "relay step failed; retrying");
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "relay step failed; retrying");
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(crate::retry::jitter(backoff)) => {}
+                        _ = tokio::time::sleep(delay) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }
@@ -199,6 +346,5 @@ impl Relay {
                 Err(_) => break,
             }
         }
-        let _ = self.producer.flush(Duration::from_secs(5));
     }
 }

@@ -189,17 +189,41 @@ pub struct Worker {
     pool: PgPool,
     stats: Arc<Stats>,
     relay_wake: Option<Arc<Notify>>,
+    owned: crate::relay::Owned,
+    relay: Option<RelayHandle>,
+}
+
+/// The relay running beside a worker: stopped and drained after the worker's last batch and
+/// before it leaves the group, while it still owns the partitions whose outbox it drains.
+#[derive(Debug, Clone)]
+pub struct RelayHandle {
+    /// Cancelling it starts the relay's drain.
+    pub stop: CancellationToken,
+    /// The relay's task.
+    pub tasks: tokio_util::task::TaskTracker,
+    /// Longest wait for the drain.
+    pub deadline: Duration,
 }
 
 impl Worker {
-    /// A worker over `pool`; `relay_wake` is notified after every committed batch.
+    /// Drains `relay` on shutdown before leaving the group.
+    pub fn with_relay(mut self, relay: RelayHandle) -> Self {
+        self.relay = Some(relay);
+        self
+    }
+
+    /// A worker over `pool`; `relay_wake` is notified after every committed batch, and
+    /// `owned` holds the partitions it owns with their epochs (shared with its relay).
     pub fn new(
         config: WorkerConfig,
         pool: PgPool,
         stats: Arc<Stats>,
         relay_wake: Option<Arc<Notify>>,
+        owned: crate::relay::Owned,
     ) -> Self {
         Self {
+            owned,
+            relay: None,
             config,
             pool,
             stats,
@@ -210,7 +234,7 @@ impl Worker {
     /// Consumes and applies commands until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let cfg = &self.config;
-        let owned = Arc::new(Mutex::new(HashMap::new()));
+        let owned = self.owned.clone();
         let context = WorkerContext {
             pool: self.pool.clone(),
             runtime: tokio::runtime::Handle::current(),
@@ -294,6 +318,17 @@ impl Worker {
                     conflicts = Stats::get(&s.conflicts),
                     "progress"
                 );
+            }
+        }
+        if let Some(relay) = &self.relay {
+            tracing::info!("worker stopping: draining the relay");
+            relay.stop.cancel();
+            relay.tasks.close();
+            if tokio::time::timeout(relay.deadline, relay.tasks.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!("relay did not drain within the shutdown timeout");
             }
         }
         tracing::info!("worker stopping: leaving the consumer group");

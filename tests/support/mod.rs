@@ -124,6 +124,7 @@ fn log_dir() -> PathBuf {
 pub struct WorkerProcess {
     pub child: std::process::Child,
     pub log: PathBuf,
+    pub name: String,
 }
 
 impl WorkerProcess {
@@ -157,7 +158,11 @@ impl WorkerProcess {
             .stderr(file)
             .spawn()
             .expect("spawn cmdproc run");
-        WorkerProcess { child, log }
+        WorkerProcess {
+            child,
+            log,
+            name: name.to_owned(),
+        }
     }
 
     pub fn pid(&self) -> u32 {

@@ -23,6 +23,7 @@ pub async fn run(common: &Common, args: RelayArgs) -> anyhow::Result<()> {
         &common.brokers,
         common.commands_topic.as_str(),
         args.batch_size,
+        None,
     )?;
     let shutdown = CancellationToken::new();
     tokio::spawn(super::run::on_signal(shutdown.clone()));

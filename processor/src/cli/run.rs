@@ -10,7 +10,7 @@ use tokio_util::task::TaskTracker;
 use super::{parse_duration, Common};
 use crate::relay::Relay;
 use crate::stats::Stats;
-use crate::worker::{MisroutedPolicy, Worker, WorkerConfig};
+use crate::worker::{MisroutedPolicy, RelayHandle, Worker, WorkerConfig};
 
 /// Arguments of `run`.
 #[derive(Debug, Args)]
@@ -68,6 +68,7 @@ pub async fn run(common: &Common, args: RunArgs) -> anyhow::Result<()> {
     let tracker = TaskTracker::new();
     let stats = Arc::new(Stats::default());
     let relay_shutdown = CancellationToken::new();
+    let owned: crate::relay::Owned = Default::default();
     let relay_wake = if args.no_relay {
         None
     } else {
@@ -76,6 +77,7 @@ pub async fn run(common: &Common, args: RunArgs) -> anyhow::Result<()> {
             &common.brokers,
             common.commands_topic.as_str(),
             1000,
+            Some(owned.clone()),
         )?;
         let wake = relay.waker();
         let token = relay_shutdown.clone();
@@ -83,7 +85,12 @@ pub async fn run(common: &Common, args: RunArgs) -> anyhow::Result<()> {
         tracker.spawn(async move { relay.run(token, drain).await });
         Some(wake)
     };
-    let worker = Worker::new(config, pool, stats.clone(), relay_wake);
+    let worker =
+        Worker::new(config, pool, stats.clone(), relay_wake, owned).with_relay(RelayHandle {
+            stop: relay_shutdown.clone(),
+            tasks: tracker.clone(),
+            deadline: args.shutdown_timeout,
+        });
     tokio::spawn(on_signal(shutdown.clone()));
     let result = worker.run(shutdown.clone()).await;
     // The worker has stopped taking batches; now let the relay publish what they wrote.

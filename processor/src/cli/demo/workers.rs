@@ -121,7 +121,11 @@ impl Workers {
             let text = std::fs::read_to_string(path).unwrap_or_default();
             let all: Vec<&str> = text.lines().collect();
             let tail = &all[all.len().saturating_sub(lines)..];
-            out.push_str(&format!("--- last {} lines of {}\n", tail.len(), path.display()));
+            out.push_str(&format!(
+                "--- last {} lines of {}\n",
+                tail.len(),
+                path.display()
+            ));
             for line in tail {
                 out.push_str(line);
                 out.push('\n');

@@ -107,7 +107,7 @@ impl Workload {
             .and_utc();
 
         let mut valid = Vec::with_capacity(commands);
-        let mut push = |valid: &mut Vec<Command>, ty: &str, subject: &str, data: Value| {
+        let push = |valid: &mut Vec<Command>, ty: &str, subject: &str, data: Value| {
             let n = valid.len();
             let mut c = command(&format!("cmd-{n:06}"), ty, subject, data);
             // Handlers read no clock; a deterministic time keeps reruns byte-identical.
@@ -124,7 +124,12 @@ impl Workload {
                 let acc = accounts.choose(&mut rng).expect("accounts");
                 if rng.gen_bool(0.5) {
                     let amount: i64 = rng.gen_range(100..=10_000);
-                    push(&mut valid, "account.Deposit", acc, json!({ "amount": amount }));
+                    push(
+                        &mut valid,
+                        "account.Deposit",
+                        acc,
+                        json!({ "amount": amount }),
+                    );
                 } else {
                     // Some withdrawals are far larger than any balance: business rejections.
                     let amount: i64 = if rng.gen_bool(0.15) {
@@ -132,7 +137,12 @@ impl Workload {
                     } else {
                         rng.gen_range(100..=6_000)
                     };
-                    push(&mut valid, "account.Withdraw", acc, json!({ "amount": amount }));
+                    push(
+                        &mut valid,
+                        "account.Withdraw",
+                        acc,
+                        json!({ "amount": amount }),
+                    );
                 }
             } else {
                 let room = rooms.choose(&mut rng).expect("rooms");
@@ -246,9 +256,9 @@ fn invalid_messages(
         n += 1;
         format!("bad-{n:02}")
     };
-    let mut acc = |rng: &mut StdRng| accounts.choose(rng).expect("accounts").clone();
+    let acc = |rng: &mut StdRng| accounts.choose(rng).expect("accounts").clone();
     let night = nights[0].to_string();
-    let mut raw = |key: Option<&str>, value: Option<Vec<u8>>, kind, what| Message {
+    let raw = |key: Option<&str>, value: Option<Vec<u8>>, kind, what| Message {
         send: Send::Raw {
             key: key.map(|k| k.as_bytes().to_vec()),
             value,
@@ -387,7 +397,12 @@ fn invalid_messages(
     let a = acc(rng);
     let mut v = envelope(&next_id(), "account.Deposit", &a, json!({"amount": 5}));
     v["specversion"] = "0.3".into();
-    out.push(raw(Some(&a), Some(json_bytes(&v)), Schema, "specversion 0.3"));
+    out.push(raw(
+        Some(&a),
+        Some(json_bytes(&v)),
+        Schema,
+        "specversion 0.3",
+    ));
     let a = acc(rng);
     let mut v = envelope("unused", "account.Deposit", &a, json!({"amount": 5}));
     v.as_object_mut().expect("an object").remove("id");
@@ -553,7 +568,10 @@ mod tests {
                     first[i] = Some(pos);
                 }
                 Expect::Duplicate(i) => {
-                    assert!(first[i].is_some_and(|p| p < pos), "duplicate before original")
+                    assert!(
+                        first[i].is_some_and(|p| p < pos),
+                        "duplicate before original"
+                    )
                 }
                 Expect::DeadLetter { .. } => {}
             }
@@ -571,7 +589,8 @@ mod tests {
             assert!(Command::decode(Some(key), &[], Some(&bytes), schemas).is_ok());
         }
         for m in &w.messages {
-            let (Send::Raw { key, value }, Expect::DeadLetter { kind, what }) = (&m.send, &m.expect)
+            let (Send::Raw { key, value }, Expect::DeadLetter { kind, what }) =
+                (&m.send, &m.expect)
             else {
                 continue;
             };
