@@ -437,3 +437,83 @@ async fn each_kind_of_bad_input_is_dead_lettered_and_the_rest_applies() {
     drop(worker);
     db.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standalone_relay_publishes_and_inspect_shows_the_aggregate() {
+    let db = TestDb::new().await;
+    let topics = TestTopics::new(2).await;
+    let worker = WorkerProcess::spawn(&db, &topics, "w1", &["--no-relay"]);
+    let log =
+        std::fs::File::create(std::env::temp_dir().join(format!("{}-relay.log", topics.group)))
+            .unwrap();
+    let mut relay = support::cmdproc()
+        .args(["relay", "--brokers", BROKERS, "--database-url", &db.url])
+        .args(["--commands-topic", topics.commands.as_str()])
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let commands = vec![
+        cmd("o", "account.Open", "acc-9", json!({"owner": "grace"})),
+        cmd("d", "account.Deposit", "acc-9", json!({"amount": 70})),
+        cmd("w", "account.Withdraw", "acc-9", json!({"amount": 20})),
+        cmd("x", "account.Withdraw", "acc-9", json!({"amount": 500})),
+    ];
+    let d = produce_all(&topics.producer(), &commands).await;
+    wait_processed(
+        &db,
+        &topics.commands,
+        &ends(&d),
+        Duration::from_secs(60),
+        &[&worker],
+    )
+    .await;
+    assert_events_published(&db, &topics, true).await;
+    let events = support::read_topic(&topics.events);
+    let types: Vec<String> = events
+        .iter()
+        .map(|m| m.json()["type"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        types,
+        ["account.Opened", "account.Deposited", "account.Withdrawn"]
+    );
+    let versions: Vec<i64> = events
+        .iter()
+        .map(|m| m.json()["aggregateversion"].as_i64().unwrap())
+        .collect();
+    assert_eq!(versions, [1, 2, 3]);
+
+    let out = support::cmdproc()
+        .args(["inspect", "account", "acc-9", "--database-url", &db.url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["aggregate_type"], "account");
+    assert_eq!(v["aggregate_id"], "acc-9");
+    assert_eq!(v["version"], 3);
+    assert_eq!(v["state"]["balance"], 50);
+    let outcomes: Vec<&str> = v["recent_commands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["applied", "applied", "applied", "rejected"]);
+    assert_eq!(v["recent_events"].as_array().unwrap().len(), 3);
+
+    let missing = support::cmdproc()
+        .args(["inspect", "account", "nobody", "--database-url", &db.url])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no account `nobody` has been seen"));
+    let _ = relay.kill();
+    let _ = relay.wait();
+    drop(worker);
+    db.drop_db().await;
+}

@@ -249,8 +249,9 @@ async fn scenario(
         .map(str::to_owned)
         .into();
         // The URL travels in the environment, not the arguments, so its password does not
-        // show in the process list.
-        let log = workers.spawn(&exe, &name, &worker_args, &[("CMDPROC_DATABASE_URL", url)])?;
+        // show in the process list. The logs are files: no terminal colour codes in them.
+        let env = [("CMDPROC_DATABASE_URL", url), ("NO_COLOR", "1")];
+        let log = workers.spawn(&exe, &name, &worker_args, &env)?;
         println!("      {name} logs to {}", log.display());
     }
     let expected = (args.workers as usize).min(args.partitions as usize);
