@@ -35,11 +35,13 @@ pub enum DeadLetterKind {
     TooLarge,
     /// The handler panicked on this command.
     HandlerPanic,
+    /// Set aside because an earlier command of the same aggregate parked it.
+    Parked,
 }
 
 impl DeadLetterKind {
     /// Every kind, for listings and metrics.
-    pub const ALL: [DeadLetterKind; 7] = [
+    pub const ALL: [DeadLetterKind; 8] = [
         Self::Malformed,
         Self::Schema,
         Self::UnknownType,
@@ -47,6 +49,7 @@ impl DeadLetterKind {
         Self::Misrouted,
         Self::TooLarge,
         Self::HandlerPanic,
+        Self::Parked,
     ];
 
     /// The wire name, e.g. `unknown_type`.
@@ -59,6 +62,7 @@ impl DeadLetterKind {
             Self::Misrouted => "misrouted",
             Self::TooLarge => "too_large",
             Self::HandlerPanic => "handler_panic",
+            Self::Parked => "parked",
         }
     }
 

@@ -158,8 +158,61 @@ pub struct Plan {
     pub dead_letters: Vec<DeadLetterRow>,
     /// Aggregate writes, one per touched aggregate.
     pub writes: Vec<AggregateWrite>,
+    /// Commands set aside because their aggregate is parked, in offset order.
+    pub parked: Vec<ParkedRow>,
+    /// Aggregates parked by this batch: `(aggregate, reason, offset of the poison command)`.
+    pub newly_parked: Vec<(AggregateKey, String, i64)>,
+    /// With [`PoisonPolicy::Halt`], the offset of the poison command the batch stopped at.
+    pub halted_at: Option<i64>,
     /// The offset after the last message of the batch.
     pub next_offset: i64,
+}
+
+/// A command set aside because its aggregate is parked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParkedRow {
+    /// Offset of the command.
+    pub offset: i64,
+    /// Its aggregate.
+    pub aggregate: AggregateKey,
+    /// The command's source.
+    pub source: String,
+    /// The command's id.
+    pub command_id: String,
+    /// Why it was set aside.
+    pub reason: String,
+}
+
+/// What to do with a command whose handler keeps failing (panics) after its retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum PoisonPolicy {
+    /// Park the aggregate: set aside this command and every later one for the aggregate,
+    /// in order, while other aggregates go on.
+    #[default]
+    Park,
+    /// Dead-letter only this command and apply the aggregate's later commands. This breaks
+    /// the aggregate's order; choose it only when commands are independent.
+    DeadLetter,
+    /// Stop the partition at this command until an operator intervenes.
+    Halt,
+}
+
+/// How a batch treats failing handlers.
+#[derive(Debug, Clone)]
+pub struct PlanOptions {
+    /// What to do after the retries.
+    pub poison: PoisonPolicy,
+    /// How many times a panicking handler is tried before the command counts as poison.
+    pub attempts: u32,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        Self {
+            poison: PoisonPolicy::Park,
+            attempts: 3,
+        }
+    }
 }
 
 impl Plan {
@@ -188,14 +241,18 @@ pub type AggregateKey = (String, String);
 /// Decides the outcome of every message of a batch, in offset order.
 ///
 /// `known` holds the recorded outcomes of the batch's commands that were processed before;
-/// `aggregates` the stored state of the aggregates the batch names (absent ones are new).
+/// `aggregates` the stored state of the aggregates the batch names (absent ones are new);
+/// `parked` the batch's aggregates that are parked.
 pub fn plan(
     registry: &Registry,
+    options: &PlanOptions,
     messages: Vec<Incoming>,
     known: &HashMap<CommandKey, Outcome>,
     aggregates: &HashMap<AggregateKey, Loaded>,
+    parked: &HashSet<AggregateKey>,
 ) -> Plan {
     let mut out = Plan::default();
+    let mut parked = parked.clone();
     let mut seen: HashMap<CommandKey, Outcome> = HashMap::new();
     let mut current: HashMap<AggregateKey, Loaded> = HashMap::new();
     let mut order: Vec<AggregateKey> = Vec::new();
@@ -236,6 +293,24 @@ pub fn plan(
             continue;
         };
         let akey = (agg_type.clone(), command.subject.as_str().to_owned());
+        if parked.contains(&akey) {
+            let reason = format!("aggregate {}/{} is parked", akey.0, akey.1);
+            out.parked.push(ParkedRow {
+                offset: m.offset,
+                aggregate: akey.clone(),
+                source: ckey.0,
+                command_id: ckey.1,
+                reason: reason.clone(),
+            });
+            let e = DecodeError {
+                kind: DeadLetterKind::Parked,
+                message: reason,
+                aggregate: Some(akey),
+            };
+            out.dead_letters
+                .push(dead_letter(m.offset, e, m.key, m.value, m.headers));
+            continue;
+        }
         let loaded = current.entry(akey.clone()).or_insert_with(|| {
             order.push(akey.clone());
             aggregates.get(&akey).cloned().unwrap_or(Loaded {
@@ -253,9 +328,20 @@ pub fn plan(
                 loaded.version
             )))))
         } else {
-            catch_unwind(AssertUnwindSafe(|| {
-                aggregate.handle(&loaded.state, command.command_type.name(), &command.data)
-            }))
+            // Handlers are pure, but a panic may come from a bug triggered by something
+            // outside the command (memory pressure, a poisoned lock in a library): try again
+            // a bounded number of times before calling the command poison.
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let result = catch_unwind(AssertUnwindSafe(|| {
+                    crate::failpoint::handler_panic(&akey.1);
+                    aggregate.handle(&loaded.state, command.command_type.name(), &command.data)
+                }));
+                if result.is_ok() || attempt >= options.attempts.max(1) {
+                    break result;
+                }
+            }
         };
         let outcome = match handled {
             Err(panic) => {
@@ -264,9 +350,34 @@ pub fn plan(
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "unknown panic".into());
+                let message = format!(
+                    "handler for {} panicked {} time(s): {what}",
+                    command.command_type,
+                    options.attempts.max(1)
+                );
+                match options.poison {
+                    PoisonPolicy::Halt => {
+                        out.halted_at = Some(m.offset);
+                        out.next_offset = m.offset;
+                        break;
+                    }
+                    PoisonPolicy::Park => {
+                        parked.insert(akey.clone());
+                        out.newly_parked
+                            .push((akey.clone(), message.clone(), m.offset));
+                        out.parked.push(ParkedRow {
+                            offset: m.offset,
+                            aggregate: akey.clone(),
+                            source: ckey.0,
+                            command_id: ckey.1,
+                            reason: message.clone(),
+                        });
+                    }
+                    PoisonPolicy::DeadLetter => {}
+                }
                 let e = DecodeError {
                     kind: DeadLetterKind::HandlerPanic,
-                    message: format!("handler for {} panicked: {what}", command.command_type),
+                    message,
                     aggregate: Some(akey.clone()),
                 };
                 out.dead_letters
@@ -457,7 +568,14 @@ mod tests {
             msg(13, "/t", "3", "account.Withdraw", "a", json!({"amount":11})),
             msg(14, "/t", "4", "account.Withdraw", "a", json!({"amount":4})),
         ];
-        let p = plan(&registry, msgs, &HashMap::new(), &HashMap::new());
+        let p = plan(
+            &registry,
+            &PlanOptions::default(),
+            msgs,
+            &HashMap::new(),
+            &HashMap::new(),
+            &HashSet::new(),
+        );
         assert_eq!(p.next_offset, 15);
         assert_eq!(p.applied(), 3);
         assert_eq!(p.rejected(), 1);
@@ -502,7 +620,14 @@ mod tests {
             msg(1, "/t", "1", "account.Open", "a", json!({"owner":"ada"})),
             stale,
         ];
-        let p = plan(&registry, msgs, &known, &aggregates);
+        let p = plan(
+            &registry,
+            &PlanOptions::default(),
+            msgs,
+            &known,
+            &aggregates,
+            &HashSet::new(),
+        );
         assert_eq!(p.duplicates[0].outcome, recorded);
         assert_eq!(p.rejected(), 1);
         assert!(p.processed[0]
@@ -535,12 +660,47 @@ mod tests {
                 json!({"night":"2026-12-24","guest":"g"}),
             ),
         ];
-        let p = plan(&registry, msgs, &HashMap::new(), &HashMap::new());
+        let p = plan(
+            &registry,
+            &PlanOptions::default(),
+            msgs,
+            &HashMap::new(),
+            &HashMap::new(),
+            &HashSet::new(),
+        );
         assert_eq!(p.dead_letters.len(), 1);
         assert_eq!(p.dead_letters[0].kind, DeadLetterKind::Malformed);
         assert_eq!(p.dead_letters[0].value.as_deref(), Some(&b"\xffnope"[..]));
         assert_eq!(p.applied(), 1);
         let h = headers_to_json(&p.dead_letters[0].headers);
         assert_eq!(headers_from_json(&h), p.dead_letters[0].headers);
+    }
+
+    #[test]
+    fn a_parked_aggregate_sets_its_commands_aside_and_others_apply() {
+        let registry = Registry::builtin();
+        let parked: HashSet<AggregateKey> = [("account".to_owned(), "p".to_owned())].into();
+        let msgs = vec![
+            msg(1, "/t", "1", "account.Open", "p", json!({"owner":"x"})),
+            msg(2, "/t", "2", "account.Open", "q", json!({"owner":"y"})),
+            msg(3, "/t", "3", "account.Deposit", "p", json!({"amount":1})),
+        ];
+        let p = plan(
+            &registry,
+            &PlanOptions::default(),
+            msgs,
+            &HashMap::new(),
+            &HashMap::new(),
+            &parked,
+        );
+        assert_eq!(p.applied(), 1);
+        let offsets: Vec<i64> = p.parked.iter().map(|r| r.offset).collect();
+        assert_eq!(offsets, vec![1, 3]);
+        assert!(p
+            .dead_letters
+            .iter()
+            .all(|d| d.kind == DeadLetterKind::Parked));
+        assert!(p.newly_parked.is_empty());
+        assert_eq!(p.next_offset, 4);
     }
 }

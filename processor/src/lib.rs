@@ -12,6 +12,7 @@
 
 pub mod batch;
 pub mod cli;
+pub mod failpoint;
 pub mod inspect;
 pub mod relay;
 pub mod retry;

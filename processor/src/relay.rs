@@ -236,6 +236,7 @@ impl Relay {
             let _ = tokio::task::block_in_place(|| producer.abort_transaction(KAFKA_TIMEOUT));
             return Err(e);
         }
+        crate::failpoint::crash_if("relay-crash-after-publish");
         store::mark_published(&mut tx, partition, last).await?;
         tx.commit().await.map_err(StoreError::from)?;
         tracing::debug!(

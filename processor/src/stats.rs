@@ -17,6 +17,8 @@ pub struct Stats {
     pub dead_letters: AtomicU64,
     /// Events stored.
     pub events: AtomicU64,
+    /// Commands set aside because their aggregate is parked.
+    pub parked: AtomicU64,
     /// Batches refused because the worker's epoch was stale.
     pub fenced: AtomicU64,
     /// Version conflicts (another writer existed).

@@ -5,7 +5,7 @@
 //! then write processed commands, aggregates (version-checked), events, dead letters,
 //! outbox rows and the next offset with set-based statements.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use commands::domain::Registry;
@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::batch::{
     self, headers_to_json, AggregateKey, CommandKey, Header, Incoming, Loaded, Outcome,
-    OutcomeKind, Plan,
+    OutcomeKind, Plan, PlanOptions,
 };
 
 /// Errors of the store layer.
@@ -160,6 +160,12 @@ pub struct BatchResult {
     pub dead_letters: usize,
     /// Events stored.
     pub events: usize,
+    /// Commands set aside because their aggregate is parked (the poison one included).
+    pub parked: usize,
+    /// Aggregates this batch parked.
+    pub newly_parked: Vec<AggregateKey>,
+    /// With the halt policy, the offset of the poison command the partition stopped at.
+    pub halted_at: Option<i64>,
     /// The stored next offset after the batch.
     pub next_offset: i64,
 }
@@ -185,6 +191,7 @@ pub async fn process_batch(
     pool: &PgPool,
     target: &BatchTarget<'_>,
     registry: &Registry,
+    options: &PlanOptions,
     messages: &[Incoming],
 ) -> Result<BatchResult> {
     let mut tx = pool.begin().await?;
@@ -225,7 +232,8 @@ pub async fn process_batch(
 
     let known = load_outcomes(&mut tx, &fresh).await?;
     let aggregates = load_aggregates(&mut tx, &fresh).await?;
-    let plan = batch::plan(registry, fresh, &known, &aggregates);
+    let parked = load_parked(&mut tx, &fresh).await?;
+    let plan = batch::plan(registry, options, fresh, &known, &aggregates, &parked);
     let result = BatchResult {
         messages: plan.processed.len() + plan.duplicates.len() + plan.dead_letters.len(),
         applied: plan.applied(),
@@ -233,9 +241,17 @@ pub async fn process_batch(
         duplicates: plan.duplicates.len(),
         dead_letters: plan.dead_letters.len(),
         events: plan.events.len(),
+        parked: plan.parked.len(),
+        newly_parked: plan
+            .newly_parked
+            .iter()
+            .map(|(a, _, _)| a.clone())
+            .collect(),
+        halted_at: plan.halted_at,
         next_offset: plan.next_offset,
     };
     let outbox_end = write_plan(&mut tx, target, &plan, outbox_seq).await?;
+    write_parked(&mut tx, target, &plan).await?;
     let updated = sqlx::query(
         "UPDATE partitions SET next_offset = $3, outbox_seq = $4, updated_at = now()
          WHERE topic = $1 AND partition = $2 AND epoch = $5",
@@ -337,6 +353,72 @@ async fn load_aggregates(
             )
         })
         .collect())
+}
+
+async fn load_parked(
+    tx: &mut Transaction<'_, Postgres>,
+    msgs: &[Incoming],
+) -> Result<HashSet<AggregateKey>> {
+    let (types, ids): (Vec<&str>, Vec<&str>) = msgs
+        .iter()
+        .filter_map(|m| m.decoded.as_ref().ok())
+        .map(|c| (c.command_type.aggregate_type(), c.subject.as_str()))
+        .unzip();
+    if types.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let rows = sqlx::query(
+        "SELECT DISTINCT p.aggregate_type, p.aggregate_id FROM parked_aggregates p
+         JOIN UNNEST($1::text[], $2::text[]) AS k(t, i) ON p.aggregate_type = k.t AND p.aggregate_id = k.i",
+    )
+    .bind(&types)
+    .bind(&ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+async fn write_parked(
+    tx: &mut Transaction<'_, Postgres>,
+    target: &BatchTarget<'_>,
+    plan: &Plan,
+) -> Result<()> {
+    if !plan.newly_parked.is_empty() {
+        let n = &plan.newly_parked;
+        sqlx::query(
+            "INSERT INTO parked_aggregates (aggregate_type, aggregate_id, reason, topic, partition, first_offset)
+             SELECT t, i, r, $4, $5, o FROM UNNEST($1::text[], $2::text[], $3::text[], $6::bigint[]) AS u(t, i, r, o)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(n.iter().map(|(a, _, _)| a.0.as_str()).collect::<Vec<_>>())
+        .bind(n.iter().map(|(a, _, _)| a.1.as_str()).collect::<Vec<_>>())
+        .bind(n.iter().map(|(_, r, _)| r.as_str()).collect::<Vec<_>>())
+        .bind(target.topic)
+        .bind(target.partition)
+        .bind(n.iter().map(|(_, _, o)| *o).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+    }
+    if !plan.parked.is_empty() {
+        let p = &plan.parked;
+        sqlx::query(
+            "INSERT INTO parked_commands (topic, partition, \"offset\", aggregate_type, aggregate_id, source, command_id, reason)
+             SELECT $1, $2, o, t, i, s, c, r
+             FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[]) AS u(o, t, i, s, c, r)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(target.topic)
+        .bind(target.partition)
+        .bind(p.iter().map(|r| r.offset).collect::<Vec<_>>())
+        .bind(p.iter().map(|r| r.aggregate.0.as_str()).collect::<Vec<_>>())
+        .bind(p.iter().map(|r| r.aggregate.1.as_str()).collect::<Vec<_>>())
+        .bind(p.iter().map(|r| r.source.as_str()).collect::<Vec<_>>())
+        .bind(p.iter().map(|r| r.command_id.as_str()).collect::<Vec<_>>())
+        .bind(p.iter().map(|r| r.reason.as_str()).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
 }
 
 /// An outbox row to insert.

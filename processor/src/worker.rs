@@ -27,7 +27,7 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::Incoming;
+use crate::batch::{Incoming, PlanOptions};
 use crate::retry::Backoff;
 use crate::stats::Stats;
 use crate::store::{self, BatchTarget, StoreError};
@@ -64,6 +64,8 @@ pub struct WorkerConfig {
     pub misrouted: MisroutedPolicy,
     /// This worker's name in logs and in the `partitions.owner` column.
     pub owner: String,
+    /// How failing handlers are treated.
+    pub plan: PlanOptions,
 }
 
 /// Shared state of a worker and its rebalance callback.
@@ -191,6 +193,7 @@ pub struct Worker {
     relay_wake: Option<Arc<Notify>>,
     owned: crate::relay::Owned,
     relay: Option<RelayHandle>,
+    halted: Mutex<std::collections::HashSet<i32>>,
 }
 
 /// The relay running beside a worker: stopped and drained after the worker's last batch and
@@ -224,6 +227,7 @@ impl Worker {
         Self {
             owned,
             relay: None,
+            halted: Mutex::default(),
             config,
             pool,
             stats,
@@ -422,6 +426,9 @@ impl Worker {
         let dead_letter_topic = cfg.commands_topic.dead_letter();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
+            if self.halted.lock().expect("halted set").contains(&partition) {
+                return;
+            }
             let Some(epoch) = owned.lock().expect("owned map").get(&partition).copied() else {
                 tracing::debug!(
                     partition,
@@ -436,7 +443,7 @@ impl Worker {
                 partition,
                 epoch,
             };
-            match store::process_batch(&self.pool, &target, registry, &messages).await {
+            match store::process_batch(&self.pool, &target, registry, &cfg.plan, &messages).await {
                 Ok(r) => {
                     let s = &self.stats;
                     Stats::inc(&s.batches);
@@ -445,6 +452,15 @@ impl Worker {
                     Stats::add(&s.duplicates, r.duplicates);
                     Stats::add(&s.dead_letters, r.dead_letters);
                     Stats::add(&s.events, r.events);
+                    Stats::add(&s.parked, r.parked);
+                    for (aggregate_type, aggregate_id) in &r.newly_parked {
+                        tracing::error!(
+                            partition,
+                            %aggregate_type,
+                            %aggregate_id,
+                            "poison command: aggregate parked; its later commands are set aside in order"
+                        );
+                    }
                     tracing::debug!(
                         partition,
                         applied = r.applied,
@@ -462,6 +478,17 @@ impl Worker {
                     );
                     if let Some(w) = &self.relay_wake {
                         w.notify_one();
+                    }
+                    if let Some(offset) = r.halted_at {
+                        tracing::error!(
+                            partition,
+                            offset,
+                            "poison command: partition halted (--on-poison halt); restart the worker once the handler is fixed"
+                        );
+                        self.halted.lock().expect("halted set").insert(partition);
+                        let mut tpl = TopicPartitionList::new();
+                        tpl.add_partition(cfg.commands_topic.as_str(), partition);
+                        let _ = consumer.pause(&tpl);
                     }
                     return;
                 }

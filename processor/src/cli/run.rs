@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{parse_duration, Common};
+use crate::batch::{PlanOptions, PoisonPolicy};
 use crate::relay::Relay;
 use crate::stats::Stats;
 use crate::worker::{MisroutedPolicy, RelayHandle, Worker, WorkerConfig};
@@ -30,6 +31,14 @@ pub struct RunArgs {
     /// What to do with a command on a partition its key does not map to.
     #[arg(long, value_enum, default_value_t = MisroutedPolicy::DeadLetter)]
     pub misrouted: MisroutedPolicy,
+    /// What to do with a command whose handler keeps panicking: park its aggregate (set it
+    /// and the aggregate's later commands aside, in order), dead-letter only it, or halt the
+    /// partition.
+    #[arg(long, env = "CMDPROC_ON_POISON", value_enum, default_value_t = PoisonPolicy::Park)]
+    pub on_poison: PoisonPolicy,
+    /// How many times a panicking handler is tried before its command counts as poison.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub poison_attempts: u32,
     /// Do not run the outbox relay in this process (run `cmdproc relay` elsewhere).
     #[arg(long)]
     pub no_relay: bool,
@@ -63,6 +72,10 @@ pub async fn run(common: &Common, args: RunArgs) -> anyhow::Result<()> {
         session_timeout: args.session_timeout,
         misrouted: args.misrouted,
         owner,
+        plan: PlanOptions {
+            poison: args.on_poison,
+            attempts: args.poison_attempts,
+        },
     };
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();

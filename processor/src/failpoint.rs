@@ -1,0 +1,49 @@
+//! Failure injection for tests, driven by the `CMDPROC_FAILPOINT` environment variable.
+//!
+//! The failure suites need to stop a process at an exact point (between publishing a batch
+//! to Kafka and recording it in Postgres) or make a handler panic, which no real input can
+//! do with the shipped domains. Without the variable every failpoint is a no-op.
+//!
+//! Values, comma-separated:
+//! - `relay-crash-after-publish`: abort the process right after a relay batch is committed
+//!   in Kafka and before its position is recorded in Postgres.
+//! - `handler-panic:<aggregate id>`: every command for that aggregate panics in its handler.
+
+use std::sync::OnceLock;
+
+fn points() -> &'static Vec<String> {
+    static POINTS: OnceLock<Vec<String>> = OnceLock::new();
+    POINTS.get_or_init(|| {
+        std::env::var("CMDPROC_FAILPOINT")
+            .map(|v| {
+                v.split(',')
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default()
+    })
+}
+
+/// Whether the named failpoint is set.
+pub fn is_set(name: &str) -> bool {
+    points().iter().any(|p| p == name)
+}
+
+/// Panics when `handler-panic:<aggregate_id>` is set for this aggregate.
+pub fn handler_panic(aggregate_id: &str) {
+    if points()
+        .iter()
+        .any(|p| p.strip_prefix("handler-panic:") == Some(aggregate_id))
+    {
+        panic!("failpoint handler-panic:{aggregate_id}");
+    }
+}
+
+/// Aborts the process when the named failpoint is set, as a SIGKILL would end it.
+pub fn crash_if(name: &str) {
+    if is_set(name) {
+        eprintln!("failpoint {name}: aborting");
+        std::process::abort();
+    }
+}
