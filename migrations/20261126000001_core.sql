@@ -89,6 +89,7 @@ CREATE INDEX dead_letters_kind ON dead_letters (kind);
 
 -- Messages to publish, numbered per commands partition by its fenced owner.
 CREATE TABLE outbox (
+    commands_topic TEXT    NOT NULL,
     partition      INTEGER NOT NULL,
     seq            BIGINT  NOT NULL,
     topic          TEXT    NOT NULL,
@@ -96,14 +97,16 @@ CREATE TABLE outbox (
     payload        BYTEA,
     headers        JSONB   NOT NULL DEFAULT '[]',
     created_at     TIMESTAMPTZ NOT NULL DEFAULT now(),
-    PRIMARY KEY (partition, seq)
+    PRIMARY KEY (commands_topic, partition, seq)
 );
 
 -- The relay's position per commands partition: every outbox row with seq <= published_seq
 -- has been published. A relay holds the row's lock while it publishes, so one relay at a
 -- time works a partition, in order.
 CREATE TABLE relay_positions (
-    partition      INTEGER PRIMARY KEY,
+    topic          TEXT    NOT NULL,
+    partition      INTEGER NOT NULL,
     published_seq  BIGINT  NOT NULL DEFAULT 0,
-    published_at   TIMESTAMPTZ
+    published_at   TIMESTAMPTZ,
+    PRIMARY KEY (topic, partition)
 );

@@ -517,3 +517,49 @@ async fn a_standalone_relay_publishes_and_inspect_shows_the_aggregate() {
     drop(worker);
     db.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_commands_topics_can_share_one_database() {
+    // Each topic has its own positions and outbox sequence per partition, so partition 0 of
+    // one does not collide with partition 0 of the other.
+    let db = TestDb::new().await;
+    let a = TestTopics::new(1).await;
+    let b = TestTopics::new(1).await;
+    let wa = WorkerProcess::spawn(&db, &a, "wa", &[]);
+    let wb = WorkerProcess::spawn(&db, &b, "wb", &[]);
+    let da = produce_all(
+        &a.producer(),
+        &[cmd("a1", "account.Open", "acc-a", json!({"owner": "a"}))],
+    )
+    .await;
+    let db_ = produce_all(
+        &b.producer(),
+        &[cmd(
+            "b1",
+            "room.Book",
+            "room-b",
+            json!({"night": "2027-01-01", "guest": "g"}),
+        )],
+    )
+    .await;
+    wait_processed(
+        &db,
+        &a.commands,
+        &ends(&da),
+        Duration::from_secs(60),
+        &[&wa],
+    )
+    .await;
+    wait_processed(
+        &db,
+        &b.commands,
+        &ends(&db_),
+        Duration::from_secs(60),
+        &[&wb],
+    )
+    .await;
+    assert_eq!(support::read_topic(&a.events).len(), 1);
+    assert_eq!(support::read_topic(&b.events).len(), 1);
+    drop((wa, wb));
+    db.drop_db().await;
+}

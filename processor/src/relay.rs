@@ -205,7 +205,9 @@ impl Relay {
     #[tracing::instrument(skip_all, fields(partition))]
     async fn relay_partition(&self, partition: i32) -> Result<usize, RelayError> {
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
-        let Some(mut published) = store::lock_relay_position(&mut tx, partition).await? else {
+        let Some(mut published) =
+            store::lock_relay_position(&mut tx, &self.commands_topic, partition).await?
+        else {
             return Ok(0);
         };
         let (producer, fresh) = self.producer(partition)?;
@@ -218,11 +220,18 @@ impl Relay {
                     in_kafka,
                     "a previous relay published past its recorded position; resuming after what Kafka committed"
                 );
-                store::mark_published(&mut tx, partition, in_kafka).await?;
+                store::mark_published(&mut tx, &self.commands_topic, partition, in_kafka).await?;
                 published = in_kafka;
             }
         }
-        let rows = store::next_outbox_rows(&mut tx, partition, published, self.batch_size).await?;
+        let rows = store::next_outbox_rows(
+            &mut tx,
+            &self.commands_topic,
+            partition,
+            published,
+            self.batch_size,
+        )
+        .await?;
         let Some(last) = rows.last().map(|r| r.seq) else {
             tx.commit().await.map_err(StoreError::from)?;
             return Ok(0);
@@ -237,7 +246,7 @@ impl Relay {
             return Err(e);
         }
         crate::failpoint::crash_if("relay-crash-after-publish");
-        store::mark_published(&mut tx, partition, last).await?;
+        store::mark_published(&mut tx, &self.commands_topic, partition, last).await?;
         tx.commit().await.map_err(StoreError::from)?;
         tracing::debug!(
             partition,

@@ -134,10 +134,13 @@ pub async fn acquire_partition(
     .bind(owner)
     .fetch_one(&mut *tx)
     .await?;
-    sqlx::query("INSERT INTO relay_positions (partition) VALUES ($1) ON CONFLICT DO NOTHING")
-        .bind(partition)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "INSERT INTO relay_positions (topic, partition) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+    )
+    .bind(topic)
+    .bind(partition)
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(Acquired {
         epoch: row.get(0),
@@ -623,8 +626,8 @@ async fn write_plan(
 
     if !outbox.is_empty() {
         sqlx::query(
-            "INSERT INTO outbox (partition, seq, topic, key, payload, headers)
-             SELECT $1, s, t, k, p, h FROM UNNEST($2::bigint[], $3::text[], $4::bytea[], $5::bytea[], $6::jsonb[])
+            "INSERT INTO outbox (commands_topic, partition, seq, topic, key, payload, headers)
+             SELECT $7, $1, s, t, k, p, h FROM UNNEST($2::bigint[], $3::text[], $4::bytea[], $5::bytea[], $6::jsonb[])
                AS u(s, t, k, p, h)",
         )
         .bind(target.partition)
@@ -633,6 +636,7 @@ async fn write_plan(
         .bind(outbox.iter().map(|o| o.key.clone()).collect::<Vec<_>>())
         .bind(outbox.iter().map(|o| o.payload.clone()).collect::<Vec<_>>())
         .bind(outbox.iter().map(|o| o.headers.clone()).collect::<Vec<_>>())
+        .bind(target.topic)
         .execute(&mut **tx)
         .await?;
     }
@@ -665,8 +669,8 @@ pub struct Backlog {
 pub async fn outbox_backlog(pool: &PgPool, topic: &str) -> Result<Vec<Backlog>> {
     let rows = sqlx::query(
         "SELECT r.partition, p.outbox_seq - r.published_seq AS pending
-         FROM relay_positions r JOIN partitions p ON p.topic = $1 AND p.partition = r.partition
-         WHERE p.outbox_seq > r.published_seq
+         FROM relay_positions r JOIN partitions p ON p.topic = r.topic AND p.partition = r.partition
+         WHERE r.topic = $1 AND p.outbox_seq > r.published_seq
          ORDER BY pending DESC",
     )
     .bind(topic)
@@ -700,11 +704,13 @@ pub struct OutboxMessage {
 /// relay holds it. Returns the last published sequence.
 pub async fn lock_relay_position(
     tx: &mut Transaction<'_, Postgres>,
+    topic: &str,
     partition: i32,
 ) -> Result<Option<i64>> {
     let row = sqlx::query(
-        "SELECT published_seq FROM relay_positions WHERE partition = $1 FOR UPDATE SKIP LOCKED",
+        "SELECT published_seq FROM relay_positions WHERE topic = $1 AND partition = $2 FOR UPDATE SKIP LOCKED",
     )
+    .bind(topic)
     .bind(partition)
     .fetch_optional(&mut **tx)
     .await?;
@@ -714,17 +720,19 @@ pub async fn lock_relay_position(
 /// The next unpublished outbox rows of a partition, in sequence order.
 pub async fn next_outbox_rows(
     tx: &mut Transaction<'_, Postgres>,
+    topic: &str,
     partition: i32,
     after: i64,
     limit: i64,
 ) -> Result<Vec<OutboxMessage>> {
     let rows = sqlx::query(
         "SELECT seq, topic, key, payload, headers FROM outbox
-         WHERE partition = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+         WHERE commands_topic = $4 AND partition = $1 AND seq > $2 ORDER BY seq LIMIT $3",
     )
     .bind(partition)
     .bind(after)
     .bind(limit)
+    .bind(topic)
     .fetch_all(&mut **tx)
     .await?;
     Ok(rows
@@ -742,14 +750,16 @@ pub async fn next_outbox_rows(
 /// Records that a partition's outbox is published up to `seq`.
 pub async fn mark_published(
     tx: &mut Transaction<'_, Postgres>,
+    topic: &str,
     partition: i32,
     seq: i64,
 ) -> Result<()> {
     sqlx::query(
-        "UPDATE relay_positions SET published_seq = $2, published_at = now() WHERE partition = $1",
+        "UPDATE relay_positions SET published_seq = $2, published_at = now() WHERE topic = $3 AND partition = $1",
     )
     .bind(partition)
     .bind(seq)
+    .bind(topic)
     .execute(&mut **tx)
     .await?;
     Ok(())

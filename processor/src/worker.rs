@@ -425,6 +425,7 @@ impl Worker {
         let cfg = &self.config;
         let dead_letter_topic = cfg.commands_topic.dead_letter();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut conflict_backoff = Backoff::new(Duration::from_millis(5), Duration::from_secs(1));
         loop {
             if self.halted.lock().expect("halted set").contains(&partition) {
                 return;
@@ -507,8 +508,21 @@ impl Worker {
                     return;
                 }
                 Err(StoreError::Conflict(reason)) => {
+                    // Another writer existed (or a concurrent duplicate on another
+                    // partition): reload and retry, soon but not in a tight loop, since a
+                    // conflict that keeps coming back must not burn the CPU or block shutdown.
                     Stats::inc(&self.stats.conflicts);
-                    tracing::warn!(partition, %reason, "version conflict; reloading and retrying the batch");
+                    let delay = conflict_backoff.next_delay();
+                    tracing::warn!(
+                        partition,
+                        %reason,
+                        attempt = conflict_backoff.attempts,
+                        "version conflict; reloading and retrying the batch"
+                    );
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
                 }
                 Err(e) => {
                     Stats::inc(&self.stats.db_retries);

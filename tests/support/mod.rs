@@ -237,7 +237,7 @@ pub async fn wait_processed(
     loop {
         let rows = sqlx::query(
             "SELECT p.partition, p.next_offset, p.outbox_seq, COALESCE(r.published_seq, 0)
-             FROM partitions p LEFT JOIN relay_positions r ON r.partition = p.partition WHERE p.topic = $1",
+             FROM partitions p LEFT JOIN relay_positions r ON r.topic = p.topic AND r.partition = p.partition WHERE p.topic = $1",
         )
         .bind(topic.as_str())
         .fetch_all(&db.pool)
@@ -359,6 +359,166 @@ pub fn read_topic(topic: &Topic) -> Vec<Read> {
                 }
             }
         }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers for the failure-injection suite (tests/failures.rs).
+
+/// The workspace root, where `deploy/local/` lives.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// Sends a signal by name (`STOP`, `CONT`, `TERM`, ...) to a process; panics if `kill` fails.
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid} failed: {status}");
+}
+
+impl WorkerProcess {
+    /// The worker's whole log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+/// Every partition of `topic` with its stored owner and epoch.
+pub async fn partition_owners(db: &TestDb, topic: &Topic) -> BTreeMap<i32, (String, i64)> {
+    sqlx::query("SELECT partition, COALESCE(owner, ''), epoch FROM partitions WHERE topic = $1")
+        .bind(topic.as_str())
+        .fetch_all(&db.pool)
+        .await
+        .expect("read partition owners")
+        .into_iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect()
+}
+
+/// Outbox rows written but not yet published by a relay, over all partitions.
+pub async fn outbox_backlog(db: &TestDb, topic: &Topic) -> i64 {
+    sqlx::query_scalar(
+        "SELECT COALESCE(sum(p.outbox_seq - COALESCE(r.published_seq, 0)), 0)::bigint
+         FROM partitions p LEFT JOIN relay_positions r ON r.topic = p.topic AND r.partition = p.partition
+         WHERE p.topic = $1",
+    )
+    .bind(topic.as_str())
+    .fetch_one(&db.pool)
+    .await
+    .expect("read outbox backlog")
+}
+
+/// Produces `commands` in the background, `slice` at a time with `pause` between slices, so
+/// that load keeps arriving while a test injects a failure. Returns every delivery.
+pub fn produce_in_slices(
+    topics: &TestTopics,
+    commands: Vec<Command>,
+    slice: usize,
+    pause: Duration,
+) -> tokio::task::JoinHandle<Vec<Delivery>> {
+    let producer = topics.producer();
+    tokio::spawn(async move {
+        let mut deliveries = Vec::with_capacity(commands.len());
+        for chunk in commands.chunks(slice) {
+            // A loop rather than `produce_all`'s closure: a spawned task must be `Send` for
+            // every lifetime, which the closure's inferred signature is not.
+            let mut sends = Vec::with_capacity(chunk.len());
+            for c in chunk {
+                sends.push(producer.send(c));
+            }
+            for d in futures::future::join_all(sends).await {
+                deliveries.push(d.expect("produce"));
+            }
+            tokio::time::sleep(pause).await;
+        }
+        deliveries
+    })
+}
+
+/// A raw Kafka message for hostile-input tests: any key, value and headers, sent to an
+/// explicit partition.
+#[derive(Debug, Clone)]
+pub struct RawMessage {
+    pub partition: i32,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+/// Produces raw messages strictly in the given order (each is enqueued before the next, and
+/// the producer is idempotent, so per-partition order holds), returning where each landed.
+pub async fn produce_raw(topic: &Topic, messages: &[RawMessage]) -> Vec<Delivery> {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", BROKERS)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("message.max.bytes", "2000000")
+        .set("message.timeout.ms", "60000")
+        .create()
+        .expect("raw producer");
+    let mut pending = Vec::with_capacity(messages.len());
+    for m in messages {
+        let mut headers = OwnedHeaders::new_with_capacity(m.headers.len());
+        for (k, v) in &m.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: v.as_deref(),
+            });
+        }
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic.as_str())
+            .partition(m.partition)
+            .headers(headers);
+        if let Some(k) = &m.key {
+            record = record.key(k);
+        }
+        if let Some(v) = &m.value {
+            record = record.payload(v);
+        }
+        loop {
+            match producer.send_result(record) {
+                Ok(f) => {
+                    pending.push(f);
+                    break;
+                }
+                Err((e, r)) => {
+                    assert!(
+                        matches!(
+                            e,
+                            rdkafka::error::KafkaError::MessageProduction(
+                                rdkafka::types::RDKafkaErrorCode::QueueFull
+                            )
+                        ),
+                        "enqueueing a raw message failed: {e}"
+                    );
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(pending.len());
+    for f in pending {
+        let d = f
+            .await
+            .expect("delivery not cancelled")
+            .map_err(|(e, _)| e)
+            .expect("raw message delivered");
+        out.push(Delivery {
+            partition: d.partition,
+            offset: d.offset,
+        });
     }
     out
 }

@@ -30,8 +30,8 @@ use futures::{StreamExt, TryStreamExt};
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use sqlx::postgres::PgConnectOptions;
-use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
 
 use super::{parse_duration, Common, LogFormat};
 use workers::Workers;
@@ -39,6 +39,12 @@ use workload::{Model, Send, Workload};
 
 /// Arguments of `demo`.
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Each run creates its own topics, consumer group and database \
+    (cmdproc_demo_<time>) on the servers of --brokers and --database-url, so --group and the \
+    topic options are not used. The database is dropped at the end unless --keep is given or \
+    the demo fails."
+)]
 pub struct DemoArgs {
     /// How many commands to produce; duplicates and invalid messages come on top.
     #[arg(long, default_value_t = 4000)]
@@ -127,7 +133,7 @@ pub async fn run(common: &Common, args: DemoArgs) -> anyhow::Result<()> {
         ns.id, args.workers, args.commands, args.seed
     );
 
-    let admin = super::pool(common, 1).await?;
+    let admin = admin_pool(common).await?;
     let url = database_url(&common.database_url, &ns.database)?;
     create_database(&admin, &ns.database).await?;
     println!(
@@ -140,10 +146,10 @@ pub async fn run(common: &Common, args: DemoArgs) -> anyhow::Result<()> {
 
     let failed = matches!(&result, Err(e) if !e.is::<Interrupted>());
     if args.keep || failed {
+        println!("      kept database {} at {}", ns.database, redact(&url));
         println!(
-            "      kept database {} ({}); drop it with DROP DATABASE {} WITH (FORCE)",
-            ns.database,
-            redact(&url),
+            "      look inside: cmdproc --database-url <that URL> inspect account acc-01; \
+             drop it: DROP DATABASE {} WITH (FORCE)",
             ns.database
         );
     } else {
@@ -450,6 +456,27 @@ fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// A connection to `--database-url` for creating and dropping the demo database.
+async fn admin_pool(common: &Common) -> anyhow::Result<PgPool> {
+    let options: PgConnectOptions = common
+        .database_url
+        .parse()
+        .with_context(|| format!("invalid database URL {}", redact(&common.database_url)))?;
+    // Dropping a database takes a second or so, which sqlx would log as a slow statement.
+    let options = options.disable_statement_logging();
+    PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(common.connect_timeout)
+        .connect_with(options)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot connect to Postgres at {}",
+                server(&common.database_url)
+            )
+        })
+}
+
 async fn create_database(admin: &PgPool, name: &str) -> anyhow::Result<()> {
     // `raw_sql` runs a simple query; CREATE DATABASE cannot be a prepared statement's
     // parameter, and the name is ours, made of [a-z0-9_].
@@ -463,14 +490,20 @@ async fn create_database(admin: &PgPool, name: &str) -> anyhow::Result<()> {
 }
 
 async fn drop_database(admin: &PgPool, name: &str) -> anyhow::Result<()> {
-    // FORCE ends sessions a killed worker may have left behind.
-    sqlx::raw_sql(&format!(
-        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-        quote(name)
-    ))
-    .execute(admin)
-    .await?;
-    Ok(())
+    // FORCE ends sessions a killed worker may have left behind. It cannot end an autovacuum
+    // worker that happens to be in the database (only a superuser could), so try again.
+    let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote(name));
+    let mut attempt = 1;
+    loop {
+        match sqlx::raw_sql(&sql).execute(admin).await {
+            Ok(_) => return Ok(()),
+            Err(e) if attempt >= 5 => return Err(e.into()),
+            Err(_) => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

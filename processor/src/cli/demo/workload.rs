@@ -495,8 +495,21 @@ pub(super) struct Model {
     pub(super) aggregates: BTreeMap<(String, String), Modeled>,
     /// Whether valid command `i` is applied (`true`) or rejected (`false`).
     pub(super) applied: Vec<bool>,
-    /// Events the applied commands emit.
-    pub(super) events: usize,
+    /// The events the applied commands emit, in order.
+    pub(super) events: Vec<ModelEvent>,
+}
+
+/// An event as the serial model emits it.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct ModelEvent {
+    /// `(type, id)` of the aggregate.
+    pub(super) aggregate: (String, String),
+    /// The aggregate's version after the event.
+    pub(super) version: i64,
+    /// `<aggregate_type>.<EventName>`, e.g. `account.Deposited`.
+    pub(super) event_type: String,
+    /// The event's data.
+    pub(super) data: Value,
 }
 
 impl Model {
@@ -507,27 +520,34 @@ impl Model {
         let registry = Registry::builtin();
         let mut aggregates: BTreeMap<(String, String), Modeled> = BTreeMap::new();
         let mut applied = Vec::with_capacity(valid.len());
-        let mut events = 0;
+        let mut events = Vec::new();
         for c in valid {
             let ty = c.command_type.aggregate_type();
             let aggregate = registry
                 .get(ty)
                 .with_context(|| format!("no aggregate type `{ty}` in the registry"))?;
-            let entry = aggregates
-                .entry((ty.to_owned(), c.subject.to_string()))
-                .or_insert(Modeled {
-                    version: 0,
-                    state: Value::Null,
-                });
+            let key = (ty.to_owned(), c.subject.to_string());
+            let entry = aggregates.entry(key.clone()).or_insert(Modeled {
+                version: 0,
+                state: Value::Null,
+            });
             match aggregate.handle(&entry.state, c.command_type.name(), &c.data) {
                 Err(e) => anyhow::bail!("the demo generated an invalid command {}: {e}", c.id),
                 Ok(Err(_rejection)) => applied.push(false),
                 Ok(Ok(emitted)) => {
+                    // The engine leaves an aggregate untouched by a command without events.
                     if !emitted.is_empty() {
                         entry.state = aggregate.apply(&entry.state, &emitted);
-                        entry.version += emitted.len() as i64;
                     }
-                    events += emitted.len();
+                    for e in emitted {
+                        entry.version += 1;
+                        events.push(ModelEvent {
+                            aggregate: key.clone(),
+                            version: entry.version,
+                            event_type: format!("{ty}.{}", e.name),
+                            data: e.data,
+                        });
+                    }
                     applied.push(true);
                 }
             }
