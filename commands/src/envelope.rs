@@ -291,6 +291,19 @@ impl Command {
         };
         let correlation_id = text(&m, "correlationid");
         let data = m.remove("data").unwrap_or(Value::Null);
+        // Postgres stores neither `text` nor `jsonb` with U+0000, so a command carrying it
+        // could never be recorded; it is refused here rather than retried forever.
+        if let Some(path) = nul_path(&data, "data").or_else(|| {
+            correlation_id
+                .as_deref()
+                .filter(|c| c.contains('\0'))
+                .map(|_| "correlationid".to_owned())
+        }) {
+            return Err(with_aggregate(
+                DeadLetterKind::Schema,
+                format!("{path} contains the NUL character (U+0000), which cannot be stored"),
+            ));
+        }
         schemas
             .validate_command_data(command_type.aggregate_type(), command_type.name(), &data)
             .map_err(|e| match e {
@@ -355,6 +368,25 @@ fn binary_envelope(
     };
     m.insert("data".into(), data);
     Ok(Value::Object(m))
+}
+
+/// The path of the first string (or object key) in `v` holding U+0000, if any.
+fn nul_path(v: &Value, at: &str) -> Option<String> {
+    match v {
+        Value::String(s) if s.contains('\0') => Some(at.to_owned()),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| nul_path(x, &format!("{at}/{i}"))),
+        Value::Object(m) => m.iter().find_map(|(k, x)| {
+            if k.contains('\0') {
+                Some(format!("{at}/<key>"))
+            } else {
+                nul_path(x, &format!("{at}/{k}"))
+            }
+        }),
+        _ => None,
+    }
 }
 
 /// A printable preview of possibly binary bytes, at most `max` characters.
@@ -509,6 +541,13 @@ mod tests {
         let bytes = serde_json::to_vec(&deposit()).unwrap();
         assert_eq!(kind(Some(b"acc-2"), &bytes), DeadLetterKind::KeyMismatch);
         assert_eq!(kind(None, &bytes), DeadLetterKind::KeyMismatch);
+        let mut v = deposit();
+        v["type"] = "account.Open".into();
+        v["data"] = json!({"owner": "a\u{0}b"});
+        assert_eq!(
+            kind(Some(b"acc-1"), &serde_json::to_vec(&v).unwrap()),
+            DeadLetterKind::Schema
+        );
         let nested = "[".repeat(10_000);
         assert_eq!(
             kind(Some(b"acc-1"), nested.as_bytes()),

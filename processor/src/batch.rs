@@ -494,7 +494,8 @@ pub fn headers_to_json(headers: &[Header]) -> Value {
     Value::Array(
         headers
             .iter()
-            .map(|(k, v)| json!({"k": k, "x": v.as_deref().map(hex)}))
+            // jsonb cannot hold U+0000; a header name with one is stored with U+FFFD instead.
+            .map(|(k, v)| json!({"k": k.replace('\0', "\u{fffd}"), "x": v.as_deref().map(hex)}))
             .collect(),
     )
 }

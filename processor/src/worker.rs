@@ -349,16 +349,29 @@ impl Worker {
     ) -> (i32, Incoming) {
         let key = m.key().map(<[u8]>::to_vec);
         let value = m.payload().map(<[u8]>::to_vec);
-        let headers: Vec<(String, Option<Vec<u8>>)> = m
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                    .collect()
-            })
-            .unwrap_or_default();
+        // rdkafka panics on a header name that is not UTF-8; such a message must become a
+        // dead letter, not a crash that would repeat on every restart and stall the partition.
+        let headers = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            m.headers()
+                .map(|hs| {
+                    hs.iter()
+                        .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                        .collect::<Vec<(String, Option<Vec<u8>>)>>()
+                })
+                .unwrap_or_default()
+        }));
+        let (headers, bad_headers) = match headers {
+            Ok(h) => (h, false),
+            Err(_) => (Vec::new(), true),
+        };
         let size = key.as_ref().map_or(0, Vec::len) + value.as_ref().map_or(0, Vec::len);
-        let decoded = if size > self.config.max_command_bytes {
+        let decoded = if bad_headers {
+            Err(DecodeError {
+                kind: DeadLetterKind::Malformed,
+                message: "a header name is not valid UTF-8; headers dropped".into(),
+                aggregate: None,
+            })
+        } else if size > self.config.max_command_bytes {
             Err(DecodeError {
                 kind: DeadLetterKind::TooLarge,
                 message: format!(
