@@ -76,9 +76,28 @@ impl From<sqlx::Error> for StoreError {
 /// Opens a pool, failing within `timeout` with a message naming the server when it cannot
 /// be reached.
 pub async fn connect(url: &str, max_connections: u32, timeout: Duration) -> Result<PgPool> {
-    let options: PgConnectOptions = url
+    connect_with(url, max_connections, timeout, None).await
+}
+
+/// Like [`connect`], and with `idle_in_transaction` the server ends any session of this
+/// pool that sits inside a transaction doing nothing for that long. A worker frozen in the
+/// middle of a batch (SIGSTOP, a stuck VM) would otherwise hold its partition's row lock,
+/// and so block the epoch bump of the worker taking over, until it woke up.
+pub async fn connect_with(
+    url: &str,
+    max_connections: u32,
+    timeout: Duration,
+    idle_in_transaction: Option<Duration>,
+) -> Result<PgPool> {
+    let mut options: PgConnectOptions = url
         .parse()
         .map_err(|e| StoreError::Database(format!("invalid database URL: {e}")))?;
+    if let Some(idle) = idle_in_transaction {
+        options = options.options([(
+            "idle_in_transaction_session_timeout",
+            format!("{}ms", idle.as_millis().max(1)),
+        )]);
+    }
     let target = format!(
         "{}:{}/{}",
         options.get_host(),

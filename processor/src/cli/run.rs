@@ -55,7 +55,15 @@ pub struct RunArgs {
 
 /// Runs until SIGTERM or Ctrl-C, then drains within the shutdown timeout.
 pub async fn run(common: &Common, args: RunArgs) -> anyhow::Result<()> {
-    let pool = super::pool(common, args.db_connections).await?;
+    // A healthy batch never idles inside its transaction; a frozen worker must not keep its
+    // partition locked past the point where the group has given the partition away.
+    let pool = crate::store::connect_with(
+        &common.database_url,
+        args.db_connections,
+        common.connect_timeout,
+        Some(args.session_timeout),
+    )
+    .await?;
     crate::store::migrate(&pool).await?;
     let owner = args.name.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
