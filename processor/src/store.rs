@@ -79,24 +79,33 @@ pub async fn connect(url: &str, max_connections: u32, timeout: Duration) -> Resu
     connect_with(url, max_connections, timeout, None).await
 }
 
-/// Like [`connect`], and with `idle_in_transaction` the server ends any session of this
-/// pool that sits inside a transaction doing nothing for that long. A worker frozen in the
-/// middle of a batch (SIGSTOP, a stuck VM) would otherwise hold its partition's row lock,
-/// and so block the epoch bump of the worker taking over, until it woke up.
+/// Like [`connect`], for a worker whose consumer-group session lasts `session_timeout`:
+///
+/// - `idle_in_transaction_session_timeout` = the session timeout. A worker frozen in the
+///   middle of a batch (SIGSTOP, a stuck VM) would otherwise hold its partition's row lock,
+///   and so block the epoch bump of the worker taking over, until it woke up.
+/// - `statement_timeout` = half of it. A batch stuck behind a slow write aborts (and is
+///   retried) well before the group gives its partition away, instead of overrunning.
 pub async fn connect_with(
     url: &str,
     max_connections: u32,
     timeout: Duration,
-    idle_in_transaction: Option<Duration>,
+    session_timeout: Option<Duration>,
 ) -> Result<PgPool> {
     let mut options: PgConnectOptions = url
         .parse()
         .map_err(|e| StoreError::Database(format!("invalid database URL: {e}")))?;
-    if let Some(idle) = idle_in_transaction {
-        options = options.options([(
-            "idle_in_transaction_session_timeout",
-            format!("{}ms", idle.as_millis().max(1)),
-        )]);
+    if let Some(session) = session_timeout {
+        options = options.options([
+            (
+                "idle_in_transaction_session_timeout",
+                format!("{}ms", session.as_millis().max(1)),
+            ),
+            (
+                "statement_timeout",
+                format!("{}ms", (session.as_millis() / 2).max(1)),
+            ),
+        ]);
     }
     let target = format!(
         "{}:{}/{}",
