@@ -35,37 +35,7 @@ fn spawn_with_failpoint(
     failpoint: &str,
     extra: &[&str],
 ) -> WorkerProcess {
-    let log = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("{}-{name}.log", topics.group));
-    let file = std::fs::File::create(&log).unwrap();
-    let child = cmdproc()
-        .args([
-            "run",
-            "--brokers",
-            BROKERS,
-            "--database-url",
-            &db.url,
-            "--group",
-            &topics.group,
-        ])
-        .args([
-            "--commands-topic",
-            topics.commands.as_str(),
-            "--events-topic",
-            topics.events.as_str(),
-        ])
-        .args(["--session-timeout", "6s", "--name", name])
-        .args(extra)
-        .env("CMDPROC_FAILPOINT", failpoint)
-        .stdout(Stdio::null())
-        .stderr(file)
-        .spawn()
-        .unwrap();
-    WorkerProcess {
-        child,
-        log,
-        name: name.to_owned(),
-    }
+    WorkerProcess::spawn_with_env(db, topics, name, extra, &[("CMDPROC_FAILPOINT", failpoint)])
 }
 
 /// An account id other than `than` that maps to the same partition.

@@ -129,6 +129,17 @@ pub struct WorkerProcess {
 
 impl WorkerProcess {
     pub fn spawn(db: &TestDb, topics: &TestTopics, name: &str, extra: &[&str]) -> WorkerProcess {
+        Self::spawn_with_env(db, topics, name, extra, &[])
+    }
+
+    /// A worker with extra environment, e.g. `CMDPROC_FAILPOINT`.
+    pub fn spawn_with_env(
+        db: &TestDb,
+        topics: &TestTopics,
+        name: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> WorkerProcess {
         let log = log_dir().join(format!("{}-{name}.log", topics.group));
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -154,6 +165,7 @@ impl WorkerProcess {
             .args(["--session-timeout", "6s", "--name", name])
             .args(extra)
             .env("CMDPROC_LOG", "info,sqlx=warn,rdkafka=warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
