@@ -6,12 +6,14 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use commands::Topic;
 
 pub mod demo;
+pub mod dlq;
 pub mod inspect;
 pub mod migrate;
 pub mod produce;
 pub mod relay;
 pub mod run;
 pub mod topics;
+pub mod verify;
 
 /// The database `deploy/local/postgres.sh` creates.
 pub const DEFAULT_DATABASE_URL: &str = "postgres://cmdproc:cmdproc@127.0.0.1:5432/cmdproc";
@@ -99,6 +101,11 @@ pub enum Command {
     Relay(relay::RelayArgs),
     /// Print an aggregate as JSON with its recent commands and events.
     Inspect(inspect::InspectArgs),
+    /// Re-execute the retained commands in memory and compare the aggregates with Postgres.
+    Verify(verify::VerifyArgs),
+    /// Inspect and redrive dead letters and parked aggregates.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
     /// Run a demonstration: two workers, thousands of commands, a summary and the invariants.
     Demo(demo::DemoArgs),
 }
@@ -135,6 +142,8 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Run(a) => run::run(&common, a).await,
         Command::Relay(a) => relay::run(&common, a).await,
         Command::Inspect(a) => inspect::run(&common, a).await,
+        Command::Verify(a) => verify::run(&common, a).await,
+        Command::Dlq(c) => dlq::run(&common, c).await,
         Command::Demo(a) => demo::run(&common, a).await,
     }
 }

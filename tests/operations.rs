@@ -1,0 +1,5 @@
+//! Operator commands against the real broker and database: verifying stored state and
+//! handling dead letters and parked aggregates. Needs `deploy/local/up.sh`.
+
+mod support;
+mod verify;
