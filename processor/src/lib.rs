@@ -8,15 +8,21 @@
 //! - [`relay`]: publishes the outbox to Kafka in order per partition.
 //! - [`topics`]: admin API.
 //! - [`inspect`]: reading an aggregate with its recent commands and events.
+//! - [`metrics`]: every Prometheus metric name, and the per-process registry.
+//! - [`http`]: the `/metrics`, `/healthz` and `/readyz` endpoint of `cmdproc run`.
 //! - [`cli`]: the `cmdproc` subcommands.
 
 pub mod batch;
 pub mod cli;
+pub mod dlq;
 pub mod failpoint;
+pub mod http;
 pub mod inspect;
+pub mod metrics;
 pub mod relay;
 pub mod retry;
 pub mod stats;
 pub mod store;
 pub mod topics;
+pub mod verify;
 pub mod worker;

@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
@@ -28,6 +28,7 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
 use crate::store::{self, StoreError};
 
 /// How long a Kafka transaction step may take before the relay gives up and retries.
@@ -67,6 +68,9 @@ pub struct Relay {
     producers: Mutex<HashMap<i32, Arc<FutureProducer>>>,
     positions: BaseConsumer,
     group: ConsumerGroupMetadata,
+    metrics: Arc<Metrics>,
+    /// Partitions whose backlog gauge this relay has set, so it can zero those that drained.
+    reported: Mutex<std::collections::HashSet<i32>>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -111,7 +115,16 @@ impl Relay {
             producers: Mutex::new(HashMap::new()),
             positions,
             group,
+            metrics: Arc::new(Metrics::new()),
+            reported: Mutex::default(),
         })
+    }
+
+    /// Records into `metrics` (shared with the worker in `cmdproc run`) instead of a
+    /// private registry.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// A handle that wakes the relay early, e.g. right after a worker commits a batch.
@@ -121,14 +134,14 @@ impl Relay {
 
     /// Publishes what is waiting, one batch per partition with a backlog.
     pub async fn relay_once(&self) -> Result<RelayOutcome, RelayError> {
-        let backlog = store::outbox_backlog(&self.pool, &self.commands_topic).await?;
+        let mut backlog = store::outbox_backlog(&self.pool, &self.commands_topic).await?;
+        if let Some(only) = &self.only {
+            let only = only.lock().expect("owned map");
+            backlog.retain(|b| only.contains_key(&b.partition));
+        }
+        self.report_backlog(&backlog);
         let mut total = 0;
         for b in backlog {
-            if let Some(only) = &self.only {
-                if !only.lock().expect("owned map").contains_key(&b.partition) {
-                    continue;
-                }
-            }
             match self.relay_partition(b.partition).await {
                 Ok(n) => total += n,
                 Err(e) => {
@@ -147,6 +160,24 @@ impl Relay {
         } else {
             RelayOutcome::Relayed(total)
         })
+    }
+
+    /// Sets the backlog gauge of the partitions this relay serves; the query returns only
+    /// partitions with a backlog, so those it reported before and no longer sees are at 0.
+    fn report_backlog(&self, backlog: &[store::Backlog]) {
+        let mut reported = self.reported.lock().expect("reported partitions");
+        let gauge = &self.metrics.outbox_backlog;
+        for p in reported.iter() {
+            if !backlog.iter().any(|b| b.partition == *p) {
+                gauge.with_label_values(&[&p.to_string()]).set(0);
+            }
+        }
+        for b in backlog {
+            gauge
+                .with_label_values(&[&b.partition.to_string()])
+                .set(b.pending);
+            reported.insert(b.partition);
+        }
     }
 
     /// The partition's transactional producer, created (fencing earlier relays) on first use.
@@ -224,6 +255,9 @@ impl Relay {
                 published = in_kafka;
             }
         }
+        // Publish latency runs from this read to the Kafka commit: what an event waits once
+        // the relay has picked it up.
+        let read_at = Instant::now();
         let rows = store::next_outbox_rows(
             &mut tx,
             &self.commands_topic,
@@ -245,6 +279,18 @@ impl Relay {
             let _ = tokio::task::block_in_place(|| producer.abort_transaction(KAFKA_TIMEOUT));
             return Err(e);
         }
+        self.metrics
+            .publish_seconds
+            .observe(read_at.elapsed().as_secs_f64());
+        // Dead letters go to `<commands topic>.dlq` (`Topic::dead_letter`), events elsewhere.
+        let dead_letter_topic = format!("{}.dlq", self.commands_topic);
+        let dead_letters = rows.iter().filter(|r| r.topic == dead_letter_topic).count();
+        self.metrics
+            .dead_letters_published
+            .inc_by(dead_letters as u64);
+        self.metrics
+            .events_published
+            .inc_by((rows.len() - dead_letters) as u64);
         crate::failpoint::crash_if("relay-crash-after-publish");
         store::mark_published(&mut tx, &self.commands_topic, partition, last).await?;
         tx.commit().await.map_err(StoreError::from)?;

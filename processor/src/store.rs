@@ -305,7 +305,7 @@ pub async fn process_batch(
     Ok(result)
 }
 
-async fn load_outcomes(
+pub(crate) async fn load_outcomes(
     tx: &mut Transaction<'_, Postgres>,
     msgs: &[Incoming],
 ) -> Result<HashMap<CommandKey, Outcome>> {
@@ -348,7 +348,7 @@ async fn load_outcomes(
         .collect())
 }
 
-async fn load_aggregates(
+pub(crate) async fn load_aggregates(
     tx: &mut Transaction<'_, Postgres>,
     msgs: &[Incoming],
 ) -> Result<HashMap<AggregateKey, Loaded>> {
@@ -409,7 +409,7 @@ async fn load_parked(
     Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
-async fn write_parked(
+pub(crate) async fn write_parked(
     tx: &mut Transaction<'_, Postgres>,
     target: &BatchTarget<'_>,
     plan: &Plan,
@@ -460,7 +460,7 @@ struct OutboxRow {
     headers: Value,
 }
 
-async fn write_plan(
+pub(crate) async fn write_plan(
     tx: &mut Transaction<'_, Postgres>,
     target: &BatchTarget<'_>,
     plan: &Plan,
@@ -791,4 +791,126 @@ pub async fn mark_published(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Read-only queries of `cmdproc verify`.
+
+/// The stored next offset of every partition of `topic` that a worker has acquired: what
+/// the workers have applied, and so where a re-execution must stop.
+pub async fn stored_next_offsets(pool: &PgPool, topic: &str) -> Result<HashMap<i32, i64>> {
+    let rows = sqlx::query("SELECT partition, next_offset FROM partitions WHERE topic = $1")
+        .bind(topic)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// A parked aggregate as `verify` needs it: which partition parked it and from which offset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParkedSince {
+    /// The aggregate.
+    pub aggregate: AggregateKey,
+    /// The commands partition its poison command was on.
+    pub partition: i32,
+    /// Offset of the poison command: from there on its commands are set aside.
+    pub first_offset: i64,
+}
+
+/// The aggregates parked by the workers of `topic`.
+pub async fn parked_since(pool: &PgPool, topic: &str) -> Result<Vec<ParkedSince>> {
+    let rows = sqlx::query(
+        "SELECT aggregate_type, aggregate_id, partition, first_offset FROM parked_aggregates
+         WHERE topic = $1 ORDER BY partition, first_offset",
+    )
+    .bind(topic)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| ParkedSince {
+            aggregate: (r.get(0), r.get(1)),
+            partition: r.get(2),
+            first_offset: r.get(3),
+        })
+        .collect())
+}
+
+/// The recorded outcomes of `keys` whose first delivery was processed somewhere other than
+/// `topic`/`partition`. Deduplication is global, so a command first processed on another
+/// partition (or topic) is a duplicate here, whatever a re-execution of this partition
+/// alone would think.
+pub async fn outcomes_recorded_elsewhere(
+    pool: &PgPool,
+    topic: &str,
+    partition: i32,
+    keys: &[CommandKey],
+) -> Result<HashMap<CommandKey, Outcome>> {
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let (sources, ids): (Vec<&str>, Vec<&str>) =
+        keys.iter().map(|(s, i)| (s.as_str(), i.as_str())).unzip();
+    let rows = sqlx::query(
+        "SELECT p.source, p.command_id, p.outcome, p.reason, p.version, p.event_ids
+         FROM processed_commands p
+         JOIN UNNEST($1::text[], $2::text[]) AS k(source, command_id)
+           ON p.source = k.source AND p.command_id = k.command_id
+         WHERE p.topic <> $3 OR p.partition <> $4",
+    )
+    .bind(&sources)
+    .bind(&ids)
+    .bind(topic)
+    .bind(partition)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let outcome = if r.get::<&str, _>(2) == "applied" {
+                OutcomeKind::Applied
+            } else {
+                OutcomeKind::Rejected
+            };
+            (
+                (r.get(0), r.get(1)),
+                Outcome {
+                    outcome,
+                    reason: r.get(3),
+                    version: r.get(4),
+                    event_ids: r.get(5),
+                },
+            )
+        })
+        .collect())
+}
+
+/// Every stored aggregate that a command of `topic` was processed for. The aggregates
+/// table has no topic column (several topics may share a database), so the recorded
+/// commands tell which aggregates belong to this topic.
+pub async fn aggregates_of_topic(
+    pool: &PgPool,
+    topic: &str,
+) -> Result<Vec<(AggregateKey, Loaded)>> {
+    let rows = sqlx::query(
+        "SELECT a.aggregate_type, a.aggregate_id, a.version, a.state FROM aggregates a
+         WHERE EXISTS (SELECT 1 FROM processed_commands p
+                       WHERE p.aggregate_type = a.aggregate_type AND p.aggregate_id = a.aggregate_id
+                         AND p.topic = $1)",
+    )
+    .bind(topic)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            (
+                (r.get(0), r.get(1)),
+                Loaded {
+                    version: r.get(2),
+                    state: r.get(3),
+                },
+            )
+        })
+        .collect())
 }

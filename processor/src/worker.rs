@@ -28,6 +28,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{Incoming, PlanOptions};
+use crate::metrics::{outcome, Metrics};
 use crate::retry::Backoff;
 use crate::stats::Stats;
 use crate::store::{self, BatchTarget, StoreError};
@@ -77,7 +78,14 @@ struct WorkerContext {
     owned: Arc<Mutex<HashMap<i32, i64>>>,
     shutdown: CancellationToken,
     stats: Arc<Stats>,
+    metrics: Arc<Metrics>,
+    positions: Positions,
 }
+
+/// The stored next offset of each owned partition, as this worker last read or wrote it:
+/// at acquisition, then after each of its commits. Only the epoch holder moves a partition's
+/// offset, so while the worker owns a partition this is the value in Postgres.
+type Positions = Arc<Mutex<HashMap<i32, i64>>>;
 
 impl ClientContext for WorkerContext {}
 
@@ -89,6 +97,7 @@ impl ConsumerContext for WorkerContext {
         tpl: &mut TopicPartitionList,
     ) {
         Stats::inc(&self.stats.rebalances);
+        self.metrics.rebalances.inc();
         let cooperative = matches!(
             consumer.rebalance_protocol(),
             RebalanceProtocol::Cooperative
@@ -111,6 +120,10 @@ impl ConsumerContext for WorkerContext {
                         .lock()
                         .expect("owned map")
                         .insert(partition, acquired.epoch);
+                    self.positions
+                        .lock()
+                        .expect("positions")
+                        .insert(partition, acquired.next_offset);
                     let _ = assign.add_partition_offset(
                         elem.topic(),
                         partition,
@@ -132,8 +145,11 @@ impl ConsumerContext for WorkerContext {
                 let lost = consumer.assignment_lost();
                 {
                     let mut owned = self.owned.lock().expect("owned map");
+                    let mut positions = self.positions.lock().expect("positions");
                     for elem in tpl.elements() {
                         owned.remove(&elem.partition());
+                        positions.remove(&elem.partition());
+                        forget_lag(&self.metrics, elem.partition());
                         tracing::info!(partition = elem.partition(), lost, "partition revoked");
                     }
                 }
@@ -149,6 +165,9 @@ impl ConsumerContext for WorkerContext {
             other => {
                 tracing::error!(error = ?other, "rebalance failed; dropping every partition");
                 self.owned.lock().expect("owned map").clear();
+                for (p, _) in self.positions.lock().expect("positions").drain() {
+                    forget_lag(&self.metrics, p);
+                }
                 let _ = consumer.unassign();
             }
         }
@@ -190,6 +209,8 @@ pub struct Worker {
     config: WorkerConfig,
     pool: PgPool,
     stats: Arc<Stats>,
+    metrics: Arc<Metrics>,
+    positions: Positions,
     relay_wake: Option<Arc<Notify>>,
     owned: crate::relay::Owned,
     relay: Option<RelayHandle>,
@@ -215,6 +236,13 @@ impl Worker {
         self
     }
 
+    /// Records into `metrics` (shared with the relay and the HTTP endpoint) instead of a
+    /// private registry.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
     /// A worker over `pool`; `relay_wake` is notified after every committed batch, and
     /// `owned` holds the partitions it owns with their epochs (shared with its relay).
     pub fn new(
@@ -228,6 +256,8 @@ impl Worker {
             owned,
             relay: None,
             halted: Mutex::default(),
+            metrics: Arc::new(Metrics::new()),
+            positions: Positions::default(),
             config,
             pool,
             stats,
@@ -247,6 +277,8 @@ impl Worker {
             owned: owned.clone(),
             shutdown: shutdown.clone(),
             stats: self.stats.clone(),
+            metrics: self.metrics.clone(),
+            positions: self.positions.clone(),
         };
         let consumer: StreamConsumer<WorkerContext> = ClientConfig::new()
             .set("bootstrap.servers", &cfg.brokers)
@@ -278,6 +310,17 @@ impl Worker {
             topic = %cfg.commands_topic, group = %cfg.group, owner = %cfg.owner, partitions,
             "worker started"
         );
+
+        // The lag monitor stops with the loop, not with `shutdown`: it keeps reporting while
+        // the last batch drains.
+        let lag_stop = CancellationToken::new();
+        let lag_monitor = tokio::spawn(monitor_lag(
+            cfg.brokers.clone(),
+            cfg.commands_topic.to_string(),
+            self.positions.clone(),
+            self.metrics.clone(),
+            lag_stop.clone(),
+        ));
 
         let registry = Registry::builtin();
         let schemas = Schemas::builtin();
@@ -324,6 +367,8 @@ impl Worker {
                 );
             }
         }
+        lag_stop.cancel();
+        let _ = lag_monitor.await;
         if let Some(relay) = &self.relay {
             tracing::info!("worker stopping: draining the relay");
             relay.stop.cancel();
@@ -425,7 +470,12 @@ impl Worker {
         })
     }
 
-    #[tracing::instrument(skip_all, fields(partition, messages = messages.len()))]
+    #[tracing::instrument(skip_all, fields(
+        partition = partition,
+        messages = messages.len(),
+        first_offset = messages.first().map(|m| m.offset),
+        last_offset = messages.last().map(|m| m.offset),
+    ))]
     async fn apply(
         &self,
         consumer: &StreamConsumer<WorkerContext>,
@@ -439,6 +489,7 @@ impl Worker {
         let dead_letter_topic = cfg.commands_topic.dead_letter();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut conflict_backoff = Backoff::new(Duration::from_millis(5), Duration::from_secs(1));
+        trace_commands(partition, &messages);
         loop {
             if self.halted.lock().expect("halted set").contains(&partition) {
                 return;
@@ -457,8 +508,13 @@ impl Worker {
                 partition,
                 epoch,
             };
-            match store::process_batch(&self.pool, &target, registry, &cfg.plan, &messages).await {
+            let started = Instant::now();
+            let result =
+                store::process_batch(&self.pool, &target, registry, &cfg.plan, &messages).await;
+            let elapsed = started.elapsed();
+            match result {
                 Ok(r) => {
+                    self.record_batch(registry, partition, &messages, &r, elapsed);
                     let s = &self.stats;
                     Stats::inc(&s.batches);
                     Stats::add(&s.applied, r.applied);
@@ -508,6 +564,9 @@ impl Worker {
                 }
                 Err(StoreError::Fenced { mine, current, .. }) => {
                     Stats::inc(&self.stats.fenced);
+                    self.metrics.fenced_batches.inc();
+                    self.positions.lock().expect("positions").remove(&partition);
+                    forget_lag(&self.metrics, partition);
                     tracing::warn!(
                         partition,
                         epoch = mine,
@@ -525,6 +584,7 @@ impl Worker {
                     // partition): reload and retry, soon but not in a tight loop, since a
                     // conflict that keeps coming back must not burn the CPU or block shutdown.
                     Stats::inc(&self.stats.conflicts);
+                    self.metrics.version_conflicts.inc();
                     let delay = conflict_backoff.next_delay();
                     tracing::warn!(
                         partition,
@@ -539,6 +599,7 @@ impl Worker {
                 }
                 Err(e) => {
                     Stats::inc(&self.stats.db_retries);
+                    self.metrics.db_retries.inc();
                     let delay = backoff.next_delay();
                     tracing::warn!(partition, error = %e, attempt = backoff.attempts, retry_in_ms = delay.as_millis() as u64, "batch failed; retrying");
                     tokio::select! {
@@ -546,6 +607,198 @@ impl Worker {
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }
+            }
+        }
+    }
+}
+
+impl Worker {
+    /// Feeds the metrics from a committed batch, and moves the partition's known position.
+    ///
+    /// `BatchResult` carries counts, not per-message outcomes, so what needs the messages
+    /// (dead-letter kinds, end-to-end latency) is derived from those the batch committed:
+    /// offsets from the position before the batch up to `next_offset`.
+    fn record_batch(
+        &self,
+        registry: &Registry,
+        partition: i32,
+        messages: &[Incoming],
+        r: &store::BatchResult,
+        elapsed: Duration,
+    ) {
+        // Only a partition still known as owned is tracked: one revoked meanwhile must not
+        // come back into the lag monitor's set.
+        let before = match self
+            .positions
+            .lock()
+            .expect("positions")
+            .get_mut(&partition)
+        {
+            Some(position) => std::mem::replace(position, r.next_offset),
+            None => i64::MIN,
+        };
+        if r.messages == 0 {
+            // Every message was below the stored offset: nothing was committed.
+            return;
+        }
+        let m = &self.metrics;
+        m.batches.inc();
+        m.batch_size.observe(r.messages as f64);
+        m.batch_apply_seconds.observe(elapsed.as_secs_f64());
+        m.count_commands(outcome::APPLIED, r.applied);
+        m.count_commands(outcome::REJECTED, r.rejected);
+        m.count_commands(outcome::DUPLICATE, r.duplicates);
+        // Every parked command is also a dead letter (kind `parked`, or `handler_panic` for
+        // the poison one); counting it once keeps the outcomes a partition of the messages.
+        m.count_commands(
+            outcome::DEAD_LETTERED,
+            r.dead_letters.saturating_sub(r.parked),
+        );
+        m.count_commands(outcome::PARKED, r.parked);
+
+        let committed = messages
+            .iter()
+            .filter(|msg| msg.offset >= before && msg.offset < r.next_offset);
+        let now = chrono::Utc::now();
+        let mut kinds: HashMap<&'static str, usize> = HashMap::new();
+        for msg in committed {
+            match &msg.decoded {
+                Err(e) => *kinds.entry(e.kind.as_str()).or_default() += 1,
+                Ok(c) => {
+                    // A type the registry does not know is never recorded as processed, so it
+                    // cannot be a duplicate: the plan dead-letters it, always.
+                    if registry.get(c.command_type.aggregate_type()).is_none() {
+                        *kinds
+                            .entry(DeadLetterKind::UnknownType.as_str())
+                            .or_default() += 1;
+                    }
+                    if let Some(time) = c.time {
+                        let latency = (now - time).to_std().unwrap_or_default();
+                        m.end_to_end_seconds.observe(latency.as_secs_f64());
+                    }
+                }
+            }
+        }
+        // The rest were dead-lettered by the plan after decoding: commands of an aggregate
+        // already parked (`parked`), and the poison ones, whose handler panicked
+        // (`handler_panic`, which also covers the rare handler that refuses data its schema
+        // accepted).
+        let known: usize = kinds.values().sum();
+        let parked = r.parked.saturating_sub(r.newly_parked.len());
+        let rest = r.dead_letters.saturating_sub(known);
+        *kinds.entry(DeadLetterKind::Parked.as_str()).or_default() += parked.min(rest);
+        *kinds
+            .entry(DeadLetterKind::HandlerPanic.as_str())
+            .or_default() += rest.saturating_sub(parked);
+        for (kind, n) in kinds {
+            if n > 0 {
+                m.dead_letters.with_label_values(&[kind]).inc_by(n as u64);
+            }
+        }
+    }
+}
+
+/// One debug event per command of a batch, inside the batch's span, so that a command can be
+/// followed by id or correlation id through the logs.
+fn trace_commands(partition: i32, messages: &[Incoming]) {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    for m in messages {
+        match &m.decoded {
+            Ok(c) => tracing::debug!(
+                partition,
+                offset = m.offset,
+                command_id = %c.id,
+                source = %c.source,
+                correlation_id = c.correlation_id.as_deref(),
+                command_type = %c.command_type,
+                aggregate = %c.subject,
+                "command"
+            ),
+            Err(e) => tracing::debug!(
+                partition,
+                offset = m.offset,
+                kind = e.kind.as_str(),
+                "undecodable message"
+            ),
+        }
+    }
+}
+
+/// How often the lag gauge is refreshed.
+const LAG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Drops a partition's lag series: lag of a partition another worker owns now would be
+/// reported twice, once stale.
+fn forget_lag(metrics: &Metrics, partition: i32) {
+    let _ = metrics
+        .partition_lag
+        .remove_label_values(&[&partition.to_string()]);
+}
+
+/// Refreshes the lag gauge of every owned partition until `stop`: the Kafka high watermark
+/// minus the stored next offset. It has its own client, because `fetch_watermarks` blocks
+/// and the worker's consumer is busy in its loop.
+async fn monitor_lag(
+    brokers: String,
+    topic: String,
+    positions: Positions,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let consumer: Arc<BaseConsumer> = match ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("client.id", "cmdproc-lag-monitor")
+        .create()
+    {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot create the lag monitor's client; no lag metric");
+            return;
+        }
+    };
+    let mut tick = tokio::time::interval(LAG_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let partitions: Vec<i32> = positions
+            .lock()
+            .expect("positions")
+            .keys()
+            .copied()
+            .collect();
+        if partitions.is_empty() {
+            continue;
+        }
+        let (c, t) = (consumer.clone(), topic.clone());
+        let fetch = tokio::task::spawn_blocking(move || {
+            partitions
+                .into_iter()
+                .map(|p| (p, c.fetch_watermarks(&t, p, Duration::from_secs(2))))
+                .collect::<Vec<_>>()
+        });
+        let highs = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = fetch => match r { Ok(h) => h, Err(_) => continue },
+        };
+        let positions = positions.lock().expect("positions");
+        for (p, high) in highs {
+            match (high, positions.get(&p)) {
+                // The position read now is at least as new as the watermark, so the lag is
+                // at worst a little low, never negative.
+                (Ok((_, high)), Some(next)) => metrics
+                    .partition_lag
+                    .with_label_values(&[&p.to_string()])
+                    .set((high - next).max(0)),
+                (Err(e), _) => {
+                    tracing::debug!(partition = p, error = %e, "reading the high watermark failed")
+                }
+                // Revoked meanwhile; the revocation dropped its series.
+                (Ok(_), None) => {}
             }
         }
     }

@@ -101,7 +101,8 @@ pub enum Command {
     Relay(relay::RelayArgs),
     /// Print an aggregate as JSON with its recent commands and events.
     Inspect(inspect::InspectArgs),
-    /// Re-execute the retained commands in memory and compare the aggregates with Postgres.
+    /// Re-execute each partition's retained commands in memory, through the same handlers,
+    /// and compare every aggregate (state and version) with Postgres; exit 1 on a difference.
     Verify(verify::VerifyArgs),
     /// Inspect and redrive dead letters and parked aggregates.
     #[command(subcommand)]

@@ -1,5 +1,6 @@
 //! `cmdproc run`: a worker with the outbox relay inside.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,6 +10,8 @@ use tokio_util::task::TaskTracker;
 
 use super::{parse_duration, Common};
 use crate::batch::{PlanOptions, PoisonPolicy};
+use crate::http::{self, HttpState};
+use crate::metrics::{outcome, Metrics};
 use crate::relay::Relay;
 use crate::stats::Stats;
 use crate::worker::{MisroutedPolicy, RelayHandle, Worker, WorkerConfig};
@@ -51,6 +54,12 @@ pub struct RunArgs {
     /// Name of this worker in logs and in the database (default: host and pid).
     #[arg(long)]
     pub name: Option<String>,
+    /// Where to serve `/metrics` (Prometheus), `/healthz` and `/readyz` [default:
+    /// 127.0.0.1:9464]. An address given here that cannot be bound is an error; when the
+    /// default port is taken (several workers on one host) the worker runs without the
+    /// endpoint and says so.
+    #[arg(long, env = "CMDPROC_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Runs until SIGTERM or Ctrl-C, then drains within the shutdown timeout.
@@ -65,6 +74,8 @@ pub async fn run(common: &Common, args: RunArgs) -> anyhow::Result<()> {
     )
     .await?;
     crate::store::migrate(&pool).await?;
+    // Bound before joining the group, so a configuration error is reported at once.
+    let listener = http::listen(args.metrics_addr).await?;
     let owner = args.name.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
@@ -88,6 +99,7 @@ pub async fn run(common: &Common, args: RunArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let stats = Arc::new(Stats::default());
+    let metrics = Arc::new(Metrics::new());
     let relay_shutdown = CancellationToken::new();
     let owned: crate::relay::Owned = Default::default();
     let relay_wake = if args.no_relay {
@@ -99,15 +111,30 @@ pub async fn run(common: &Common, args: RunArgs) -> anyhow::Result<()> {
             common.commands_topic.as_str(),
             1000,
             Some(owned.clone()),
-        )?;
+        )?
+        .with_metrics(metrics.clone());
         let wake = relay.waker();
         let token = relay_shutdown.clone();
         let drain = args.shutdown_timeout / 2;
         tracker.spawn(async move { relay.run(token, drain).await });
         Some(wake)
     };
-    let worker =
-        Worker::new(config, pool, stats.clone(), relay_wake, owned).with_relay(RelayHandle {
+    // The endpoint outlives the worker's drain, so a scrape during shutdown still answers
+    // (`/readyz` with 503); it stops last.
+    let http_stop = CancellationToken::new();
+    let http_task = http::spawn(
+        listener,
+        HttpState {
+            metrics: metrics.clone(),
+            owned: Some(owned.clone()),
+            pool: pool.clone(),
+            shutdown: shutdown.clone(),
+        },
+        http_stop.clone(),
+    );
+    let worker = Worker::new(config, pool, stats.clone(), relay_wake, owned)
+        .with_metrics(metrics.clone())
+        .with_relay(RelayHandle {
             stop: relay_shutdown.clone(),
             tasks: tracker.clone(),
             deadline: args.shutdown_timeout,
@@ -123,12 +150,18 @@ pub async fn run(common: &Common, args: RunArgs) -> anyhow::Result<()> {
     {
         tracing::warn!("relay did not stop within the shutdown timeout");
     }
+    http_stop.cancel();
+    if let Some(task) = http_task {
+        let _ = task.await;
+    }
     tracing::info!(
         applied = Stats::get(&stats.applied),
         rejected = Stats::get(&stats.rejected),
         duplicates = Stats::get(&stats.duplicates),
         dead_letters = Stats::get(&stats.dead_letters),
+        parked = metrics.commands_with(outcome::PARKED),
         fenced = Stats::get(&stats.fenced),
+        events_published = metrics.events_published.get(),
         "worker stopped"
     );
     result
