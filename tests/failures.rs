@@ -621,7 +621,7 @@ async fn workers_joining_and_leaving_under_load_lose_and_double_nothing() {
     wait_processed(&db, &topics.commands, &ends(&deliveries), WAIT, &refs).await;
     assert_matches_model(&db, &model).await;
     assert_events_published(&db, &topics, true).await;
-    let takeovers: i64 = sqlx::query_scalar("SELECT sum(epoch - 1)::bigint FROM partitions")
+    let takeovers: i64 = sqlx::query_scalar("SELECT sum(acquisitions - 1)::bigint FROM partitions")
         .fetch_one(&db.pool)
         .await
         .unwrap();

@@ -2,5 +2,6 @@
 //! handling dead letters and parked aggregates. Needs `deploy/local/up.sh`.
 
 mod dlq;
+mod replay;
 mod support;
 mod verify;

@@ -235,7 +235,7 @@ async fn workers_killed_with_sigkill_lose_and_double_nothing() {
     .await;
     assert_matches_model(&db, &model).await;
     let repeated = assert_events_published(&db, &topics, true).await;
-    let takeovers: i64 = sqlx::query_scalar("SELECT sum(epoch - 1)::bigint FROM partitions")
+    let takeovers: i64 = sqlx::query_scalar("SELECT sum(acquisitions - 1)::bigint FROM partitions")
         .fetch_one(&db.pool)
         .await
         .unwrap();

@@ -107,6 +107,8 @@ pub struct DuplicateRow {
 /// An event to store and publish.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventRow {
+    /// Offset of the command that emitted it.
+    pub offset: i64,
     /// The full envelope; `sequence` is filled in with the outbox sequence.
     pub envelope: EventEnvelope,
 }
@@ -413,6 +415,7 @@ pub fn plan(
                     let id = event_id(&command.source, &command.id, i);
                     ids.push(id);
                     out.events.push(EventRow {
+                        offset: m.offset,
                         envelope: EventEnvelope {
                             id,
                             event_type: format!("{}.{}", agg_type, ev.name),

@@ -315,6 +315,7 @@ pub async fn release(
         events_topic: topics.events,
         partition,
         epoch,
+        expected_next: None,
     };
     let outbox_end = store::write_plan(&mut tx, &target, &plan, outbox_seq).await?;
     store::write_parked(&mut tx, &target, &plan).await?;

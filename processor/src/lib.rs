@@ -20,6 +20,7 @@ pub mod http;
 pub mod inspect;
 pub mod metrics;
 pub mod relay;
+pub mod replay;
 pub mod retry;
 pub mod stats;
 pub mod store;

@@ -66,6 +66,9 @@ pub struct Relay {
     wake: Arc<Notify>,
     only: Option<Owned>,
     producers: Mutex<HashMap<i32, Arc<FutureProducer>>>,
+    /// The last position this relay recorded per partition: a smaller one in Postgres
+    /// means the database was restored from a backup.
+    recorded: Mutex<HashMap<i32, i64>>,
     positions: BaseConsumer,
     group: ConsumerGroupMetadata,
     metrics: Arc<Metrics>,
@@ -113,6 +116,7 @@ impl Relay {
             wake: Arc::new(Notify::new()),
             only,
             producers: Mutex::new(HashMap::new()),
+            recorded: Mutex::new(HashMap::new()),
             positions,
             group,
             metrics: Arc::new(Metrics::new()),
@@ -242,7 +246,13 @@ impl Relay {
             return Ok(0);
         };
         let (producer, fresh) = self.producer(partition)?;
-        if fresh {
+        let restored = self
+            .recorded
+            .lock()
+            .expect("recorded positions")
+            .get(&partition)
+            .is_some_and(|r| published < *r);
+        if fresh || restored {
             let in_kafka = self.kafka_position(partition)?;
             if in_kafka > published {
                 tracing::info!(
@@ -293,6 +303,10 @@ impl Relay {
             .inc_by((rows.len() - dead_letters) as u64);
         crate::failpoint::crash_if("relay-crash-after-publish");
         store::mark_published(&mut tx, &self.commands_topic, partition, last).await?;
+        self.recorded
+            .lock()
+            .expect("recorded positions")
+            .insert(partition, last);
         tx.commit().await.map_err(StoreError::from)?;
         tracing::debug!(
             partition,

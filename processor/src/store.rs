@@ -35,6 +35,16 @@ pub enum StoreError {
         /// The epoch in the database.
         current: i64,
     },
+    /// The partition's stored position is not the one this worker last stored.
+    #[error("partition {partition} moved: this worker stored offset {expected}, the database holds {stored}")]
+    Moved {
+        /// The partition.
+        partition: i32,
+        /// What the worker last stored.
+        expected: i64,
+        /// What the database holds.
+        stored: i64,
+    },
     /// A versioned write found another version: another writer existed.
     #[error("version conflict: {0}")]
     Conflict(String),
@@ -142,8 +152,10 @@ pub struct Acquired {
     pub next_offset: i64,
 }
 
-/// Takes a partition: increments its epoch (fencing every earlier owner) and reads its
-/// stored next offset.
+/// Takes a partition: moves its epoch past every earlier one (fencing every earlier owner)
+/// and reads its stored next offset. The new epoch is at least the current time in
+/// microseconds, so even after the database is restored from a backup (which rolls epochs
+/// back) no epoch a stale worker still remembers is handed out again.
 pub async fn acquire_partition(
     pool: &PgPool,
     topic: &str,
@@ -152,9 +164,12 @@ pub async fn acquire_partition(
 ) -> Result<Acquired> {
     let mut tx = pool.begin().await?;
     let row = sqlx::query(
-        "INSERT INTO partitions (topic, partition, epoch, owner, acquired_at) VALUES ($1, $2, 1, $3, now())
+        "INSERT INTO partitions (topic, partition, epoch, owner, acquired_at, acquisitions)
+         VALUES ($1, $2, GREATEST(1, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint), $3, now(), 1)
          ON CONFLICT (topic, partition) DO UPDATE
-           SET epoch = partitions.epoch + 1, owner = EXCLUDED.owner, acquired_at = now(), updated_at = now()
+           SET epoch = GREATEST(partitions.epoch + 1, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint),
+               owner = EXCLUDED.owner, acquired_at = now(), updated_at = now(),
+               acquisitions = partitions.acquisitions + 1
          RETURNING epoch, next_offset",
     )
     .bind(topic)
@@ -174,6 +189,79 @@ pub async fn acquire_partition(
         epoch: row.get(0),
         next_offset: row.get(1),
     })
+}
+
+/// A partition's fencing state as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionState {
+    /// Current epoch.
+    pub epoch: i64,
+    /// Worker named as owner.
+    pub owner: Option<String>,
+    /// Stored next offset.
+    pub next_offset: i64,
+}
+
+/// The stored state of each of `partitions` of `topic`.
+pub async fn epochs(
+    pool: &PgPool,
+    topic: &str,
+    partitions: &[i32],
+) -> Result<HashMap<i32, PartitionState>> {
+    let rows = sqlx::query(
+        "SELECT partition, epoch, owner, next_offset FROM partitions WHERE topic = $1 AND partition = ANY($2)",
+    )
+    .bind(topic)
+    .bind(partitions)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            (
+                r.get(0),
+                PartitionState {
+                    epoch: r.get(1),
+                    owner: r.get(2),
+                    next_offset: r.get(3),
+                },
+            )
+        })
+        .collect())
+}
+
+/// Moves a partition's stored position back to `offset` (never forward) and increments its
+/// epoch, so the live owner is fenced and consumes again from there. Returns the position
+/// before the rewind, or `None` when no worker ever took the partition.
+pub async fn rewind_partition(
+    pool: &PgPool,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> Result<Option<i64>> {
+    let mut tx = pool.begin().await?;
+    let before: Option<i64> = sqlx::query_scalar(
+        "SELECT next_offset FROM partitions WHERE topic = $1 AND partition = $2 FOR UPDATE",
+    )
+    .bind(topic)
+    .bind(partition)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if before.is_some() {
+        sqlx::query(
+            "UPDATE partitions SET next_offset = LEAST(next_offset, $3),
+               epoch = GREATEST(epoch + 1, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint),
+               updated_at = now()
+             WHERE topic = $1 AND partition = $2",
+        )
+        .bind(topic)
+        .bind(partition)
+        .bind(offset)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(before)
 }
 
 /// What a committed batch did.
@@ -214,6 +302,10 @@ pub struct BatchTarget<'a> {
     pub partition: i32,
     /// The worker's epoch for it.
     pub epoch: i64,
+    /// The position the worker last stored for it, when it knows one. A different stored
+    /// position means the row was changed behind its back (a database restore, or a commit
+    /// whose acknowledgement was lost), and the batch is refused as [`StoreError::Moved`].
+    pub expected_next: Option<i64>,
 }
 
 /// Applies a batch of one partition's messages in one transaction. Messages below the
@@ -246,6 +338,13 @@ pub async fn process_batch(
             partition: target.partition,
             mine: target.epoch,
             current: epoch,
+        });
+    }
+    if let Some(expected) = target.expected_next.filter(|e| *e != stored_next) {
+        return Err(StoreError::Moved {
+            partition: target.partition,
+            expected,
+            stored: stored_next,
         });
     }
     let fresh: Vec<Incoming> = messages
@@ -452,6 +551,12 @@ pub(crate) async fn write_parked(
     Ok(())
 }
 
+/// An outbox row before it is numbered.
+enum Pending {
+    Event(commands::EventEnvelope),
+    Row(OutboxRow),
+}
+
 /// An outbox row to insert.
 struct OutboxRow {
     topic: String,
@@ -566,7 +671,7 @@ pub(crate) async fn write_plan(
         sqlx::query(
             "INSERT INTO duplicate_deliveries (topic, partition, \"offset\", source, command_id)
              SELECT $1, $2, off, s, c FROM UNNEST($3::bigint[], $4::text[], $5::text[]) AS u(off, s, c)
-             ON CONFLICT DO NOTHING",
+             ON CONFLICT (topic, partition, \"offset\") DO UPDATE SET seen_at = now()",
         )
         .bind(target.topic)
         .bind(target.partition)
@@ -597,18 +702,7 @@ pub(crate) async fn write_plan(
         .execute(&mut **tx)
         .await?;
         for ev in e {
-            seq += 1;
-            let mut envelope = ev.envelope.clone();
-            envelope.sequence = seq as u64;
-            outbox.push(OutboxRow {
-                topic: target.events_topic.to_owned(),
-                key: Some(envelope.subject.clone().into_bytes()),
-                payload: Some(serde_json::to_vec(&envelope.to_json()).expect("JSON serializes")),
-                headers: headers_to_json(&[(
-                    "content-type".into(),
-                    Some(CLOUDEVENTS_JSON.as_bytes().to_vec()),
-                )]),
-            });
+            outbox.push((ev.offset, Pending::Event(ev.envelope.clone())));
         }
     }
 
@@ -635,7 +729,6 @@ pub(crate) async fn write_plan(
         .execute(&mut **tx)
         .await?;
         for dl in d {
-            seq += 1;
             let mut headers: Vec<Header> = dl.headers.clone();
             let mut add = |k: &str, v: String| headers.push((k.to_owned(), Some(v.into_bytes())));
             add("cmdproc-error-kind", dl.kind.as_str().to_owned());
@@ -643,14 +736,46 @@ pub(crate) async fn write_plan(
             add("cmdproc-original-topic", target.topic.to_owned());
             add("cmdproc-original-partition", target.partition.to_string());
             add("cmdproc-original-offset", dl.offset.to_string());
-            outbox.push(OutboxRow {
-                topic: target.dead_letter_topic.to_owned(),
-                key: dl.key.clone(),
-                payload: dl.value.clone(),
-                headers: headers_to_json(&headers),
-            });
+            outbox.push((
+                dl.offset,
+                Pending::Row(OutboxRow {
+                    topic: target.dead_letter_topic.to_owned(),
+                    key: dl.key.clone(),
+                    payload: dl.value.clone(),
+                    headers: headers_to_json(&headers),
+                }),
+            ));
         }
     }
+
+    // Number the rows in offset order (a command's events keep their own order), so the
+    // sequence depends only on the partition's messages, not on where batches happened to
+    // split them: after a database restore the re-derived rows get the same numbers, and
+    // the relay's recovered position skips exactly what was published before.
+    outbox.sort_by_key(|(offset, _)| *offset);
+    let outbox: Vec<OutboxRow> = outbox
+        .into_iter()
+        .map(|(_, pending)| {
+            seq += 1;
+            match pending {
+                Pending::Row(row) => row,
+                Pending::Event(mut envelope) => {
+                    envelope.sequence = seq as u64;
+                    OutboxRow {
+                        topic: target.events_topic.to_owned(),
+                        key: Some(envelope.subject.clone().into_bytes()),
+                        payload: Some(
+                            serde_json::to_vec(&envelope.to_json()).expect("JSON serializes"),
+                        ),
+                        headers: headers_to_json(&[(
+                            "content-type".into(),
+                            Some(CLOUDEVENTS_JSON.as_bytes().to_vec()),
+                        )]),
+                    }
+                }
+            }
+        })
+        .collect();
 
     if !outbox.is_empty() {
         sqlx::query(

@@ -628,7 +628,7 @@ fn position(consumer: &BaseConsumer, topic: &str, partition: i32) -> Option<i64>
 }
 
 /// The number of partitions of `topic`, or a clear error when it does not exist.
-fn partition_count(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<i32> {
+pub(crate) fn partition_count(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<i32> {
     let md = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .map_err(|e| anyhow::anyhow!("cannot read metadata of topic `{topic}`: {e}"))?;

@@ -325,9 +325,17 @@ impl Worker {
         let registry = Registry::builtin();
         let schemas = Schemas::builtin();
         let mut last_report = Instant::now();
+        // A rewind (`cmdproc replay`) or a database restore changes a partition's epoch
+        // without moving it; an idle worker would never run a batch to notice, so it looks.
+        let mut epoch_check = tokio::time::interval(Duration::from_secs(1));
+        epoch_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = epoch_check.tick() => {
+                    self.check_epochs(&consumer, &owned).await;
+                    continue;
+                }
                 m = consumer.recv() => m,
             };
             let mut batch: Vec<(i32, Incoming)> = Vec::with_capacity(cfg.batch_size);
@@ -507,6 +515,12 @@ impl Worker {
                 events_topic: cfg.events_topic.as_str(),
                 partition,
                 epoch,
+                expected_next: self
+                    .positions
+                    .lock()
+                    .expect("positions")
+                    .get(&partition)
+                    .copied(),
             };
             let started = Instant::now();
             let result =
@@ -565,18 +579,21 @@ impl Worker {
                 Err(StoreError::Fenced { mine, current, .. }) => {
                     Stats::inc(&self.stats.fenced);
                     self.metrics.fenced_batches.inc();
-                    self.positions.lock().expect("positions").remove(&partition);
-                    forget_lag(&self.metrics, partition);
+                    self.fenced(consumer, owned, partition, mine, current).await;
+                    return;
+                }
+                Err(StoreError::Moved {
+                    expected, stored, ..
+                }) => {
+                    // Restored from a backup (older) or an unacknowledged commit (newer):
+                    // consume again from what the database holds.
                     tracing::warn!(
                         partition,
-                        epoch = mine,
-                        current_epoch = current,
-                        "fenced: another worker owns this partition now; dropping it"
+                        expected,
+                        stored,
+                        "stored position moved behind this worker's back"
                     );
-                    owned.lock().expect("owned map").remove(&partition);
-                    let mut tpl = TopicPartitionList::new();
-                    tpl.add_partition(cfg.commands_topic.as_str(), partition);
-                    let _ = consumer.pause(&tpl);
+                    self.fenced(consumer, owned, partition, epoch, epoch).await;
                     return;
                 }
                 Err(StoreError::Conflict(reason)) => {
@@ -801,6 +818,126 @@ async fn monitor_lag(
                 (Ok(_), None) => {}
             }
         }
+    }
+}
+
+impl Worker {
+    /// Compares the epochs of the owned partitions with Postgres and handles any change.
+    async fn check_epochs(
+        &self,
+        consumer: &StreamConsumer<WorkerContext>,
+        owned: &Mutex<HashMap<i32, i64>>,
+    ) {
+        let mine: Vec<(i32, i64)> = owned
+            .lock()
+            .expect("owned map")
+            .iter()
+            .map(|(p, e)| (*p, *e))
+            .collect();
+        if mine.is_empty() {
+            return;
+        }
+        let parts: Vec<i32> = mine.iter().map(|(p, _)| *p).collect();
+        let Ok(stored) =
+            store::epochs(&self.pool, self.config.commands_topic.as_str(), &parts).await
+        else {
+            // The database is away; the next batch will find out and retry.
+            return;
+        };
+        for (partition, epoch) in mine {
+            let Some(state) = stored.get(&partition) else {
+                continue;
+            };
+            let last_stored = self
+                .positions
+                .lock()
+                .expect("positions")
+                .get(&partition)
+                .copied();
+            if state.epoch != epoch {
+                self.fenced(consumer, owned, partition, epoch, state.epoch)
+                    .await;
+            } else if last_stored.is_some_and(|p| p != state.next_offset) {
+                // Same epoch, other position: restored from a backup taken since we took
+                // the partition (or a commit whose acknowledgement was lost).
+                tracing::warn!(
+                    partition,
+                    expected = last_stored,
+                    stored = state.next_offset,
+                    "stored position moved behind this worker's back"
+                );
+                self.fenced(consumer, owned, partition, epoch, epoch).await;
+            }
+        }
+    }
+
+    /// Handles a partition whose epoch or stored position moved. When the row still names
+    /// this worker, or the epoch went back (a database restore), it was not another worker:
+    /// take the partition again and consume from the stored offset. Otherwise another
+    /// worker owns it now: drop it without committing anything.
+    async fn fenced(
+        &self,
+        consumer: &StreamConsumer<WorkerContext>,
+        owned: &Mutex<HashMap<i32, i64>>,
+        partition: i32,
+        mine: i64,
+        current: i64,
+    ) {
+        let topic = self.config.commands_topic.as_str();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        // Epochs only grow, so one lower than ours (or our own, with the position moved)
+        // means the database was restored: nobody took the partition since we did.
+        let restored = current <= mine;
+        let still_mine = restored
+            || matches!(
+                store::epochs(&self.pool, topic, &[partition]).await.map(|m| m.get(&partition).cloned()),
+                Ok(Some(store::PartitionState { owner: Some(owner), .. })) if owner == self.config.owner
+            );
+        if still_mine {
+            match store::acquire_partition(&self.pool, topic, partition, &self.config.owner).await {
+                Ok(acquired) => {
+                    owned
+                        .lock()
+                        .expect("owned map")
+                        .insert(partition, acquired.epoch);
+                    self.positions
+                        .lock()
+                        .expect("positions")
+                        .insert(partition, acquired.next_offset);
+                    let seek = consumer.seek(
+                        topic,
+                        partition,
+                        Offset::Offset(acquired.next_offset),
+                        Duration::from_secs(10),
+                    );
+                    let _ = consumer.resume(&tpl);
+                    tracing::warn!(
+                        partition,
+                        old_epoch = mine,
+                        epoch = acquired.epoch,
+                        offset = acquired.next_offset,
+                        seek = ?seek.err(),
+                        "partition rewound (replay or database restore): consuming again from the stored offset"
+                    );
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(partition, error = %e, "cannot take the rewound partition again; dropping it");
+                }
+            }
+        } else {
+            tracing::warn!(
+                partition,
+                epoch = mine,
+                current_epoch = current,
+                "fenced: another worker owns this partition now; dropping it"
+            );
+        }
+        self.positions.lock().expect("positions").remove(&partition);
+        forget_lag(&self.metrics, partition);
+        owned.lock().expect("owned map").remove(&partition);
+        let _ = consumer.pause(&tpl);
     }
 }
 

@@ -11,6 +11,7 @@ pub mod inspect;
 pub mod migrate;
 pub mod produce;
 pub mod relay;
+pub mod replay;
 pub mod run;
 pub mod topics;
 pub mod verify;
@@ -104,6 +105,9 @@ pub enum Command {
     /// Re-execute each partition's retained commands in memory, through the same handlers,
     /// and compare every aggregate (state and version) with Postgres; exit 1 on a difference.
     Verify(verify::VerifyArgs),
+    /// Rewind partitions so the live workers consume them again (applied commands come back
+    /// as duplicates without effect; commands never applied are applied).
+    Replay(replay::ReplayArgs),
     /// Inspect and redrive dead letters and parked aggregates.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
@@ -125,7 +129,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => n / 1000.0,
         "s" => n,
         "m" => n * 60.0,
-        _ => return Err(format!("`{s}` has an unknown unit; use ms, s or m")),
+        "h" => n * 3600.0,
+        "d" => n * 86_400.0,
+        _ => return Err(format!("`{s}` has an unknown unit; use ms, s, m, h or d")),
     };
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("`{s}` is not a valid duration"));
@@ -145,6 +151,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(a) => inspect::run(&common, a).await,
         Command::Verify(a) => verify::run(&common, a).await,
         Command::Dlq(c) => dlq::run(&common, c).await,
+        Command::Replay(a) => replay::run(&common, a).await,
         Command::Demo(a) => demo::run(&common, a).await,
     }
 }

@@ -1,0 +1,283 @@
+//! `cmdproc replay`: rewinding partitions so the live workers consume them again.
+//!
+//! A rewind moves a partition's stored position back and increments its epoch in one
+//! statement under the partition's row lock. The live owner is fenced at its next batch
+//! (or within a second when idle), sees that the row still names it, takes the partition
+//! again and seeks to the stored position. Commands already applied come back as
+//! duplicates and have no effect; commands never applied are applied.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use commands::schema::Schemas;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use sqlx::{PgPool, Row};
+
+use crate::store::StoreError;
+use crate::worker::MisroutedPolicy;
+
+/// Where a partition's replay starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum From {
+    /// This offset.
+    Offset(i64),
+    /// The first message written at or after this time.
+    Time(DateTime<Utc>),
+}
+
+/// A partition's range to replay: `[start, end)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    /// The partition.
+    pub partition: i32,
+    /// First offset replayed.
+    pub start: i64,
+    /// One past the last offset of interest (the high watermark, or `--to-offset` + 1).
+    pub end: i64,
+    /// When the message at `start` was written, if there is one.
+    pub start_time: Option<DateTime<Utc>>,
+}
+
+/// What `--dry-run` found in a partition's range.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DryRun {
+    /// Valid commands already processed (applied or rejected): duplicates on replay.
+    pub processed: u64,
+    /// Valid commands never processed: applied on replay.
+    pub not_processed: u64,
+    /// Messages that are dead letters.
+    pub invalid: u64,
+}
+
+fn reader(brokers: &str) -> anyhow::Result<BaseConsumer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "cmdproc-replay-reader")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()?)
+}
+
+/// Resolves each partition's range from the broker: clamps to the retained log, finds the
+/// offset for a time, and reads when the first message was written (for the dedupe window).
+pub fn ranges(
+    brokers: &str,
+    topic: &str,
+    partitions: Option<&[i32]>,
+    from: From,
+    to_offset: Option<i64>,
+) -> anyhow::Result<Vec<Range>> {
+    let consumer = reader(brokers)?;
+    let all = crate::verify::partition_count(&consumer, topic)?;
+    let chosen: Vec<i32> = match partitions {
+        Some(ps) => {
+            if let Some(bad) = ps.iter().find(|p| **p < 0 || **p >= all) {
+                anyhow::bail!(
+                    "partition {bad} does not exist: `{topic}` has {all} partitions (0 to {})",
+                    all - 1
+                );
+            }
+            ps.to_vec()
+        }
+        None => (0..all).collect(),
+    };
+    let timeout = Duration::from_secs(10);
+    let mut out = Vec::new();
+    for p in chosen {
+        let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
+        let start = match from {
+            From::Offset(o) => o.max(low),
+            From::Time(t) => {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(topic, p, Offset::Offset(t.timestamp_millis()))?;
+                let found = consumer.offsets_for_times(tpl, timeout)?;
+                match found.find_partition(topic, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => o,
+                    _ => high,
+                }
+            }
+        };
+        let end = to_offset.map_or(high, |t| (t + 1).min(high)).max(start);
+        let start_time = if start < high {
+            first_timestamp(&consumer, topic, p, start)?
+        } else {
+            None
+        };
+        out.push(Range {
+            partition: p,
+            start,
+            end,
+            start_time,
+        });
+    }
+    Ok(out)
+}
+
+fn first_timestamp(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> anyhow::Result<Option<DateTime<Utc>>> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+    consumer.assign(&tpl)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if let Some(m) = consumer.poll(Duration::from_millis(500)) {
+            let m = m?;
+            return Ok(m
+                .timestamp()
+                .to_millis()
+                .and_then(DateTime::from_timestamp_millis));
+        }
+    }
+    Ok(None)
+}
+
+/// Counts, without changing anything, what a replay of `range` would do.
+pub async fn dry_run(
+    pool: &PgPool,
+    brokers: &str,
+    topic: &str,
+    range: &Range,
+    max_command_bytes: usize,
+    progress: &indicatif::ProgressBar,
+) -> anyhow::Result<DryRun> {
+    let consumer = reader(brokers)?;
+    let partitions = crate::verify::partition_count(&consumer, topic)?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, range.partition, Offset::Offset(range.start))?;
+    consumer.assign(&tpl)?;
+    let mut report = DryRun::default();
+    let mut pending: Vec<(String, String)> = Vec::new();
+    let mut next = range.start;
+    let mut idle = std::time::Instant::now();
+    while next < range.end {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(m) => {
+                let m = m?;
+                idle = std::time::Instant::now();
+                if m.offset() >= range.end {
+                    break;
+                }
+                next = m.offset() + 1;
+                progress.inc(1);
+                let incoming = crate::verify::decode_message(
+                    &m,
+                    partitions,
+                    max_command_bytes,
+                    MisroutedPolicy::DeadLetter,
+                    Schemas::builtin(),
+                );
+                match incoming.decoded {
+                    Ok(c) => pending.push((c.source.to_string(), c.id.to_string())),
+                    Err(_) => report.invalid += 1,
+                }
+                if pending.len() >= 1000 {
+                    count_processed(pool, &mut pending, &mut report).await?;
+                }
+            }
+            None => {
+                // Transaction markers can leave the last offsets of the range unreadable.
+                let pos = consumer.position()?;
+                if let Some(Offset::Offset(o)) = pos
+                    .find_partition(topic, range.partition)
+                    .map(|e| e.offset())
+                {
+                    if o >= range.end {
+                        break;
+                    }
+                }
+                if idle.elapsed() > Duration::from_secs(30) {
+                    anyhow::bail!(
+                        "partition {} stopped delivering at offset {next}",
+                        range.partition
+                    );
+                }
+            }
+        }
+    }
+    count_processed(pool, &mut pending, &mut report).await?;
+    Ok(report)
+}
+
+async fn count_processed(
+    pool: &PgPool,
+    pending: &mut Vec<(String, String)>,
+    report: &mut DryRun,
+) -> anyhow::Result<()> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let (sources, ids): (Vec<&str>, Vec<&str>) = pending
+        .iter()
+        .map(|(s, i)| (s.as_str(), i.as_str()))
+        .unzip();
+    let rows = sqlx::query(
+        "SELECT p.source, p.command_id FROM processed_commands p
+         JOIN UNNEST($1::text[], $2::text[]) AS k(source, command_id)
+           ON p.source = k.source AND p.command_id = k.command_id",
+    )
+    .bind(&sources)
+    .bind(&ids)
+    .fetch_all(pool)
+    .await
+    .map_err(StoreError::from)?;
+    let known: HashSet<(String, String)> = rows.into_iter().map(|r| (r.get(0), r.get(1))).collect();
+    for key in pending.drain(..) {
+        if known.contains(&key) {
+            report.processed += 1;
+        } else {
+            report.not_processed += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Stored positions of `topic`'s partitions.
+pub async fn positions(pool: &PgPool, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let rows = sqlx::query("SELECT partition, next_offset FROM partitions WHERE topic = $1")
+        .bind(topic)
+        .fetch_all(pool)
+        .await
+        .map_err(StoreError::from)?;
+    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Commands applied and duplicates seen in `[start, end)` of a partition since `since`.
+pub async fn outcome_since(
+    pool: &PgPool,
+    topic: &str,
+    range: &Range,
+    since: DateTime<Utc>,
+) -> anyhow::Result<(i64, i64)> {
+    let applied: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM processed_commands
+         WHERE topic = $1 AND partition = $2 AND \"offset\" >= $3 AND \"offset\" < $4 AND processed_at >= $5",
+    )
+    .bind(topic)
+    .bind(range.partition)
+    .bind(range.start)
+    .bind(range.end)
+    .bind(since)
+    .fetch_one(pool)
+    .await
+    .map_err(StoreError::from)?;
+    let duplicates: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM duplicate_deliveries
+         WHERE topic = $1 AND partition = $2 AND \"offset\" >= $3 AND \"offset\" < $4 AND seen_at >= $5",
+    )
+    .bind(topic)
+    .bind(range.partition)
+    .bind(range.start)
+    .bind(range.end)
+    .bind(since)
+    .fetch_one(pool)
+    .await
+    .map_err(StoreError::from)?;
+    Ok((applied, duplicates))
+}
