@@ -14,6 +14,7 @@
 
 pub mod batch;
 pub mod cli;
+pub mod decode;
 pub mod dlq;
 pub mod failpoint;
 pub mod http;

@@ -166,7 +166,7 @@ pub async fn dry_run(
                 }
                 next = m.offset() + 1;
                 progress.inc(1);
-                let incoming = crate::verify::decode_message(
+                let incoming = crate::decode::decode_message(
                     &m,
                     partitions,
                     max_command_bytes,

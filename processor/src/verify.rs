@@ -16,12 +16,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use commands::domain::Registry;
-use commands::envelope::{Command, DeadLetterKind, DecodeError};
 use commands::partitioner::partition_for_key;
 use commands::schema::Schemas;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 use sqlx::PgPool;
@@ -205,88 +204,6 @@ pub fn parse_partitions(s: &str) -> Result<Option<BTreeSet<i32>>, String> {
     Ok(Some(out))
 }
 
-/// Decodes a consumed message exactly as the worker does (`Worker::incoming`): header
-/// names that are not UTF-8, the size limit, the envelope and schema, the key, and the
-/// murmur2 route. Duplicated here because the worker's is private to it; the two must agree,
-/// or verify would report differences the workers never made.
-pub fn decode_message(
-    m: &BorrowedMessage<'_>,
-    partitions: i32,
-    max_command_bytes: usize,
-    misrouted: MisroutedPolicy,
-    schemas: &Schemas,
-) -> Incoming {
-    let key = m.key().map(<[u8]>::to_vec);
-    let value = m.payload().map(<[u8]>::to_vec);
-    // rdkafka panics on a header name that is not UTF-8; the worker dead-letters such a
-    // message, so the re-execution must too.
-    let headers = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        m.headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                    .collect::<Vec<(String, Option<Vec<u8>>)>>()
-            })
-            .unwrap_or_default()
-    }));
-    let (headers, bad_headers) = match headers {
-        Ok(h) => (h, false),
-        Err(_) => (Vec::new(), true),
-    };
-    let size = key.as_ref().map_or(0, Vec::len) + value.as_ref().map_or(0, Vec::len);
-    let decoded = if bad_headers {
-        Err(DecodeError {
-            kind: DeadLetterKind::Malformed,
-            message: "a header name is not valid UTF-8; headers dropped".into(),
-            aggregate: None,
-        })
-    } else if size > max_command_bytes {
-        Err(DecodeError {
-            kind: DeadLetterKind::TooLarge,
-            message: format!("message is {size} bytes, more than the limit of {max_command_bytes}"),
-            aggregate: None,
-        })
-    } else {
-        let hs: Vec<(&str, Option<&[u8]>)> = headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_deref()))
-            .collect();
-        Command::decode(key.as_deref(), &hs, value.as_deref(), schemas)
-            .and_then(|c| check_route(c, m.partition(), partitions, misrouted))
-    };
-    Incoming {
-        offset: m.offset(),
-        key,
-        value,
-        headers,
-        decoded,
-    }
-}
-
-fn check_route(
-    c: Command,
-    partition: i32,
-    partitions: i32,
-    misrouted: MisroutedPolicy,
-) -> Result<Command, DecodeError> {
-    if misrouted == MisroutedPolicy::Accept {
-        return Ok(c);
-    }
-    let expected = partition_for_key(c.subject.as_str().as_bytes(), partitions);
-    if expected == Some(partition) {
-        return Ok(c);
-    }
-    Err(DecodeError {
-        kind: DeadLetterKind::Misrouted,
-        message: format!(
-            "key `{}` maps to partition {} of {partitions} (murmur2) but the command is on partition {partition}",
-            c.subject,
-            expected.unwrap_or(-1)
-        ),
-        aggregate: Some((c.command_type.aggregate_type().to_owned(), c.subject.to_string())),
-    })
-}
-
 /// The in-memory state of a re-execution, carried from chunk to chunk and partition to
 /// partition as the store carries it between batches.
 #[derive(Default)]
@@ -460,7 +377,7 @@ async fn replay_partition(
         let polled = tokio::task::block_in_place(|| {
             consumer.poll(Duration::from_millis(200)).map(|r| {
                 r.map(|m| {
-                    decode_message(
+                    crate::decode::decode_message(
                         &m,
                         partitions,
                         config.max_command_bytes,

@@ -12,15 +12,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use commands::domain::Registry;
-use commands::envelope::{Command, DeadLetterKind, DecodeError};
-use commands::partitioner::partition_for_key;
+use commands::envelope::DeadLetterKind;
 use commands::schema::Schemas;
 use commands::Topic;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
 };
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use sqlx::PgPool;
@@ -400,82 +399,14 @@ impl Worker {
         partitions: i32,
         schemas: &Schemas,
     ) -> (i32, Incoming) {
-        let key = m.key().map(<[u8]>::to_vec);
-        let value = m.payload().map(<[u8]>::to_vec);
-        // rdkafka panics on a header name that is not UTF-8; such a message must become a
-        // dead letter, not a crash that would repeat on every restart and stall the partition.
-        let headers = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            m.headers()
-                .map(|hs| {
-                    hs.iter()
-                        .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                        .collect::<Vec<(String, Option<Vec<u8>>)>>()
-                })
-                .unwrap_or_default()
-        }));
-        let (headers, bad_headers) = match headers {
-            Ok(h) => (h, false),
-            Err(_) => (Vec::new(), true),
-        };
-        let size = key.as_ref().map_or(0, Vec::len) + value.as_ref().map_or(0, Vec::len);
-        let decoded = if bad_headers {
-            Err(DecodeError {
-                kind: DeadLetterKind::Malformed,
-                message: "a header name is not valid UTF-8; headers dropped".into(),
-                aggregate: None,
-            })
-        } else if size > self.config.max_command_bytes {
-            Err(DecodeError {
-                kind: DeadLetterKind::TooLarge,
-                message: format!(
-                    "message is {size} bytes, more than the limit of {}",
-                    self.config.max_command_bytes
-                ),
-                aggregate: None,
-            })
-        } else {
-            let hs: Vec<(&str, Option<&[u8]>)> = headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_deref()))
-                .collect();
-            Command::decode(key.as_deref(), &hs, value.as_deref(), schemas)
-                .and_then(|c| self.check_route(c, m.partition(), partitions))
-        };
-        (
-            m.partition(),
-            Incoming {
-                offset: m.offset(),
-                key,
-                value,
-                headers,
-                decoded,
-            },
-        )
-    }
-
-    fn check_route(
-        &self,
-        c: Command,
-        partition: i32,
-        partitions: i32,
-    ) -> Result<Command, DecodeError> {
-        if self.config.misrouted == MisroutedPolicy::Accept {
-            return Ok(c);
-        }
-        let expected = partition_for_key(c.subject.as_str().as_bytes(), partitions);
-        if expected == Some(partition) {
-            return Ok(c);
-        }
-        Err(DecodeError {
-            kind: DeadLetterKind::Misrouted,
-            message: format!(
-                "key `{}` maps to partition {} of {partitions} (murmur2) but the command is on partition {partition}; \
-                 producers must use the murmur2 partitioner",
-                c.subject,
-                expected.unwrap_or(-1)
-            ),
-            aggregate: Some((c.command_type.aggregate_type().to_owned(), c.subject.to_string())),
-        })
+        let incoming = crate::decode::decode_message(
+            m,
+            partitions,
+            self.config.max_command_bytes,
+            self.config.misrouted,
+            schemas,
+        );
+        (m.partition(), incoming)
     }
 
     #[tracing::instrument(skip_all, fields(
