@@ -286,3 +286,81 @@ async fn after_a_database_restore_the_workers_reapply_exactly_what_was_lost() {
     drop(workers);
     db.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outcomes_older_than_the_dedupe_window_are_forgotten() {
+    let db = TestDb::new().await;
+    let topics = TestTopics::new(2).await;
+    let worker = WorkerProcess::spawn(
+        &db,
+        &topics,
+        "w1",
+        &["--dedupe-window", "2s", "--prune-every", "1s"],
+    );
+    let commands = generate(44, 500, 20, 10, 5);
+    let model = serial_model(&commands);
+    let d = produce_all(&topics.producer(), &commands).await;
+    wait_processed(
+        &db,
+        &topics.commands,
+        &ends(&d),
+        Duration::from_secs(60),
+        &[&worker],
+    )
+    .await;
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left: i64 = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM processed_commands) + (SELECT count(*) FROM duplicate_deliveries)
+                  + (SELECT count(*) FROM outbox)",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{left} rows older than the window remain"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The effects stay; only the memory of outcomes and the published outbox go.
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(events as usize, model.events);
+    let versions: i64 = sqlx::query_scalar("SELECT sum(version)::bigint FROM aggregates")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(versions as usize, model.events);
+    let log = std::fs::read_to_string(&worker.log).unwrap();
+    assert!(
+        log.contains("forgot what is older than the dedupe window"),
+        "the worker logs its pruning"
+    );
+
+    // Replaying that far back could now apply commands twice: refused without --force.
+    let (ok, out) = replay(
+        &db,
+        &topics,
+        &[
+            "--partitions",
+            "all",
+            "--from-offset",
+            "0",
+            "--dedupe-window",
+            "2s",
+        ],
+    );
+    assert!(
+        !ok && out.contains("refusing to replay past the dedupe window"),
+        "{out}"
+    );
+    drop(worker);
+    db.drop_db().await;
+}

@@ -264,6 +264,61 @@ pub async fn rewind_partition(
     Ok(before)
 }
 
+/// What one pruning pass deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Recorded outcomes of processed commands.
+    pub outcomes: u64,
+    /// Recorded duplicate deliveries.
+    pub duplicates: u64,
+    /// Published outbox rows.
+    pub outbox: u64,
+}
+
+impl Pruned {
+    /// Rows deleted in all.
+    pub fn total(&self) -> u64 {
+        self.outcomes + self.duplicates + self.outbox
+    }
+}
+
+/// Deletes, in slices small enough for the worker's statement timeout, the outcomes and
+/// duplicate deliveries recorded before `window` ago, and the outbox rows published before
+/// then. Event rows, aggregates and dead letters are kept.
+pub async fn prune(pool: &PgPool, window: Duration) -> Result<Pruned> {
+    let horizon = chrono::Utc::now()
+        - chrono::Duration::from_std(window).map_err(|e| StoreError::Database(e.to_string()))?;
+    let statements = [
+        "DELETE FROM processed_commands WHERE ctid = ANY(ARRAY(
+           SELECT ctid FROM processed_commands WHERE processed_at < $1 LIMIT 5000))",
+        "DELETE FROM duplicate_deliveries WHERE ctid = ANY(ARRAY(
+           SELECT ctid FROM duplicate_deliveries WHERE seen_at < $1 LIMIT 5000))",
+        "DELETE FROM outbox WHERE ctid = ANY(ARRAY(
+           SELECT o.ctid FROM outbox o JOIN relay_positions r
+             ON r.topic = o.commands_topic AND r.partition = o.partition
+           WHERE o.seq <= r.published_seq AND o.created_at < $1 LIMIT 5000))",
+    ];
+    let mut counts = [0u64; 3];
+    for (i, sql) in statements.iter().enumerate() {
+        loop {
+            let n = sqlx::query(sql)
+                .bind(horizon)
+                .execute(pool)
+                .await?
+                .rows_affected();
+            counts[i] += n;
+            if n < 5000 {
+                break;
+            }
+        }
+    }
+    Ok(Pruned {
+        outcomes: counts[0],
+        duplicates: counts[1],
+        outbox: counts[2],
+    })
+}
+
 /// What a committed batch did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BatchResult {

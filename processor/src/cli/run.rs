@@ -45,6 +45,14 @@ pub struct RunArgs {
     /// Do not run the outbox relay in this process (run `cmdproc relay` elsewhere).
     #[arg(long)]
     pub no_relay: bool,
+    /// How long processed commands are remembered: a duplicate arriving later than this is
+    /// no longer recognised. Keep it longer than any replay you may need (`cmdproc replay`
+    /// refuses to go further back without --force).
+    #[arg(long, env = "CMDPROC_DEDUPE_WINDOW", default_value = "7d", value_parser = parse_duration)]
+    pub dedupe_window: Duration,
+    /// How often to forget outcomes past the dedupe window and published outbox rows.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub prune_every: Duration,
     /// On SIGTERM, how long to drain in-flight work before exiting.
     #[arg(long, default_value = "8s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
@@ -119,6 +127,12 @@ pub async fn run(common: &Common, args: RunArgs) -> anyhow::Result<()> {
         tracker.spawn(async move { relay.run(token, drain).await });
         Some(wake)
     };
+    tokio::spawn(prune(
+        pool.clone(),
+        args.dedupe_window,
+        args.prune_every,
+        shutdown.clone(),
+    ));
     // The endpoint outlives the worker's drain, so a scrape during shutdown still answers
     // (`/readyz` with 503); it stops last.
     let http_stop = CancellationToken::new();
@@ -165,6 +179,28 @@ pub async fn run(common: &Common, args: RunArgs) -> anyhow::Result<()> {
         "worker stopped"
     );
     result
+}
+
+/// Forgets, every `every`, what is older than the dedupe window: recorded outcomes,
+/// duplicate deliveries, and outbox rows already published. Every worker does it; the
+/// deletes are idempotent.
+async fn prune(pool: sqlx::PgPool, window: Duration, every: Duration, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match crate::store::prune(&pool, window).await {
+            Ok(p) if p.total() > 0 => tracing::info!(
+                outcomes = p.outcomes,
+                duplicates = p.duplicates,
+                outbox = p.outbox,
+                "forgot what is older than the dedupe window"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "pruning failed; trying again later"),
+        }
+    }
 }
 
 /// Cancels `token` on SIGTERM or Ctrl-C.
