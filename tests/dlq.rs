@@ -9,8 +9,7 @@ use rdkafka::ClientConfig;
 use serde_json::{json, Value};
 
 use crate::support::{
-    cmdproc, ends, produce_all, read_topic, wait_processed, TestDb, TestTopics, WorkerProcess,
-    BROKERS,
+    ends, produce_all, read_topic, wait_processed, TestDb, TestTopics, WorkerProcess, BROKERS,
 };
 
 fn cmd(id: &str, ty: &str, subject: &str, data: Value) -> Command {
@@ -24,24 +23,7 @@ fn cmd(id: &str, ty: &str, subject: &str, data: Value) -> Command {
 }
 
 fn dlq(db: &TestDb, topics: &TestTopics, args: &[&str]) -> (bool, String) {
-    let out = cmdproc()
-        .arg("dlq")
-        .args(args)
-        .args(["--database-url", &db.url, "--brokers", BROKERS])
-        .args([
-            "--commands-topic",
-            topics.commands.as_str(),
-            "--events-topic",
-            topics.events.as_str(),
-        ])
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    crate::support::cmdproc_on(db, topics, "dlq", args)
 }
 
 async fn state(db: &TestDb, id: &str) -> Option<(i64, Value)> {

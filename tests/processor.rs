@@ -563,3 +563,73 @@ async fn two_commands_topics_can_share_one_database() {
     drop((wa, wb));
     db.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partition_fenced_by_a_worker_that_vanished_is_taken_back() {
+    // A zombie that took the partition in Postgres and then died leaves the rightful
+    // owner fenced while Kafka still assigns the partition to it: the owner drops it,
+    // then, a session timeout later and still assigned, takes it back.
+    let db = TestDb::new().await;
+    let topics = TestTopics::new(1).await;
+    let worker = WorkerProcess::spawn(&db, &topics, "w1", &[]);
+    let producer = topics.producer();
+    let first: Vec<Command> = (0..10)
+        .map(|i| {
+            cmd(
+                &format!("o{i}"),
+                "account.Open",
+                &format!("acc-{i}"),
+                json!({"owner": "o"}),
+            )
+        })
+        .collect();
+    let d = produce_all(&producer, &first).await;
+    wait_processed(
+        &db,
+        &topics.commands,
+        &ends(&d),
+        Duration::from_secs(60),
+        &[&worker],
+    )
+    .await;
+
+    sqlx::query("UPDATE partitions SET epoch = epoch + 1, owner = 'ghost'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let second: Vec<Command> = (0..10)
+        .map(|i| {
+            cmd(
+                &format!("d{i}"),
+                "account.Deposit",
+                &format!("acc-{i}"),
+                json!({"amount": 5}),
+            )
+        })
+        .collect();
+    let d = produce_all(&producer, &second).await;
+    wait_processed(
+        &db,
+        &topics.commands,
+        &ends(&d),
+        Duration::from_secs(60),
+        &[&worker],
+    )
+    .await;
+
+    let all: Vec<Command> = first.into_iter().chain(second).collect();
+    assert_matches_model(&db, &serial_model(&all)).await;
+    let owner: String = sqlx::query_scalar("SELECT owner FROM partitions")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(owner, "w1");
+    let log = std::fs::read_to_string(&worker.log).unwrap();
+    assert!(
+        log.contains("fenced: another worker owns this partition now"),
+        "{log}"
+    );
+    assert!(log.contains("taking the partition back"), "{log}");
+    drop(worker);
+    db.drop_db().await;
+}

@@ -11,30 +11,11 @@ use crate::support::workload::{
     assert_events_published, assert_matches_model, generate, serial_model,
 };
 use crate::support::{
-    cmdproc, ends, produce_all, read_topic, wait_processed, TestDb, TestTopics, WorkerProcess,
-    BROKERS,
+    ends, produce_all, read_topic, wait_processed, TestDb, TestTopics, WorkerProcess,
 };
 
 fn replay(db: &TestDb, topics: &TestTopics, args: &[&str]) -> (bool, String) {
-    let out = cmdproc()
-        .arg("replay")
-        .args(args)
-        .args([
-            "--database-url",
-            &db.url,
-            "--brokers",
-            BROKERS,
-            "--commands-topic",
-            topics.commands.as_str(),
-        ])
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    crate::support::cmdproc_on(db, topics, "replay", args)
 }
 
 /// Event ids on the topic for one aggregate, in topic order.

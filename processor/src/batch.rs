@@ -248,7 +248,7 @@ pub type AggregateKey = (String, String);
 pub fn plan(
     registry: &Registry,
     options: &PlanOptions,
-    messages: Vec<Incoming>,
+    messages: &[Incoming],
     known: &HashMap<CommandKey, Outcome>,
     aggregates: &HashMap<AggregateKey, Loaded>,
     parked: &HashSet<AggregateKey>,
@@ -262,11 +262,10 @@ pub fn plan(
 
     for m in messages {
         out.next_offset = m.offset + 1;
-        let command = match m.decoded {
+        let command = match &m.decoded {
             Ok(c) => c,
             Err(e) => {
-                out.dead_letters
-                    .push(dead_letter(m.offset, e, m.key, m.value, m.headers));
+                out.dead_letters.push(dead_letter(m, e.clone()));
                 continue;
             }
         };
@@ -290,8 +289,7 @@ pub fn plan(
                 message: format!("unknown aggregate type `{agg_type}`"),
                 aggregate: Some((agg_type, command.subject.to_string())),
             };
-            out.dead_letters
-                .push(dead_letter(m.offset, e, m.key, m.value, m.headers));
+            out.dead_letters.push(dead_letter(m, e));
             continue;
         };
         let akey = (agg_type.clone(), command.subject.as_str().to_owned());
@@ -309,8 +307,7 @@ pub fn plan(
                 message: reason,
                 aggregate: Some(akey),
             };
-            out.dead_letters
-                .push(dead_letter(m.offset, e, m.key, m.value, m.headers));
+            out.dead_letters.push(dead_letter(m, e));
             continue;
         }
         let loaded = current.entry(akey.clone()).or_insert_with(|| {
@@ -382,8 +379,7 @@ pub fn plan(
                     message,
                     aggregate: Some(akey.clone()),
                 };
-                out.dead_letters
-                    .push(dead_letter(m.offset, e, m.key, m.value, m.headers));
+                out.dead_letters.push(dead_letter(m, e));
                 continue;
             }
             Ok(Err(command_error)) => {
@@ -398,8 +394,7 @@ pub fn plan(
                     message: command_error.to_string(),
                     aggregate: Some(akey.clone()),
                 };
-                out.dead_letters
-                    .push(dead_letter(m.offset, e, m.key, m.value, m.headers));
+                out.dead_letters.push(dead_letter(m, e));
                 continue;
             }
             Ok(Ok(Err(rejection))) => Outcome {
@@ -473,20 +468,16 @@ pub fn plan(
     out
 }
 
-fn dead_letter(
-    offset: i64,
-    e: DecodeError,
-    key: Option<Vec<u8>>,
-    value: Option<Vec<u8>>,
-    headers: Vec<Header>,
-) -> DeadLetterRow {
+/// A dead letter of `m`, with copies of its original bytes (the batch keeps the message,
+/// so that a retried transaction plans from the same input).
+fn dead_letter(m: &Incoming, e: DecodeError) -> DeadLetterRow {
     DeadLetterRow {
-        offset,
+        offset: m.offset,
         kind: e.kind,
         message: e.message,
-        key,
-        value,
-        headers,
+        key: m.key.clone(),
+        value: m.value.clone(),
+        headers: m.headers.clone(),
         aggregate: e.aggregate,
     }
 }
@@ -575,7 +566,7 @@ mod tests {
         let p = plan(
             &registry,
             &PlanOptions::default(),
-            msgs,
+            &msgs,
             &HashMap::new(),
             &HashMap::new(),
             &HashSet::new(),
@@ -627,7 +618,7 @@ mod tests {
         let p = plan(
             &registry,
             &PlanOptions::default(),
-            msgs,
+            &msgs,
             &known,
             &aggregates,
             &HashSet::new(),
@@ -667,7 +658,7 @@ mod tests {
         let p = plan(
             &registry,
             &PlanOptions::default(),
-            msgs,
+            &msgs,
             &HashMap::new(),
             &HashMap::new(),
             &HashSet::new(),
@@ -692,7 +683,7 @@ mod tests {
         let p = plan(
             &registry,
             &PlanOptions::default(),
-            msgs,
+            &msgs,
             &HashMap::new(),
             &HashMap::new(),
             &parked,

@@ -1,8 +1,6 @@
 //! Dead letters and parked aggregates: listing them, submitting dead letters again, and
 //! releasing a parked aggregate by re-applying its commands in their original order.
 
-use std::collections::HashSet;
-
 use chrono::{DateTime, Utc};
 use commands::domain::Registry;
 use commands::envelope::Command;
@@ -299,16 +297,6 @@ pub async fn release(
         .execute(&mut *tx)
         .await
         .map_err(StoreError::from)?;
-    let known = store::load_outcomes(&mut tx, &messages).await?;
-    let aggregates = store::load_aggregates(&mut tx, &messages).await?;
-    let plan = batch::plan(
-        &Registry::builtin(),
-        options,
-        messages,
-        &known,
-        &aggregates,
-        &HashSet::new(),
-    );
     let target = BatchTarget {
         topic: topics.commands,
         dead_letter_topic: topics.dead_letters,
@@ -317,8 +305,17 @@ pub async fn release(
         epoch,
         expected_next: None,
     };
-    let outbox_end = store::write_plan(&mut tx, &target, &plan, outbox_seq).await?;
-    store::write_parked(&mut tx, &target, &plan).await?;
+    // The parked row is gone, so the plan applies the waiting commands; if the handler
+    // fails again it parks the aggregate anew.
+    let (plan, outbox_end) = store::plan_and_write(
+        &mut tx,
+        &target,
+        &Registry::builtin(),
+        options,
+        &messages,
+        outbox_seq,
+    )
+    .await?;
     sqlx::query("UPDATE partitions SET outbox_seq = $3, updated_at = now() WHERE topic = $1 AND partition = $2")
         .bind(topics.commands)
         .bind(partition)

@@ -23,7 +23,6 @@ pub mod metrics;
 pub mod relay;
 pub mod replay;
 pub mod retry;
-pub mod stats;
 pub mod store;
 pub mod topics;
 pub mod verify;

@@ -142,6 +142,17 @@ impl Relay {
         if let Some(only) = &self.only {
             let only = only.lock().expect("owned map");
             backlog.retain(|b| only.contains_key(&b.partition));
+            // A partition that moved to another worker has another relay now, which fenced
+            // this one's producer: close it, so a return starts fresh and recovers the
+            // position from Kafka instead of failing once on the fenced producer.
+            self.producers
+                .lock()
+                .expect("producers")
+                .retain(|p, _| only.contains_key(p));
+            self.recorded
+                .lock()
+                .expect("recorded positions")
+                .retain(|p, _| only.contains_key(p));
         }
         self.report_backlog(&backlog);
         let mut total = 0;

@@ -6,7 +6,7 @@
 //! again and seeks to the stored position. Commands already applied come back as
 //! duplicates and have no effect; commands never applied are applied.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -71,7 +71,7 @@ pub fn ranges(
     to_offset: Option<i64>,
 ) -> anyhow::Result<Vec<Range>> {
     let consumer = reader(brokers)?;
-    let all = crate::verify::partition_count(&consumer, topic)?;
+    let all = crate::topics::partition_count(consumer.client(), topic, Duration::from_secs(10))?;
     let chosen: Vec<i32> = match partitions {
         Some(ps) => {
             if let Some(bad) = ps.iter().find(|p| **p < 0 || **p >= all) {
@@ -148,7 +148,8 @@ pub async fn dry_run(
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<DryRun> {
     let consumer = reader(brokers)?;
-    let partitions = crate::verify::partition_count(&consumer, topic)?;
+    let partitions =
+        crate::topics::partition_count(consumer.client(), topic, Duration::from_secs(10))?;
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, range.partition, Offset::Offset(range.start))?;
     consumer.assign(&tpl)?;
@@ -236,16 +237,6 @@ async fn count_processed(
         }
     }
     Ok(())
-}
-
-/// Stored positions of `topic`'s partitions.
-pub async fn positions(pool: &PgPool, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
-    let rows = sqlx::query("SELECT partition, next_offset FROM partitions WHERE topic = $1")
-        .bind(topic)
-        .fetch_all(pool)
-        .await
-        .map_err(StoreError::from)?;
-    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// Commands applied and duplicates seen in `[start, end)` of a partition since `since`.

@@ -363,8 +363,8 @@ pub struct BatchTarget<'a> {
     pub expected_next: Option<i64>,
 }
 
-/// Applies a batch of one partition's messages in one transaction. Messages below the
-/// stored next offset were applied before and are dropped.
+/// Applies a batch of one partition's messages, in strictly increasing offset order, in one
+/// transaction. Messages below the stored next offset were applied before and are dropped.
 pub async fn process_batch(
     pool: &PgPool,
     target: &BatchTarget<'_>,
@@ -402,11 +402,10 @@ pub async fn process_batch(
             stored: stored_next,
         });
     }
-    let fresh: Vec<Incoming> = messages
-        .iter()
-        .filter(|m| m.offset >= stored_next)
-        .cloned()
-        .collect();
+    // Messages come in offset order, so those below the stored offset (applied before) are
+    // a prefix; the rest is planned in place, without copying.
+    debug_assert!(messages.windows(2).all(|w| w[0].offset < w[1].offset));
+    let fresh = &messages[messages.partition_point(|m| m.offset < stored_next)..];
     if fresh.is_empty() {
         tx.rollback().await?;
         return Ok(BatchResult {
@@ -415,10 +414,8 @@ pub async fn process_batch(
         });
     }
 
-    let known = load_outcomes(&mut tx, &fresh).await?;
-    let aggregates = load_aggregates(&mut tx, &fresh).await?;
-    let parked = load_parked(&mut tx, &fresh).await?;
-    let plan = batch::plan(registry, options, fresh, &known, &aggregates, &parked);
+    let (plan, outbox_end) =
+        plan_and_write(&mut tx, target, registry, options, fresh, outbox_seq).await?;
     let result = BatchResult {
         messages: plan.processed.len() + plan.duplicates.len() + plan.dead_letters.len(),
         applied: plan.applied(),
@@ -435,8 +432,6 @@ pub async fn process_batch(
         halted_at: plan.halted_at,
         next_offset: plan.next_offset,
     };
-    let outbox_end = write_plan(&mut tx, target, &plan, outbox_seq).await?;
-    write_parked(&mut tx, target, &plan).await?;
     let updated = sqlx::query(
         "UPDATE partitions SET next_offset = $3, outbox_seq = $4, updated_at = now()
          WHERE topic = $1 AND partition = $2 AND epoch = $5",
@@ -459,7 +454,44 @@ pub async fn process_batch(
     Ok(result)
 }
 
-pub(crate) async fn load_outcomes(
+/// Inside `tx`, which holds the partition's row lock: loads the outcomes, aggregates and
+/// parked aggregates `messages` name, plans them, and writes the plan (outcomes,
+/// aggregates, events, dead letters, parking, and outbox rows numbered after
+/// `outbox_seq`). Returns the plan and the last outbox sequence; the caller stores that.
+pub(crate) async fn plan_and_write(
+    tx: &mut Transaction<'_, Postgres>,
+    target: &BatchTarget<'_>,
+    registry: &Registry,
+    options: &PlanOptions,
+    messages: &[Incoming],
+    outbox_seq: i64,
+) -> Result<(Plan, i64)> {
+    let known = load_outcomes(tx, messages).await?;
+    let aggregates = load_aggregates(tx, messages).await?;
+    let parked = load_parked(tx, messages).await?;
+    let plan = batch::plan(registry, options, messages, &known, &aggregates, &parked);
+    let outbox_end = write_plan(tx, target, &plan, outbox_seq).await?;
+    write_parked(tx, target, &plan).await?;
+    Ok((plan, outbox_end))
+}
+
+/// A recorded outcome from a row of `source, command_id, outcome, reason, version, event_ids`.
+fn outcome_row(r: &sqlx::postgres::PgRow) -> (CommandKey, Outcome) {
+    let outcome = if r.get::<&str, _>(2) == "applied" {
+        OutcomeKind::Applied
+    } else {
+        OutcomeKind::Rejected
+    };
+    let recorded = Outcome {
+        outcome,
+        reason: r.get(3),
+        version: r.get(4),
+        event_ids: r.get(5),
+    };
+    ((r.get(0), r.get(1)), recorded)
+}
+
+async fn load_outcomes(
     tx: &mut Transaction<'_, Postgres>,
     msgs: &[Incoming],
 ) -> Result<HashMap<CommandKey, Outcome>> {
@@ -481,28 +513,10 @@ pub(crate) async fn load_outcomes(
     .bind(&ids)
     .fetch_all(&mut **tx)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| {
-            let outcome = if r.get::<&str, _>(2) == "applied" {
-                OutcomeKind::Applied
-            } else {
-                OutcomeKind::Rejected
-            };
-            (
-                (r.get(0), r.get(1)),
-                Outcome {
-                    outcome,
-                    reason: r.get(3),
-                    version: r.get(4),
-                    event_ids: r.get(5),
-                },
-            )
-        })
-        .collect())
+    Ok(rows.iter().map(outcome_row).collect())
 }
 
-pub(crate) async fn load_aggregates(
+async fn load_aggregates(
     tx: &mut Transaction<'_, Postgres>,
     msgs: &[Incoming],
 ) -> Result<HashMap<AggregateKey, Loaded>> {
@@ -563,7 +577,7 @@ async fn load_parked(
     Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
-pub(crate) async fn write_parked(
+async fn write_parked(
     tx: &mut Transaction<'_, Postgres>,
     target: &BatchTarget<'_>,
     plan: &Plan,
@@ -620,7 +634,7 @@ struct OutboxRow {
     headers: Value,
 }
 
-pub(crate) async fn write_plan(
+async fn write_plan(
     tx: &mut Transaction<'_, Postgres>,
     target: &BatchTarget<'_>,
     plan: &Plan,
@@ -1044,25 +1058,7 @@ pub async fn outcomes_recorded_elsewhere(
     .bind(partition)
     .fetch_all(pool)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| {
-            let outcome = if r.get::<&str, _>(2) == "applied" {
-                OutcomeKind::Applied
-            } else {
-                OutcomeKind::Rejected
-            };
-            (
-                (r.get(0), r.get(1)),
-                Outcome {
-                    outcome,
-                    reason: r.get(3),
-                    version: r.get(4),
-                    event_ids: r.get(5),
-                },
-            )
-        })
-        .collect())
+    Ok(rows.iter().map(outcome_row).collect())
 }
 
 /// Every stored aggregate that a command of `topic` was processed for. The aggregates

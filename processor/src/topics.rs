@@ -3,9 +3,10 @@
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{Client, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::ClientContext;
 
 /// What happened to one topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +72,28 @@ fn admin(
             brokers: brokers.to_owned(),
             reason: e.to_string(),
         })
+}
+
+/// The partition count of `topic` as seen through any client (a worker's consumer, a
+/// reader, an admin client), or a clear error when it does not exist.
+pub fn partition_count<C: ClientContext>(
+    client: &Client<C>,
+    topic: &str,
+    timeout: Duration,
+) -> anyhow::Result<i32> {
+    let md = client
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| anyhow::anyhow!("cannot read metadata of topic `{topic}`: {e}"))?;
+    match md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+    {
+        Some(t) => Ok(t.partitions().len() as i32),
+        None => {
+            anyhow::bail!("topic `{topic}` does not exist; create it with `cmdproc topics create`")
+        }
+    }
 }
 
 /// The partition count of a topic, `None` when it does not exist.

@@ -235,7 +235,9 @@ pub async fn verify(
         )
         .create()?;
     let topic = config.topic.as_str();
-    let partitions = tokio::task::block_in_place(|| partition_count(&consumer, topic))?;
+    let partitions = tokio::task::block_in_place(|| {
+        crate::topics::partition_count(consumer.client(), topic, Duration::from_secs(10))
+    })?;
     let chosen: Vec<i32> = match &config.partitions {
         None => (0..partitions).collect(),
         Some(set) => {
@@ -511,7 +513,7 @@ async fn plan_chunk(
     let plan = batch::plan(
         registry,
         options,
-        messages,
+        &messages,
         &replay.outcomes,
         &replay.aggregates,
         parked,
@@ -542,22 +544,6 @@ fn position(consumer: &BaseConsumer, topic: &str, partition: i32) -> Option<i64>
         Offset::Offset(o) => Some(o),
         _ => None,
     }
-}
-
-/// The number of partitions of `topic`, or a clear error when it does not exist.
-pub(crate) fn partition_count(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<i32> {
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(|e| anyhow::anyhow!("cannot read metadata of topic `{topic}`: {e}"))?;
-    let t = md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic)
-        .ok_or_else(|| anyhow::anyhow!("topic `{topic}` not found"))?;
-    if t.error().is_some() || t.partitions().is_empty() {
-        anyhow::bail!("topic `{topic}` does not exist");
-    }
-    Ok(t.partitions().len() as i32)
 }
 
 #[cfg(test)]

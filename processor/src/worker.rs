@@ -29,7 +29,6 @@ use tokio_util::sync::CancellationToken;
 use crate::batch::{Incoming, PlanOptions};
 use crate::metrics::{outcome, Metrics};
 use crate::retry::Backoff;
-use crate::stats::Stats;
 use crate::store::{self, BatchTarget, StoreError};
 
 /// What to do with a command found on a partition its key does not map to.
@@ -76,7 +75,6 @@ struct WorkerContext {
     owner: String,
     owned: Arc<Mutex<HashMap<i32, i64>>>,
     shutdown: CancellationToken,
-    stats: Arc<Stats>,
     metrics: Arc<Metrics>,
     positions: Positions,
 }
@@ -95,7 +93,6 @@ impl ConsumerContext for WorkerContext {
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
-        Stats::inc(&self.stats.rebalances);
         self.metrics.rebalances.inc();
         let cooperative = matches!(
             consumer.rebalance_protocol(),
@@ -207,13 +204,15 @@ impl WorkerContext {
 pub struct Worker {
     config: WorkerConfig,
     pool: PgPool,
-    stats: Arc<Stats>,
     metrics: Arc<Metrics>,
     positions: Positions,
     relay_wake: Option<Arc<Notify>>,
     owned: crate::relay::Owned,
     relay: Option<RelayHandle>,
     halted: Mutex<std::collections::HashSet<i32>>,
+    /// Partitions dropped as fenced, and since when: taken back if Kafka still assigns them
+    /// here a session timeout later.
+    dropped: Mutex<HashMap<i32, Instant>>,
 }
 
 /// The relay running beside a worker: stopped and drained after the worker's last batch and
@@ -247,7 +246,6 @@ impl Worker {
     pub fn new(
         config: WorkerConfig,
         pool: PgPool,
-        stats: Arc<Stats>,
         relay_wake: Option<Arc<Notify>>,
         owned: crate::relay::Owned,
     ) -> Self {
@@ -255,11 +253,11 @@ impl Worker {
             owned,
             relay: None,
             halted: Mutex::default(),
+            dropped: Mutex::default(),
             metrics: Arc::new(Metrics::new()),
             positions: Positions::default(),
             config,
             pool,
-            stats,
             relay_wake,
         }
     }
@@ -275,7 +273,6 @@ impl Worker {
             owner: cfg.owner.clone(),
             owned: owned.clone(),
             shutdown: shutdown.clone(),
-            stats: self.stats.clone(),
             metrics: self.metrics.clone(),
             positions: self.positions.clone(),
         };
@@ -303,7 +300,11 @@ impl Worker {
             )
             .create_with_context(context)?;
 
-        let partitions = partition_count(&consumer, cfg.commands_topic.as_str())?;
+        let partitions = crate::topics::partition_count(
+            consumer.client(),
+            cfg.commands_topic.as_str(),
+            Duration::from_secs(10),
+        )?;
         consumer.subscribe(&[cfg.commands_topic.as_str()])?;
         tracing::info!(
             topic = %cfg.commands_topic, group = %cfg.group, owner = %cfg.owner, partitions,
@@ -362,14 +363,15 @@ impl Worker {
             }
             if last_report.elapsed() > Duration::from_secs(10) {
                 last_report = Instant::now();
-                let s = &self.stats;
+                let m = &self.metrics;
                 tracing::info!(
-                    applied = Stats::get(&s.applied),
-                    rejected = Stats::get(&s.rejected),
-                    duplicates = Stats::get(&s.duplicates),
-                    dead_letters = Stats::get(&s.dead_letters),
-                    fenced = Stats::get(&s.fenced),
-                    conflicts = Stats::get(&s.conflicts),
+                    applied = m.commands_with(outcome::APPLIED),
+                    rejected = m.commands_with(outcome::REJECTED),
+                    duplicates = m.commands_with(outcome::DUPLICATE),
+                    dead_letters = m.commands_with(outcome::DEAD_LETTERED),
+                    parked = m.commands_with(outcome::PARKED),
+                    fenced = m.fenced_batches.get(),
+                    conflicts = m.version_conflicts.get(),
                     "progress"
                 );
             }
@@ -460,14 +462,6 @@ impl Worker {
             match result {
                 Ok(r) => {
                     self.record_batch(registry, partition, &messages, &r, elapsed);
-                    let s = &self.stats;
-                    Stats::inc(&s.batches);
-                    Stats::add(&s.applied, r.applied);
-                    Stats::add(&s.rejected, r.rejected);
-                    Stats::add(&s.duplicates, r.duplicates);
-                    Stats::add(&s.dead_letters, r.dead_letters);
-                    Stats::add(&s.events, r.events);
-                    Stats::add(&s.parked, r.parked);
                     for (aggregate_type, aggregate_id) in &r.newly_parked {
                         tracing::error!(
                             partition,
@@ -508,9 +502,9 @@ impl Worker {
                     return;
                 }
                 Err(StoreError::Fenced { mine, current, .. }) => {
-                    Stats::inc(&self.stats.fenced);
                     self.metrics.fenced_batches.inc();
-                    self.fenced(consumer, owned, partition, mine, current).await;
+                    self.fenced(consumer, owned, partition, mine, current, None)
+                        .await;
                     return;
                 }
                 Err(StoreError::Moved {
@@ -524,14 +518,14 @@ impl Worker {
                         stored,
                         "stored position moved behind this worker's back"
                     );
-                    self.fenced(consumer, owned, partition, epoch, epoch).await;
+                    self.fenced(consumer, owned, partition, epoch, epoch, None)
+                        .await;
                     return;
                 }
                 Err(StoreError::Conflict(reason)) => {
                     // Another writer existed (or a concurrent duplicate on another
                     // partition): reload and retry, soon but not in a tight loop, since a
                     // conflict that keeps coming back must not burn the CPU or block shutdown.
-                    Stats::inc(&self.stats.conflicts);
                     self.metrics.version_conflicts.inc();
                     let delay = conflict_backoff.next_delay();
                     tracing::warn!(
@@ -546,7 +540,6 @@ impl Worker {
                     }
                 }
                 Err(e) => {
-                    Stats::inc(&self.stats.db_retries);
                     self.metrics.db_retries.inc();
                     let delay = backoff.next_delay();
                     tracing::warn!(partition, error = %e, attempt = backoff.attempts, retry_in_ms = delay.as_millis() as u64, "batch failed; retrying");
@@ -753,12 +746,17 @@ async fn monitor_lag(
 }
 
 impl Worker {
-    /// Compares the epochs of the owned partitions with Postgres and handles any change.
+    /// Compares the epochs and stored positions of the owned partitions with Postgres and
+    /// handles any change; and takes back a partition it dropped as fenced if Kafka still
+    /// assigns it here a session timeout later (whoever fenced it was a zombie that has
+    /// since stopped, or a restore confused the ownership), so no partition stays paused
+    /// on the member the group gave it to.
     async fn check_epochs(
         &self,
         consumer: &StreamConsumer<WorkerContext>,
         owned: &Mutex<HashMap<i32, i64>>,
     ) {
+        self.retake_dropped(consumer, owned).await;
         let mine: Vec<(i32, i64)> = owned
             .lock()
             .expect("owned map")
@@ -786,7 +784,8 @@ impl Worker {
                 .get(&partition)
                 .copied();
             if state.epoch != epoch {
-                self.fenced(consumer, owned, partition, epoch, state.epoch)
+                let owner = state.owner.as_deref();
+                self.fenced(consumer, owned, partition, epoch, state.epoch, owner)
                     .await;
             } else if last_stored.is_some_and(|p| p != state.next_offset) {
                 // Same epoch, other position: restored from a backup taken since we took
@@ -797,15 +796,60 @@ impl Worker {
                     stored = state.next_offset,
                     "stored position moved behind this worker's back"
                 );
-                self.fenced(consumer, owned, partition, epoch, epoch).await;
+                self.fenced(consumer, owned, partition, epoch, epoch, None)
+                    .await;
             }
         }
     }
 
-    /// Handles a partition whose epoch or stored position moved. When the row still names
-    /// this worker, or the epoch went back (a database restore), it was not another worker:
-    /// take the partition again and consume from the stored offset. Otherwise another
-    /// worker owns it now: drop it without committing anything.
+    async fn retake_dropped(
+        &self,
+        consumer: &StreamConsumer<WorkerContext>,
+        owned: &Mutex<HashMap<i32, i64>>,
+    ) {
+        let due: Vec<i32> = {
+            let owned = owned.lock().expect("owned map");
+            let mut dropped = self.dropped.lock().expect("dropped partitions");
+            // Reassigned through a rebalance meanwhile: taken in the callback already.
+            dropped.retain(|p, _| !owned.contains_key(p));
+            dropped
+                .iter()
+                .filter(|(_, since)| since.elapsed() >= self.config.session_timeout)
+                .map(|(p, _)| *p)
+                .collect()
+        };
+        if due.is_empty() {
+            return;
+        }
+        let assigned = consumer.assignment().unwrap_or_default();
+        let topic = self.config.commands_topic.as_str();
+        for partition in due {
+            self.dropped
+                .lock()
+                .expect("dropped partitions")
+                .remove(&partition);
+            if assigned.find_partition(topic, partition).is_none() {
+                continue;
+            }
+            if !self
+                .take_back(
+                    consumer,
+                    owned,
+                    partition,
+                    "still assigned here after the session timeout: taking the partition back",
+                )
+                .await
+            {
+                self.drop_partition(consumer, owned, partition);
+            }
+        }
+    }
+
+    /// Handles a partition whose epoch or stored position moved (`owner` is the row's
+    /// owner when the caller read it). When the row still names this worker, or the epoch
+    /// went back (a database restore), it was not another worker: take the partition
+    /// again and consume from the stored offset. Otherwise another worker owns it now:
+    /// drop it without committing anything.
     async fn fenced(
         &self,
         consumer: &StreamConsumer<WorkerContext>,
@@ -813,51 +857,28 @@ impl Worker {
         partition: i32,
         mine: i64,
         current: i64,
+        owner: Option<&str>,
     ) {
-        let topic = self.config.commands_topic.as_str();
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(topic, partition);
         // Epochs only grow, so one lower than ours (or our own, with the position moved)
         // means the database was restored: nobody took the partition since we did.
         let restored = current <= mine;
-        let still_mine = restored
-            || matches!(
-                store::epochs(&self.pool, topic, &[partition]).await.map(|m| m.get(&partition).cloned()),
-                Ok(Some(store::PartitionState { owner: Some(owner), .. })) if owner == self.config.owner
-            );
-        if still_mine {
-            match store::acquire_partition(&self.pool, topic, partition, &self.config.owner).await {
-                Ok(acquired) => {
-                    owned
-                        .lock()
-                        .expect("owned map")
-                        .insert(partition, acquired.epoch);
-                    self.positions
-                        .lock()
-                        .expect("positions")
-                        .insert(partition, acquired.next_offset);
-                    let seek = consumer.seek(
-                        topic,
-                        partition,
-                        Offset::Offset(acquired.next_offset),
-                        Duration::from_secs(10),
-                    );
-                    let _ = consumer.resume(&tpl);
-                    tracing::warn!(
-                        partition,
-                        old_epoch = mine,
-                        epoch = acquired.epoch,
-                        offset = acquired.next_offset,
-                        seek = ?seek.err(),
-                        "partition rewound (replay or database restore): consuming again from the stored offset"
-                    );
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(partition, error = %e, "cannot take the rewound partition again; dropping it");
-                }
-            }
-        } else {
+        let named = match owner {
+            Some(o) => o == self.config.owner,
+            None => matches!(
+                store::epochs(&self.pool, self.config.commands_topic.as_str(), &[partition])
+                    .await
+                    .map(|m| m.get(&partition).cloned()),
+                Ok(Some(store::PartitionState { owner: Some(o), .. })) if o == self.config.owner
+            ),
+        };
+        if (restored || named)
+            && self
+                .take_back(consumer, owned, partition, "partition rewound (replay or database restore): consuming again from the stored offset")
+                .await
+        {
+            return;
+        }
+        if !(restored || named) {
             tracing::warn!(
                 partition,
                 epoch = mine,
@@ -865,9 +886,69 @@ impl Worker {
                 "fenced: another worker owns this partition now; dropping it"
             );
         }
+        self.drop_partition(consumer, owned, partition);
+        self.dropped
+            .lock()
+            .expect("dropped partitions")
+            .insert(partition, Instant::now());
+    }
+
+    /// Takes `partition` again in Postgres (a new epoch) and seeks to its stored offset.
+    async fn take_back(
+        &self,
+        consumer: &StreamConsumer<WorkerContext>,
+        owned: &Mutex<HashMap<i32, i64>>,
+        partition: i32,
+        why: &str,
+    ) -> bool {
+        let topic = self.config.commands_topic.as_str();
+        match store::acquire_partition(&self.pool, topic, partition, &self.config.owner).await {
+            Ok(acquired) => {
+                owned
+                    .lock()
+                    .expect("owned map")
+                    .insert(partition, acquired.epoch);
+                self.positions
+                    .lock()
+                    .expect("positions")
+                    .insert(partition, acquired.next_offset);
+                let seek = consumer.seek(
+                    topic,
+                    partition,
+                    Offset::Offset(acquired.next_offset),
+                    Duration::from_secs(10),
+                );
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(topic, partition);
+                let _ = consumer.resume(&tpl);
+                tracing::warn!(
+                    partition,
+                    epoch = acquired.epoch,
+                    offset = acquired.next_offset,
+                    seek = ?seek.err(),
+                    "{why}"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::warn!(partition, error = %e, "cannot take the partition again; dropping it for now");
+                false
+            }
+        }
+    }
+
+    /// Stops consuming `partition` and forgets it as owned.
+    fn drop_partition(
+        &self,
+        consumer: &StreamConsumer<WorkerContext>,
+        owned: &Mutex<HashMap<i32, i64>>,
+        partition: i32,
+    ) {
         self.positions.lock().expect("positions").remove(&partition);
         forget_lag(&self.metrics, partition);
         owned.lock().expect("owned map").remove(&partition);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(self.config.commands_topic.as_str(), partition);
         let _ = consumer.pause(&tpl);
     }
 }
@@ -887,23 +968,4 @@ fn group_by_partition(batch: Vec<(i32, Incoming)>) -> Vec<(i32, Vec<Incoming>)> 
         }
     }
     groups
-}
-
-/// The number of partitions of `topic`, or a clear error when the topic does not exist.
-fn partition_count<C: Consumer<X>, X: ConsumerContext>(
-    consumer: &C,
-    topic: &str,
-) -> anyhow::Result<i32> {
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(|e| anyhow::anyhow!("cannot read metadata of topic `{topic}`: {e}"))?;
-    let t = md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic)
-        .ok_or_else(|| anyhow::anyhow!("topic `{topic}` not found"))?;
-    if t.error().is_some() || t.partitions().is_empty() {
-        anyhow::bail!("topic `{topic}` does not exist; create it with `cmdproc topics create`");
-    }
-    Ok(t.partitions().len() as i32)
 }

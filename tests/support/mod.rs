@@ -114,6 +114,34 @@ pub fn cmdproc() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_cmdproc"))
 }
 
+/// Runs a one-shot `cmdproc` subcommand (`subcommand` then `args`) against a test's
+/// database and topics; returns whether it succeeded and its stdout and stderr together.
+pub fn cmdproc_on(
+    db: &TestDb,
+    topics: &TestTopics,
+    subcommand: &str,
+    args: &[&str],
+) -> (bool, String) {
+    let out = cmdproc()
+        .arg(subcommand)
+        .args(args)
+        .args(["--database-url", &db.url, "--brokers", BROKERS])
+        .args([
+            "--commands-topic",
+            topics.commands.as_str(),
+            "--events-topic",
+            topics.events.as_str(),
+        ])
+        .output()
+        .expect("run cmdproc");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 fn log_dir() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("worker-logs");
     std::fs::create_dir_all(&dir).unwrap();

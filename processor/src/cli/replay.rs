@@ -167,7 +167,7 @@ pub async fn run(common: &Common, args: ReplayArgs) -> anyhow::Result<()> {
     let bar = bar(total, "re-consumed");
     let deadline = Instant::now() + args.timeout;
     loop {
-        let stored = replay::positions(&pool, topic).await?;
+        let stored = crate::store::stored_next_offsets(&pool, topic).await?;
         let done: u64 = waits
             .iter()
             .map(|(r, until)| {

@@ -13,7 +13,6 @@ use crate::batch::{PlanOptions, PoisonPolicy};
 use crate::http::{self, HttpState};
 use crate::metrics::{outcome, Metrics};
 use crate::relay::Relay;
-use crate::stats::Stats;
 use crate::worker::{MisroutedPolicy, RelayHandle, Worker, WorkerConfig};
 
 /// Arguments of `run`.
@@ -106,7 +105,6 @@ pub async fn run(common: &Common, args: RunArgs) -> anyhow::Result<()> {
     };
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let stats = Arc::new(Stats::default());
     let metrics = Arc::new(Metrics::new());
     let relay_shutdown = CancellationToken::new();
     let owned: crate::relay::Owned = Default::default();
@@ -146,7 +144,7 @@ pub async fn run(common: &Common, args: RunArgs) -> anyhow::Result<()> {
         },
         http_stop.clone(),
     );
-    let worker = Worker::new(config, pool, stats.clone(), relay_wake, owned)
+    let worker = Worker::new(config, pool, relay_wake, owned)
         .with_metrics(metrics.clone())
         .with_relay(RelayHandle {
             stop: relay_shutdown.clone(),
@@ -169,12 +167,12 @@ pub async fn run(common: &Common, args: RunArgs) -> anyhow::Result<()> {
         let _ = task.await;
     }
     tracing::info!(
-        applied = Stats::get(&stats.applied),
-        rejected = Stats::get(&stats.rejected),
-        duplicates = Stats::get(&stats.duplicates),
-        dead_letters = Stats::get(&stats.dead_letters),
+        applied = metrics.commands_with(outcome::APPLIED),
+        rejected = metrics.commands_with(outcome::REJECTED),
+        duplicates = metrics.commands_with(outcome::DUPLICATE),
+        dead_letters = metrics.commands_with(outcome::DEAD_LETTERED),
         parked = metrics.commands_with(outcome::PARKED),
-        fenced = Stats::get(&stats.fenced),
+        fenced = metrics.fenced_batches.get(),
         events_published = metrics.events_published.get(),
         "worker stopped"
     );
