@@ -17,7 +17,7 @@ use commands::schema::Schemas;
 use commands::Topic;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
-    BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
 };
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::types::RDKafkaRespErr;
@@ -65,6 +65,9 @@ pub struct WorkerConfig {
     pub owner: String,
     /// How failing handlers are treated.
     pub plan: PlanOptions,
+    /// The naive baseline of `cmdproc bench`: no aggregate cache, and each batch's Kafka
+    /// offset committed synchronously (with batch size 1: per message).
+    pub naive: bool,
 }
 
 /// Shared state of a worker and its rebalance callback.
@@ -479,12 +482,26 @@ impl Worker {
                         next_offset = r.next_offset,
                         "batch committed"
                     );
-                    // Mirror the stored position into Kafka for lag tools; failures do not matter.
-                    let _ = consumer.store_offset(
-                        cfg.commands_topic.as_str(),
-                        partition,
-                        r.next_offset,
-                    );
+                    if cfg.naive {
+                        // The baseline commits each offset to Kafka before going on.
+                        let mut tpl = TopicPartitionList::new();
+                        let _ = tpl.add_partition_offset(
+                            cfg.commands_topic.as_str(),
+                            partition,
+                            Offset::Offset(r.next_offset),
+                        );
+                        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+                            tracing::warn!(partition, error = %e, "offset commit failed");
+                        }
+                    } else {
+                        // Mirror the stored position into Kafka for lag tools; failures do
+                        // not matter.
+                        let _ = consumer.store_offset(
+                            cfg.commands_topic.as_str(),
+                            partition,
+                            r.next_offset,
+                        );
+                    }
                     if let Some(w) = &self.relay_wake {
                         w.notify_one();
                     }

@@ -13,9 +13,9 @@
 //! - `workers`: the worker processes and the guard that stops them.
 //! - `verify`: waiting, reading back, the summary and the invariants.
 
-mod verify;
-mod workers;
-mod workload;
+pub(super) mod verify;
+pub(super) mod workers;
+pub(super) mod workload;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -68,40 +68,41 @@ pub struct DemoArgs {
 }
 
 /// The session timeout of the demo's workers: short, so a rebalance settles quickly.
-const SESSION_TIMEOUT: &str = "6s";
+pub(super) const SESSION_TIMEOUT: &str = "6s";
 /// How long workers get to drain and leave the group before they are killed.
-const STOP_GRACE: Duration = Duration::from_secs(15);
+pub(super) const STOP_GRACE: Duration = Duration::from_secs(15);
 /// How long workers get to join the group and take every partition.
-const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
+pub(super) const JOIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Lines of each worker log shown when the demo fails.
-const LOG_TAIL: usize = 25;
+pub(super) const LOG_TAIL: usize = 25;
 
 /// The names one run uses, all derived from a timestamp and a random suffix.
 #[derive(Debug, Clone)]
-struct Namespace {
-    id: String,
-    commands: Topic,
-    events: Topic,
-    dead_letters: Topic,
-    group: String,
-    database: String,
+pub(super) struct Namespace {
+    pub(super) id: String,
+    pub(super) commands: Topic,
+    pub(super) events: Topic,
+    pub(super) dead_letters: Topic,
+    pub(super) group: String,
+    pub(super) database: String,
 }
 
 impl Namespace {
-    fn new() -> anyhow::Result<Self> {
+    /// Fresh names starting with `prefix` (`demo`, `bench`).
+    pub(super) fn new(prefix: &str) -> anyhow::Result<Self> {
         // The suffix keeps two runs started in the same second apart.
         let id = format!(
             "{}-{:04x}",
             Utc::now().format("%Y%m%d%H%M%S"),
             rand::random::<u16>()
         );
-        let commands = Topic::parse(format!("demo-{id}-commands"))?;
+        let commands = Topic::parse(format!("{prefix}-{id}-commands"))?;
         Ok(Self {
-            events: Topic::parse(format!("demo-{id}-events"))?,
+            events: Topic::parse(format!("{prefix}-{id}-events"))?,
             dead_letters: commands.dead_letter(),
             commands,
-            group: format!("demo-{id}"),
-            database: format!("cmdproc_demo_{}", id.replace('-', "_")),
+            group: format!("{prefix}-{id}"),
+            database: format!("cmdproc_{prefix}_{}", id.replace('-', "_")),
             id,
         })
     }
@@ -127,7 +128,7 @@ pub async fn run(common: &Common, args: DemoArgs) -> anyhow::Result<()> {
         );
     }
     let started = Instant::now();
-    let ns = Namespace::new()?;
+    let ns = Namespace::new("demo")?;
     println!(
         "cmdproc demo {}: {} worker(s), {} commands, seed {}",
         ns.id, args.workers, args.commands, args.seed
@@ -227,38 +228,9 @@ async fn scenario(
     pool: &PgPool,
     workers: &mut Workers,
 ) -> anyhow::Result<()> {
-    let exe = std::env::current_exe().context("cannot find the cmdproc executable")?;
-    let log_format = match common.log_format {
-        LogFormat::Text => "text",
-        LogFormat::Json => "json",
-    };
     println!("[3/8] workers     starting {}", args.workers);
-    for i in 1..=args.workers {
-        let name = format!("worker-{i}");
-        let worker_args: Vec<String> = [
-            "run",
-            "--brokers",
-            &common.brokers,
-            "--group",
-            &ns.group,
-            "--commands-topic",
-            ns.commands.as_str(),
-            "--events-topic",
-            ns.events.as_str(),
-            "--session-timeout",
-            SESSION_TIMEOUT,
-            "--log-format",
-            log_format,
-            "--name",
-            &format!("{}-{name}", ns.group),
-        ]
-        .map(str::to_owned)
-        .into();
-        // The URL travels in the environment, not the arguments, so its password does not
-        // show in the process list. The logs are files: no terminal colour codes in them.
-        let env = [("CMDPROC_DATABASE_URL", url), ("NO_COLOR", "1")];
-        let log = workers.spawn(&exe, &name, &worker_args, &env)?;
-        println!("      {name} logs to {}", log.display());
+    for log in spawn_workers(common, ns, url, workers, args.workers, &[])? {
+        println!("      logs to {}", log.display());
     }
     let expected = (args.workers as usize).min(args.partitions as usize);
     let joining = Instant::now();
@@ -336,6 +308,52 @@ async fn scenario(
     Ok(())
 }
 
+/// Starts `count` real `cmdproc run` processes (this executable) on the namespace's topics
+/// and database, with `extra` arguments; returns their log files.
+pub(super) fn spawn_workers(
+    common: &Common,
+    ns: &Namespace,
+    url: &str,
+    workers: &mut Workers,
+    count: u32,
+    extra: &[&str],
+) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let exe = std::env::current_exe().context("cannot find the cmdproc executable")?;
+    let log_format = match common.log_format {
+        LogFormat::Text => "text",
+        LogFormat::Json => "json",
+    };
+    let mut logs = Vec::new();
+    for i in 1..=count {
+        let name = format!("worker-{i}");
+        let mut worker_args: Vec<String> = [
+            "run",
+            "--brokers",
+            &common.brokers,
+            "--group",
+            &ns.group,
+            "--commands-topic",
+            ns.commands.as_str(),
+            "--events-topic",
+            ns.events.as_str(),
+            "--session-timeout",
+            SESSION_TIMEOUT,
+            "--log-format",
+            log_format,
+            "--name",
+            &format!("{}-{name}", ns.group),
+        ]
+        .map(str::to_owned)
+        .into();
+        worker_args.extend(extra.iter().map(|a| (*a).to_owned()));
+        // The URL travels in the environment, not the arguments, so its password does not
+        // show in the process list. The logs are files: no terminal colour codes in them.
+        let env = [("CMDPROC_DATABASE_URL", url), ("NO_COLOR", "1")];
+        logs.push(workers.spawn(&exe, &name, &worker_args, &env)?);
+    }
+    Ok(logs)
+}
+
 /// Produces the workload in order and returns where each message landed.
 ///
 /// Futures are polled in order, so messages are enqueued in order and the idempotent
@@ -396,7 +414,7 @@ async fn produce(
 
 /// `url` with its database replaced by `database`; user, password, host and parameters
 /// stay as they are.
-fn database_url(url: &str, database: &str) -> anyhow::Result<String> {
+pub(super) fn database_url(url: &str, database: &str) -> anyhow::Result<String> {
     let authority_at = url
         .find("://")
         .map(|i| i + 3)
@@ -424,14 +442,14 @@ fn database_url(url: &str, database: &str) -> anyhow::Result<String> {
 }
 
 /// `host:port` of a database URL, for output.
-fn server(url: &str) -> String {
+pub(super) fn server(url: &str) -> String {
     url.parse::<PgConnectOptions>()
         .map(|o| format!("{}:{}", o.get_host(), o.get_port()))
         .unwrap_or_else(|_| "the server".into())
 }
 
 /// The URL with its password masked, so it can be printed.
-fn redact(url: &str) -> String {
+pub(super) fn redact(url: &str) -> String {
     let Some(authority_at) = url.find("://").map(|i| i + 3) else {
         return url.to_owned();
     };
@@ -452,12 +470,12 @@ fn redact(url: &str) -> String {
 }
 
 /// A Postgres identifier in double quotes.
-fn quote(name: &str) -> String {
+pub(super) fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// A connection to `--database-url` for creating and dropping the demo database.
-async fn admin_pool(common: &Common) -> anyhow::Result<PgPool> {
+pub(super) async fn admin_pool(common: &Common) -> anyhow::Result<PgPool> {
     let options: PgConnectOptions = common
         .database_url
         .parse()
@@ -477,7 +495,7 @@ async fn admin_pool(common: &Common) -> anyhow::Result<PgPool> {
         })
 }
 
-async fn create_database(admin: &PgPool, name: &str) -> anyhow::Result<()> {
+pub(super) async fn create_database(admin: &PgPool, name: &str) -> anyhow::Result<()> {
     // `raw_sql` runs a simple query; CREATE DATABASE cannot be a prepared statement's
     // parameter, and the name is ours, made of [a-z0-9_].
     sqlx::raw_sql(&format!("CREATE DATABASE {}", quote(name)))
@@ -489,7 +507,7 @@ async fn create_database(admin: &PgPool, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn drop_database(admin: &PgPool, name: &str) -> anyhow::Result<()> {
+pub(super) async fn drop_database(admin: &PgPool, name: &str) -> anyhow::Result<()> {
     // FORCE ends sessions a killed worker may have left behind. It cannot end an autovacuum
     // worker that happens to be in the database (only a superuser could), so try again.
     let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote(name));
@@ -545,7 +563,7 @@ mod tests {
 
     #[test]
     fn namespace_names_are_valid() {
-        let a = Namespace::new().unwrap();
+        let a = Namespace::new("demo").unwrap();
         assert!(a
             .database
             .chars()

@@ -5,6 +5,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use commands::Topic;
 
+pub mod bench;
 pub mod demo;
 pub mod dlq;
 pub mod inspect;
@@ -113,6 +114,9 @@ pub enum Command {
     Dlq(dlq::DlqCommand),
     /// Run a demonstration: two workers, thousands of commands, a summary and the invariants.
     Demo(demo::DemoArgs),
+    /// Measure throughput, latency and replay speed against a naive baseline and the
+    /// database's ceiling; writes JSON and an SVG chart.
+    Bench(bench::BenchArgs),
 }
 
 /// Parses `500ms`, `5s`, `2m` or a bare number of seconds.
@@ -153,6 +157,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Dlq(c) => dlq::run(&common, c).await,
         Command::Replay(a) => replay::run(&common, a).await,
         Command::Demo(a) => demo::run(&common, a).await,
+        Command::Bench(a) => bench::run(&common, a).await,
     }
 }
 

@@ -67,6 +67,12 @@ pub struct RunArgs {
     /// endpoint and says so.
     #[arg(long, env = "CMDPROC_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Benchmark baseline, not for production: apply every command in a transaction of its
+    /// own (batch size 1, no linger, no aggregate cache) and commit its Kafka offset
+    /// synchronously, the way a hand-rolled consumer would. `cmdproc bench` compares
+    /// against it.
+    #[arg(long)]
+    pub naive_baseline: bool,
 }
 
 /// Runs until SIGTERM or Ctrl-C, then drains within the shutdown timeout.
@@ -92,8 +98,17 @@ pub async fn run(common: &Common, args: RunArgs) -> anyhow::Result<()> {
         group: common.group.clone(),
         commands_topic: common.commands_topic.clone(),
         events_topic: common.events_topic.clone(),
-        batch_size: args.batch_size as usize,
-        batch_linger: args.batch_linger,
+        batch_size: if args.naive_baseline {
+            1
+        } else {
+            args.batch_size as usize
+        },
+        batch_linger: if args.naive_baseline {
+            Duration::ZERO
+        } else {
+            args.batch_linger
+        },
+        naive: args.naive_baseline,
         max_command_bytes: args.max_command_bytes,
         session_timeout: args.session_timeout,
         misrouted: args.misrouted,

@@ -15,7 +15,7 @@ use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use super::workers::Workers;
-use super::workload::{Expect, Model, ModelEvent, Modeled, Workload, SOURCE};
+use super::workload::{Expect, Model, ModelEvent, Modeled, Workload};
 
 /// How often the database is polled while waiting.
 const POLL: Duration = Duration::from_millis(250);
@@ -25,7 +25,7 @@ const REPORT: Duration = Duration::from_secs(1);
 /// Waits until `partitions` partitions of `topic` are owned and `expected` distinct
 /// workers own some, so that produced commands meet a settled group. Returns the number of
 /// partitions each worker took.
-pub(super) async fn wait_ready(
+pub(in crate::cli) async fn wait_ready(
     pool: &PgPool,
     topic: &str,
     partitions: i32,
@@ -63,12 +63,17 @@ pub(super) async fn wait_ready(
 
 /// Where processing stands.
 #[derive(Debug, Clone, Copy)]
-struct Progress {
-    processed: i64,
-    produced: i64,
-    published: i64,
-    outbox: i64,
-    done: bool,
+pub(in crate::cli) struct Progress {
+    /// Messages whose offset the workers stored, of `produced`.
+    pub(in crate::cli) processed: i64,
+    /// Messages produced.
+    pub(in crate::cli) produced: i64,
+    /// Outbox rows the relay published, of `outbox`.
+    pub(in crate::cli) published: i64,
+    /// Outbox rows written.
+    pub(in crate::cli) outbox: i64,
+    /// Everything processed and published.
+    pub(in crate::cli) done: bool,
 }
 
 impl std::fmt::Display for Progress {
@@ -81,7 +86,7 @@ impl std::fmt::Display for Progress {
     }
 }
 
-async fn progress(
+pub(in crate::cli) async fn progress(
     pool: &PgPool,
     topic: &str,
     ends: &BTreeMap<i32, i64>,
@@ -118,7 +123,7 @@ async fn progress(
 /// Waits until every partition's stored next offset reaches the end of what was produced
 /// (`ends`: partition to the offset after its last message) and the relay has published
 /// every outbox row, printing progress every second.
-pub(super) async fn wait_processed(
+pub(in crate::cli) async fn wait_processed(
     pool: &PgPool,
     topic: &str,
     ends: &BTreeMap<i32, i64>,
@@ -164,7 +169,7 @@ struct StoredEvent {
 
 /// What the workers did, read back from Postgres and the topics.
 #[derive(Debug, Clone)]
-pub(super) struct Observed {
+pub(in crate::cli) struct Observed {
     /// `processed_commands` by `(source, id)`.
     processed: HashMap<(String, String), Processed>,
     /// `duplicate_deliveries` as `(partition, offset)`.
@@ -184,7 +189,7 @@ pub(super) struct Observed {
 }
 
 /// Reads the demo's tables and its events and dead-letter topics.
-pub(super) async fn observe(
+pub(in crate::cli) async fn observe(
     pool: &PgPool,
     brokers: &str,
     commands_topic: &str,
@@ -384,15 +389,15 @@ fn read_topic_blocking(
 
 /// How long the phases took.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Timings {
+pub(in crate::cli) struct Timings {
     /// From the first produce to the last acknowledgement.
-    pub(super) produce: Duration,
+    pub(in crate::cli) produce: Duration,
     /// From the first produce until everything was processed and published.
-    pub(super) process: Duration,
+    pub(in crate::cli) process: Duration,
 }
 
 /// Prints what was produced, what the workers made of it, and how fast.
-pub(super) fn print_summary(
+pub(in crate::cli) fn print_summary(
     workload: &Workload,
     model: &Model,
     observed: &Observed,
@@ -477,15 +482,15 @@ fn join(items: impl Iterator<Item = String>) -> String {
 
 /// One invariant and whether it holds.
 #[derive(Debug, Clone)]
-pub(super) struct Check {
+pub(in crate::cli) struct Check {
     /// `a`, `b`, …
-    pub(super) label: char,
+    pub(in crate::cli) label: char,
     /// What must hold.
-    pub(super) title: &'static str,
+    pub(in crate::cli) title: &'static str,
     /// Whether it does.
-    pub(super) pass: bool,
+    pub(in crate::cli) pass: bool,
     /// Numbers behind the verdict, or the first counterexamples.
-    pub(super) detail: String,
+    pub(in crate::cli) detail: String,
 }
 
 impl std::fmt::Display for Check {
@@ -525,7 +530,7 @@ fn check(label: char, title: &'static str, problems: Vec<String>, ok: String) ->
 }
 
 /// Checks the invariants. `deliveries` is where each of `workload.messages` landed.
-pub(super) fn checks(
+pub(in crate::cli) fn checks(
     workload: &Workload,
     model: &Model,
     deliveries: &[Delivery],
@@ -809,7 +814,7 @@ pub(super) fn checks(
     // (h) Each valid command was processed once, with the model's outcome.
     let mut problems = Vec::new();
     for (c, applied) in workload.valid.iter().zip(&model.applied) {
-        let key = (SOURCE.to_owned(), c.id.to_string());
+        let key = (c.source.to_string(), c.id.to_string());
         match observed.processed.get(&key) {
             None => problems.push(format!("{} ({}) was not processed", c.id, c.command_type)),
             Some(p) if p.applied != *applied => problems.push(format!(
@@ -869,7 +874,7 @@ mod tests {
     use super::*;
     use commands::partitioner::partition_for_key;
 
-    use crate::cli::demo::workload::Send;
+    use crate::cli::demo::workload::{Send, SOURCE};
 
     const PARTITIONS: i32 = 6;
 

@@ -20,7 +20,7 @@ struct Worker {
 /// demo that fails or panics midway leaves no process behind; [`Workers::stop`] is the
 /// graceful way.
 #[derive(Debug)]
-pub(super) struct Workers {
+pub(in crate::cli) struct Workers {
     dir: PathBuf,
     running: Vec<Worker>,
     logs: Vec<PathBuf>,
@@ -28,7 +28,7 @@ pub(super) struct Workers {
 
 impl Workers {
     /// No workers yet; their logs will go to `dir`.
-    pub(super) fn new(dir: PathBuf) -> Self {
+    pub(in crate::cli) fn new(dir: PathBuf) -> Self {
         Self {
             dir,
             running: Vec::new(),
@@ -38,7 +38,7 @@ impl Workers {
 
     /// Starts `exe` with `args` and `envs` as worker `name`, stdout and stderr going to
     /// `<dir>/<name>.log`; returns the log's path.
-    pub(super) fn spawn(
+    pub(in crate::cli) fn spawn(
         &mut self,
         exe: &Path,
         name: &str,
@@ -66,7 +66,7 @@ impl Workers {
     }
 
     /// Fails if a worker has exited: the demo's workers only stop when told to.
-    pub(super) fn check_alive(&mut self) -> anyhow::Result<()> {
+    pub(in crate::cli) fn check_alive(&mut self) -> anyhow::Result<()> {
         for w in &mut self.running {
             if let Some(status) = w.child.try_wait()? {
                 anyhow::bail!(
@@ -83,7 +83,7 @@ impl Workers {
     /// Asks every worker to stop (SIGTERM, so it drains and leaves the group), waits up to
     /// `grace` for all of them, then kills the rest. Returns each worker's name and how it
     /// ended.
-    pub(super) async fn stop(&mut self, grace: Duration) -> Vec<(String, String)> {
+    pub(in crate::cli) async fn stop(&mut self, grace: Duration) -> Vec<(String, String)> {
         for w in &self.running {
             if let Some(pid) = w.child.id() {
                 // `kill` rather than a signal crate: the workspace has none, and `kill` is
@@ -114,8 +114,25 @@ impl Workers {
         out
     }
 
+    /// The peak resident memory (`VmHWM` in `/proc/<pid>/status`, bytes) of each running
+    /// worker, by name; `None` where the kernel does not say.
+    pub(in crate::cli) fn peak_memory(&self) -> Vec<(String, Option<u64>)> {
+        self.running
+            .iter()
+            .map(|w| {
+                let peak = w.child.id().and_then(|pid| {
+                    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+                    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+                    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+                    Some(kib * 1024)
+                });
+                (w.name.clone(), peak)
+            })
+            .collect()
+    }
+
     /// The last `lines` lines of every worker's log, for error reports.
-    pub(super) fn log_tails(&self, lines: usize) -> String {
+    pub(in crate::cli) fn log_tails(&self, lines: usize) -> String {
         let mut out = String::new();
         for path in &self.logs {
             let text = std::fs::read_to_string(path).unwrap_or_default();

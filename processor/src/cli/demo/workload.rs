@@ -17,11 +17,11 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 /// The `source` of every demo command; with the id it is the idempotency key.
-pub(super) const SOURCE: &str = "/cmdproc-demo";
+pub(in crate::cli) const SOURCE: &str = "/cmdproc-demo";
 /// Accounts the workload opens and then moves money in and out of.
-pub(super) const ACCOUNTS: usize = 50;
+pub(in crate::cli) const ACCOUNTS: usize = 50;
 /// Rooms the workload books and cancels.
-pub(super) const ROOMS: usize = 20;
+pub(in crate::cli) const ROOMS: usize = 20;
 /// Nights each room can be booked for; few nights, so many bookings collide.
 const NIGHTS: u32 = 10;
 /// Share of valid commands that are sent a second time.
@@ -37,7 +37,7 @@ const PEOPLE: &[&str] = &[
 
 /// How a message goes onto the commands topic.
 #[derive(Debug, Clone)]
-pub(super) enum Send {
+pub(in crate::cli) enum Send {
     /// A valid command, by index into [`Workload::valid`], produced by the command producer
     /// (keyed by its subject, so it lands on the partition its key maps to).
     Command(usize),
@@ -59,7 +59,7 @@ pub(super) enum Send {
 
 /// What the processor must make of a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Expect {
+pub(in crate::cli) enum Expect {
     /// The first delivery of valid command `i`: processed (applied or rejected).
     Processed(usize),
     /// A re-send of valid command `i`: detected as a duplicate, no effect.
@@ -75,27 +75,27 @@ pub(super) enum Expect {
 
 /// One message of the workload.
 #[derive(Debug, Clone)]
-pub(super) struct Message {
+pub(in crate::cli) struct Message {
     /// How to produce it.
-    pub(super) send: Send,
+    pub(in crate::cli) send: Send,
     /// What the processor must make of it.
-    pub(super) expect: Expect,
+    pub(in crate::cli) expect: Expect,
 }
 
 /// The whole workload, in produce order.
 #[derive(Debug, Clone)]
-pub(super) struct Workload {
+pub(in crate::cli) struct Workload {
     /// The valid commands, each once, in produce order.
-    pub(super) valid: Vec<Command>,
+    pub(in crate::cli) valid: Vec<Command>,
     /// Every message to produce, in order: valid commands, duplicates and invalid ones.
-    pub(super) messages: Vec<Message>,
+    pub(in crate::cli) messages: Vec<Message>,
 }
 
 impl Workload {
     /// Generates `commands` valid commands (at least one per account, since each account is
     /// opened first) plus duplicates and invalid messages, from `seed`. `partitions` is the
     /// commands topic's partition count, needed to misroute a command on purpose.
-    pub(super) fn generate(seed: u64, commands: usize, partitions: i32) -> Self {
+    pub(in crate::cli) fn generate(seed: u64, commands: usize, partitions: i32) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
         let accounts: Vec<String> = (1..=ACCOUNTS).map(|i| format!("acc-{i:02}")).collect();
         let rooms: Vec<String> = (1..=ROOMS).map(|i| format!("room-{i:02}")).collect();
@@ -201,12 +201,12 @@ impl Workload {
     }
 
     /// How many messages re-send an earlier command.
-    pub(super) fn duplicates(&self) -> usize {
+    pub(in crate::cli) fn duplicates(&self) -> usize {
         self.count(|e| matches!(e, Expect::Duplicate(_)))
     }
 
     /// How many messages must become dead letters.
-    pub(super) fn invalid(&self) -> usize {
+    pub(in crate::cli) fn invalid(&self) -> usize {
         self.count(|e| matches!(e, Expect::DeadLetter { .. }))
     }
 
@@ -481,42 +481,42 @@ fn invalid_messages(
 
 /// An aggregate as the serial model leaves it.
 #[derive(Debug, Clone, PartialEq)]
-pub(super) struct Modeled {
+pub(in crate::cli) struct Modeled {
     /// Version: the number of events applied.
-    pub(super) version: i64,
+    pub(in crate::cli) version: i64,
     /// State as JSON, exactly as the engine stores it; `Null` if no event was applied.
-    pub(super) state: Value,
+    pub(in crate::cli) state: Value,
 }
 
 /// The result of applying the valid commands one by one, in produce order.
 #[derive(Debug, Clone)]
-pub(super) struct Model {
+pub(in crate::cli) struct Model {
     /// Every aggregate a valid command named, by `(type, id)`.
-    pub(super) aggregates: BTreeMap<(String, String), Modeled>,
+    pub(in crate::cli) aggregates: BTreeMap<(String, String), Modeled>,
     /// Whether valid command `i` is applied (`true`) or rejected (`false`).
-    pub(super) applied: Vec<bool>,
+    pub(in crate::cli) applied: Vec<bool>,
     /// The events the applied commands emit, in order.
-    pub(super) events: Vec<ModelEvent>,
+    pub(in crate::cli) events: Vec<ModelEvent>,
 }
 
 /// An event as the serial model emits it.
 #[derive(Debug, Clone, PartialEq)]
-pub(super) struct ModelEvent {
+pub(in crate::cli) struct ModelEvent {
     /// `(type, id)` of the aggregate.
-    pub(super) aggregate: (String, String),
+    pub(in crate::cli) aggregate: (String, String),
     /// The aggregate's version after the event.
-    pub(super) version: i64,
+    pub(in crate::cli) version: i64,
     /// `<aggregate_type>.<EventName>`, e.g. `account.Deposited`.
-    pub(super) event_type: String,
+    pub(in crate::cli) event_type: String,
     /// The event's data.
-    pub(super) data: Value,
+    pub(in crate::cli) data: Value,
 }
 
 impl Model {
     /// Runs the domain's pure handlers over `valid` serially. Commands of one aggregate
     /// share a partition and are produced in this order, so this is the order the workers
     /// must apply them in; commands of different aggregates do not interact.
-    pub(super) fn run(valid: &[Command]) -> anyhow::Result<Self> {
+    pub(in crate::cli) fn run(valid: &[Command]) -> anyhow::Result<Self> {
         let registry = Registry::builtin();
         let mut aggregates: BTreeMap<(String, String), Modeled> = BTreeMap::new();
         let mut applied = Vec::with_capacity(valid.len());

@@ -1,0 +1,96 @@
+//! The database ceiling: the workers' batched SQL ([`store::process_batch`], the very
+//! function the workers call) driven straight from memory against Postgres, with no Kafka
+//! on either side. Commands are routed to partitions with murmur2 as a producer would, cut
+//! into batches of the workers' size, and applied by one task per worker, each owning
+//! every `workers`-th partition.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use commands::domain::Registry;
+use commands::envelope::CLOUDEVENTS_JSON;
+use commands::partitioner::partition_for_key;
+use commands::Command;
+use sqlx::PgPool;
+
+use crate::batch::{Incoming, PlanOptions};
+use crate::store::{self, BatchTarget};
+
+/// Applies `commands` through `workers` concurrent tasks in batches of `batch_size`;
+/// returns how long it took and the number of commands applied or rejected.
+pub(super) async fn run(
+    pool: &PgPool,
+    topic: &str,
+    events_topic: &str,
+    partitions: i32,
+    workers: u32,
+    batch_size: usize,
+    commands: &[Command],
+) -> anyhow::Result<(Duration, usize)> {
+    let mut by_partition: BTreeMap<i32, Vec<Incoming>> = BTreeMap::new();
+    for c in commands {
+        let p =
+            partition_for_key(c.subject.as_str().as_bytes(), partitions).expect("partitions > 0");
+        let list = by_partition.entry(p).or_default();
+        list.push(Incoming {
+            offset: list.len() as i64,
+            key: Some(c.subject.as_str().as_bytes().to_vec()),
+            value: Some(c.encode()),
+            headers: vec![(
+                "content-type".into(),
+                Some(CLOUDEVENTS_JSON.as_bytes().to_vec()),
+            )],
+            decoded: Ok(c.clone()),
+        });
+    }
+    let mut shares: Vec<Vec<(i32, i64, Vec<Incoming>)>> =
+        (0..workers).map(|_| Vec::new()).collect();
+    for (p, list) in by_partition {
+        let acquired = store::acquire_partition(pool, topic, p, "bench-ceiling").await?;
+        shares[(p as u32 % workers) as usize].push((p, acquired.epoch, list));
+    }
+
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for share in shares {
+        let pool = pool.clone();
+        let (topic, events_topic) = (topic.to_owned(), events_topic.to_owned());
+        tasks.spawn(async move {
+            let registry = Registry::builtin();
+            let options = PlanOptions::default();
+            let dead_letter_topic = format!("{topic}.dlq");
+            let mut done = 0usize;
+            // Round-robin over the task's partitions, one batch each, as a worker whose
+            // fetches bring every partition a little at a time.
+            let mut cursors: Vec<(i32, i64, usize, &[Incoming])> = share
+                .iter()
+                .map(|(p, e, l)| (*p, *e, 0, l.as_slice()))
+                .collect();
+            while !cursors.is_empty() {
+                for (partition, epoch, at, list) in &mut cursors {
+                    let end = (*at + batch_size).min(list.len());
+                    let target = BatchTarget {
+                        topic: &topic,
+                        dead_letter_topic: &dead_letter_topic,
+                        events_topic: &events_topic,
+                        partition: *partition,
+                        epoch: *epoch,
+                        expected_next: Some(*at as i64),
+                    };
+                    let r =
+                        store::process_batch(&pool, &target, &registry, &options, &list[*at..end])
+                            .await?;
+                    done += r.applied + r.rejected;
+                    *at = end;
+                }
+                cursors.retain(|(_, _, at, list)| *at < list.len());
+            }
+            anyhow::Ok(done)
+        });
+    }
+    let mut total = 0;
+    while let Some(r) = tasks.join_next().await {
+        total += r??;
+    }
+    Ok((started.elapsed(), total))
+}
