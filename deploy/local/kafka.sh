@@ -194,6 +194,11 @@ auto.create.topics.enable=false
 group.min.session.timeout.ms=6000
 group.consumer.min.session.timeout.ms=6000
 
+# A relay that dies mid-transaction holds its partitions' relay positions until the
+# broker aborts the transaction (cmdproc's relays use a 10 s transaction timeout); look
+# for expired transactions every second rather than every 10 s.
+transaction.abort.timed.out.transaction.cleanup.interval.ms=1000
+
 log.retention.hours=168
 log.segment.bytes=1073741824
 log.retention.check.interval.ms=300000" && changed=1

@@ -1,18 +1,23 @@
 //! The outbox relay: publishes outbox rows in sequence order per commands partition,
 //! exactly once.
 //!
-//! Two locks make one relay at a time work a partition, in order:
-//! - in Postgres, the partition's `relay_positions` row, held (`FOR UPDATE SKIP LOCKED`) for
-//!   the transaction in which the relay publishes and then records its position;
-//! - in Kafka, a transactional producer per partition (`transactional.id` =
-//!   `cmdproc-relay.<commands topic>.<partition>`): taking it over fences any earlier relay
-//!   of that partition, and aborts whatever it left open.
+//! A pass publishes every partition with a backlog at once:
+//! - in Postgres, it locks those partitions' `relay_positions` rows (`FOR UPDATE SKIP
+//!   LOCKED`, so one relay at a time works a partition) for the transaction in which it
+//!   publishes and then records the new positions;
+//! - in Kafka, it publishes them in one transaction of its transactional producer, which
+//!   also commits each partition's last outbox sequence as the offset of group
+//!   `cmdproc-relay.<commands topic>` on that commands partition. The offsets are added to
+//!   the transaction before any message.
 //!
-//! Each batch is one Kafka transaction that also commits the batch's last outbox sequence
-//! as the offset of group `cmdproc-relay.<commands topic>` on the commands partition. If a
-//! relay dies after Kafka committed but before Postgres recorded the position, the next
-//! relay to take the partition reads that offset back and skips what was published, so no
-//! event appears twice to a `read_committed` consumer.
+//! Before publishing, every pass reads those offsets back with `require_stable` (a
+//! `read_committed` consumer's offset fetch): if another relay has a transaction open for
+//! one of the partitions (a relay that froze, lost its database lock and may still
+//! commit), the fetch waits until that transaction commits or times out. A committed
+//! offset past the recorded position means a relay published and died (or froze) before
+//! recording it: the pass records it and goes on after it. So no event appears twice to a
+//! `read_committed` consumer, and one Kafka transaction carries all the partitions a
+//! relay serves instead of one transaction each.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -33,6 +38,15 @@ use crate::store::{self, StoreError};
 
 /// How long a Kafka transaction step may take before the relay gives up and retries.
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a relay's open Kafka transaction may last before the broker aborts it. A relay
+/// taking over a partition from a frozen one waits at most this long.
+const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a pass waits for a partition's position in Kafka to become stable (no other
+/// relay's transaction open on it) before leaving that partition for the next pass.
+const STABLE_WAIT: Duration = Duration::from_millis(800);
+/// How long the relay waits after being woken before it reads the outbox, so that commits
+/// of several partitions landing together go out in one pass.
+const LINGER: Duration = Duration::from_millis(1);
 
 /// Errors of the relay.
 #[derive(Debug, thiserror::Error)]
@@ -65,12 +79,11 @@ pub struct Relay {
     batch_size: i64,
     wake: Arc<Notify>,
     only: Option<Owned>,
-    producers: Mutex<HashMap<i32, Arc<FutureProducer>>>,
-    /// The last position this relay recorded per partition: a smaller one in Postgres
-    /// means the database was restored from a backup.
-    recorded: Mutex<HashMap<i32, i64>>,
-    positions: BaseConsumer,
-    group: ConsumerGroupMetadata,
+    /// `cmdproc-relay.<commands topic>.<name>`: one per running relay.
+    transactional_id: String,
+    producer: tokio::sync::Mutex<Option<Arc<FutureProducer>>>,
+    positions: Arc<BaseConsumer>,
+    group: Arc<ConsumerGroupMetadata>,
     metrics: Arc<Metrics>,
     /// Partitions whose backlog gauge this relay has set, so it can zero those that drained.
     reported: Mutex<std::collections::HashSet<i32>>,
@@ -90,12 +103,14 @@ pub fn relay_group(commands_topic: &str) -> String {
 }
 
 impl Relay {
-    /// Creates a relay. With `only`, it publishes just the partitions in that map (the ones
-    /// its worker owns), so relays of different workers do not take turns fencing each other.
+    /// Creates a relay named `name` (unique among running relays of the topic: it names
+    /// the Kafka transactional id). With `only`, it publishes just the partitions in that
+    /// map (the ones its worker owns), so relays of different workers do not contend.
     pub fn new(
         pool: PgPool,
         brokers: &str,
         commands_topic: &str,
+        name: &str,
         batch_size: i64,
         only: Option<Owned>,
     ) -> Result<Self, RelayError> {
@@ -103,6 +118,12 @@ impl Relay {
             .set("bootstrap.servers", brokers)
             .set("group.id", relay_group(commands_topic))
             .set("enable.auto.commit", "false")
+            // Offset fetches wait for other relays' open transactions (require_stable).
+            .set("isolation.level", "read_committed")
+            // This relay's own last transaction reads as open until the broker has written
+            // its markers, a few milliseconds after the commit: retry soon.
+            .set("retry.backoff.ms", "2")
+            .set("retry.backoff.max.ms", "50")
             .create()
             .map_err(|e| RelayError::Kafka(e.to_string()))?;
         let group = positions.group_metadata().ok_or_else(|| {
@@ -111,14 +132,14 @@ impl Relay {
         Ok(Self {
             pool,
             brokers: brokers.to_owned(),
+            transactional_id: format!("{}.{name}", relay_group(commands_topic)),
             commands_topic: commands_topic.to_owned(),
             batch_size,
             wake: Arc::new(Notify::new()),
             only,
-            producers: Mutex::new(HashMap::new()),
-            recorded: Mutex::new(HashMap::new()),
-            positions,
-            group,
+            producer: tokio::sync::Mutex::new(None),
+            positions: Arc::new(positions),
+            group: Arc::new(group),
             metrics: Arc::new(Metrics::new()),
             reported: Mutex::default(),
         })
@@ -136,45 +157,25 @@ impl Relay {
         self.wake.clone()
     }
 
-    /// Publishes what is waiting, one batch per partition with a backlog.
+    /// Publishes what is waiting: up to the batch size of every partition with a backlog,
+    /// in one Kafka transaction.
     pub async fn relay_once(&self) -> Result<RelayOutcome, RelayError> {
         let mut backlog = store::outbox_backlog(&self.pool, &self.commands_topic).await?;
         if let Some(only) = &self.only {
             let only = only.lock().expect("owned map");
             backlog.retain(|b| only.contains_key(&b.partition));
-            // A partition that moved to another worker has another relay now, which fenced
-            // this one's producer: close it, so a return starts fresh and recovers the
-            // position from Kafka instead of failing once on the fenced producer.
-            self.producers
-                .lock()
-                .expect("producers")
-                .retain(|p, _| only.contains_key(p));
-            self.recorded
-                .lock()
-                .expect("recorded positions")
-                .retain(|p, _| only.contains_key(p));
         }
         self.report_backlog(&backlog);
-        let mut total = 0;
-        for b in backlog {
-            match self.relay_partition(b.partition).await {
-                Ok(n) => total += n,
-                Err(e) => {
-                    // Start over with a fresh producer: it re-fences, aborts what is open,
-                    // and recovers the position from Kafka.
-                    self.producers
-                        .lock()
-                        .expect("producers")
-                        .remove(&b.partition);
-                    return Err(e);
-                }
-            }
+        if backlog.is_empty() {
+            return Ok(RelayOutcome::Idle);
         }
-        Ok(if total == 0 {
-            RelayOutcome::Idle
-        } else {
-            RelayOutcome::Relayed(total)
-        })
+        let partitions: Vec<i32> = backlog.iter().map(|b| b.partition).collect();
+        let result = self.relay_partitions(&partitions).await;
+        if result.is_err() {
+            // Start over with a fresh producer: it aborts whatever this one left open.
+            *self.producer.lock().await = None;
+        }
+        result
     }
 
     /// Sets the backlog gauge of the partitions this relay serves; the query returns only
@@ -195,109 +196,155 @@ impl Relay {
         }
     }
 
-    /// The partition's transactional producer, created (fencing earlier relays) on first use.
-    /// Returns whether it is new, in which case the position must be recovered from Kafka.
-    fn producer(&self, partition: i32) -> Result<(Arc<FutureProducer>, bool), RelayError> {
-        if let Some(p) = self.producers.lock().expect("producers").get(&partition) {
-            return Ok((p.clone(), false));
+    /// The relay's transactional producer, created on first use (and after a failure).
+    async fn producer(&self) -> Result<Arc<FutureProducer>, RelayError> {
+        let mut slot = self.producer.lock().await;
+        if let Some(p) = slot.as_ref() {
+            return Ok(p.clone());
         }
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
+            .set("transactional.id", &self.transactional_id)
             .set(
-                "transactional.id",
-                format!("{}.{partition}", relay_group(&self.commands_topic)),
+                "transaction.timeout.ms",
+                TRANSACTION_TIMEOUT.as_millis().to_string(),
             )
-            .set("transaction.timeout.ms", "60000")
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("partitioner", "murmur2_random")
-            .set("linger.ms", "2")
-            .set("message.timeout.ms", "30000")
+            .set("linger.ms", "1")
+            .set(
+                "message.timeout.ms",
+                TRANSACTION_TIMEOUT.as_millis().to_string(),
+            )
             .create()
             .map_err(|e| RelayError::Kafka(e.to_string()))?;
-        tokio::task::block_in_place(|| producer.init_transactions(KAFKA_TIMEOUT)).map_err(|e| {
-            RelayError::Kafka(format!(
-                "taking over partition {partition}'s transactional id: {e}"
-            ))
-        })?;
         let producer = Arc::new(producer);
-        self.producers
-            .lock()
-            .expect("producers")
-            .insert(partition, producer.clone());
-        Ok((producer, true))
+        let id = self.transactional_id.clone();
+        blocking({
+            let producer = producer.clone();
+            move || producer.init_transactions(KAFKA_TIMEOUT)
+        })
+        .await
+        .map_err(|e| RelayError::Kafka(format!("initialising transactional id {id}: {e}")))?;
+        *slot = Some(producer.clone());
+        Ok(producer)
     }
 
-    /// The last outbox sequence Kafka committed for a partition, 0 if none.
-    fn kafka_position(&self, partition: i32) -> Result<i64, RelayError> {
+    /// The last outbox sequence Kafka committed for each of `partitions` (0 if none),
+    /// waiting up to `wait` while another relay's transaction holds an uncommitted one.
+    async fn kafka_positions(
+        &self,
+        partitions: &[i32],
+        wait: Duration,
+    ) -> Result<HashMap<i32, i64>, RelayError> {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&self.commands_topic, partition);
-        let committed =
-            tokio::task::block_in_place(|| self.positions.committed_offsets(tpl, KAFKA_TIMEOUT))
-                .map_err(|e| {
-                    RelayError::Kafka(format!(
-                        "reading the relay position of partition {partition}: {e}"
-                    ))
-                })?;
+        for p in partitions {
+            tpl.add_partition(&self.commands_topic, *p);
+        }
+        let positions = self.positions.clone();
+        let committed = blocking(move || positions.committed_offsets(tpl, wait))
+            .await
+            .map_err(|e| RelayError::Kafka(format!("reading the relay positions: {e}")))?;
         Ok(committed
-            .find_partition(&self.commands_topic, partition)
-            .and_then(|e| match e.offset() {
-                Offset::Offset(n) => Some(n),
-                _ => None,
+            .elements()
+            .iter()
+            .map(|e| {
+                let at = match e.offset() {
+                    Offset::Offset(n) => n,
+                    _ => 0,
+                };
+                (e.partition(), at)
             })
-            .unwrap_or(0))
+            .collect())
     }
 
-    #[tracing::instrument(skip_all, fields(partition))]
-    async fn relay_partition(&self, partition: i32) -> Result<usize, RelayError> {
+    /// The stable Kafka positions of `partitions`. Those for which another relay still has
+    /// a transaction open (it froze or died mid-publish; the broker aborts it after the
+    /// transaction timeout) are left out, so they do not hold up the others.
+    async fn stable_positions(&self, partitions: &[i32]) -> Result<HashMap<i32, i64>, RelayError> {
+        let all = self.kafka_positions(partitions, STABLE_WAIT).await;
+        if all.is_ok() || partitions.len() == 1 {
+            return match all {
+                Err(e) if partitions.len() == 1 => {
+                    tracing::debug!(partition = partitions[0], error = %e, "relay position not stable yet");
+                    Ok(HashMap::new())
+                }
+                r => r,
+            };
+        }
+        let mut out = HashMap::new();
+        for p in partitions {
+            match self.kafka_positions(&[*p], STABLE_WAIT / 4).await {
+                Ok(one) => out.extend(one),
+                Err(e) => tracing::info!(
+                    partition = p,
+                    error = %e,
+                    "another relay's Kafka transaction for this partition is still open; waiting for it to commit or time out"
+                ),
+            }
+        }
+        if out.is_empty() {
+            return all;
+        }
+        Ok(out)
+    }
+
+    #[tracing::instrument(skip_all, fields(partitions = partitions.len()))]
+    async fn relay_partitions(&self, partitions: &[i32]) -> Result<RelayOutcome, RelayError> {
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
-        let Some(mut published) =
-            store::lock_relay_position(&mut tx, &self.commands_topic, partition).await?
-        else {
-            return Ok(0);
-        };
-        let (producer, fresh) = self.producer(partition)?;
-        let restored = self
-            .recorded
-            .lock()
-            .expect("recorded positions")
-            .get(&partition)
-            .is_some_and(|r| published < *r);
-        if fresh || restored {
-            let in_kafka = self.kafka_position(partition)?;
-            if in_kafka > published {
+        let locked = store::lock_relay_positions(&mut tx, &self.commands_topic, partitions).await?;
+        if locked.is_empty() {
+            return Ok(RelayOutcome::Idle);
+        }
+        let producer = self.producer().await?;
+        let locked_partitions: Vec<i32> = locked.iter().map(|(p, _)| *p).collect();
+        let in_kafka = self.stable_positions(&locked_partitions).await?;
+        let mut after = Vec::with_capacity(locked.len());
+        let mut recovered = Vec::new();
+        for (partition, recorded) in locked {
+            // A partition whose position is not stable yet waits for the next pass.
+            let Some(committed) = in_kafka.get(&partition).copied() else {
+                continue;
+            };
+            if committed > recorded {
                 tracing::info!(
                     partition,
-                    recorded = published,
-                    in_kafka,
+                    recorded,
+                    in_kafka = committed,
                     "a previous relay published past its recorded position; resuming after what Kafka committed"
                 );
-                store::mark_published(&mut tx, &self.commands_topic, partition, in_kafka).await?;
-                published = in_kafka;
+                recovered.push((partition, committed));
             }
+            after.push((partition, recorded.max(committed)));
+        }
+        if !recovered.is_empty() {
+            store::mark_published(&mut tx, &self.commands_topic, &recovered).await?;
         }
         // Publish latency runs from this read to the Kafka commit: what an event waits once
         // the relay has picked it up.
         let read_at = Instant::now();
-        let rows = store::next_outbox_rows(
-            &mut tx,
-            &self.commands_topic,
-            partition,
-            published,
-            self.batch_size,
-        )
-        .await?;
-        let Some(last) = rows.last().map(|r| r.seq) else {
+        let rows =
+            store::next_outbox_rows(&mut tx, &self.commands_topic, &after, self.batch_size).await?;
+        if rows.is_empty() {
             tx.commit().await.map_err(StoreError::from)?;
-            return Ok(0);
-        };
+            return Ok(RelayOutcome::Idle);
+        }
+        // Rows come in partition and sequence order: each partition's last is its new position.
+        let mut last: Vec<(i32, i64)> = Vec::new();
+        for r in &rows {
+            match last.last_mut() {
+                Some((p, seq)) if *p == r.partition => *seq = r.seq,
+                _ => last.push((r.partition, r.seq)),
+            }
+        }
 
         producer
             .begin_transaction()
             .map_err(|e| RelayError::Kafka(e.to_string()))?;
-        let published_batch = self.publish(&producer, &rows, partition, last).await;
-        if let Err(e) = published_batch {
-            let _ = tokio::task::block_in_place(|| producer.abort_transaction(KAFKA_TIMEOUT));
+        if let Err(e) = self.publish(&producer, &rows, &last).await {
+            let aborting = producer.clone();
+            let _ = blocking(move || aborting.abort_transaction(KAFKA_TIMEOUT)).await;
             return Err(e);
         }
         self.metrics
@@ -313,29 +360,42 @@ impl Relay {
             .events_published
             .inc_by((rows.len() - dead_letters) as u64);
         crate::failpoint::crash_if("relay-crash-after-publish");
-        store::mark_published(&mut tx, &self.commands_topic, partition, last).await?;
-        self.recorded
-            .lock()
-            .expect("recorded positions")
-            .insert(partition, last);
+        store::mark_published(&mut tx, &self.commands_topic, &last).await?;
         tx.commit().await.map_err(StoreError::from)?;
         tracing::debug!(
-            partition,
             published = rows.len(),
-            up_to = last,
+            partitions = last.len(),
             "relayed outbox rows"
         );
-        Ok(rows.len())
+        Ok(RelayOutcome::Relayed(rows.len()))
     }
 
-    /// Sends the rows and commits them with the position in one Kafka transaction.
+    /// Adds the new positions to the open transaction, sends the rows, and commits.
+    ///
+    /// The positions go first: from then on, another relay's stable offset fetch for these
+    /// partitions waits for this transaction, so it cannot publish them again meanwhile.
     async fn publish(
         &self,
-        producer: &FutureProducer,
+        producer: &Arc<FutureProducer>,
         rows: &[store::OutboxMessage],
-        partition: i32,
-        last: i64,
+        last: &[(i32, i64)],
     ) -> Result<(), RelayError> {
+        let mut position = TopicPartitionList::new();
+        for (partition, seq) in last {
+            position
+                .add_partition_offset(&self.commands_topic, *partition, Offset::Offset(*seq))
+                .map_err(|e| RelayError::Kafka(e.to_string()))?;
+        }
+        {
+            let (producer, group) = (producer.clone(), self.group.clone());
+            blocking(move || {
+                producer.send_offsets_to_transaction(&position, &group, KAFKA_TIMEOUT)
+            })
+            .await
+            .map_err(|e| {
+                RelayError::Kafka(format!("adding the positions to the transaction: {e}"))
+            })?;
+        }
         // Enqueue every message in order before awaiting any: the producer keeps that order
         // per Kafka partition, retries included.
         let mut pending = Vec::with_capacity(rows.len());
@@ -376,15 +436,10 @@ impl Relay {
                 Err(_) => return Err(RelayError::Kafka("delivery was cancelled".into())),
             }
         }
-        let mut position = TopicPartitionList::new();
-        position
-            .add_partition_offset(&self.commands_topic, partition, Offset::Offset(last))
-            .map_err(|e| RelayError::Kafka(e.to_string()))?;
-        tokio::task::block_in_place(|| {
-            producer.send_offsets_to_transaction(&position, &self.group, KAFKA_TIMEOUT)?;
-            producer.commit_transaction(KAFKA_TIMEOUT)
-        })
-        .map_err(|e| RelayError::Kafka(format!("committing the Kafka transaction: {e}")))
+        let producer = producer.clone();
+        blocking(move || producer.commit_transaction(KAFKA_TIMEOUT))
+            .await
+            .map_err(|e| RelayError::Kafka(format!("committing the Kafka transaction: {e}")))
     }
 
     /// Runs until `shutdown`, then drains what is waiting for at most `drain`.
@@ -401,7 +456,9 @@ impl Relay {
                     backoff.reset();
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        _ = self.wake.notified() => {}
+                        _ = self.wake.notified() => {
+                            tokio::time::sleep(LINGER).await;
+                        }
                         _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                     }
                 }
@@ -427,5 +484,17 @@ impl Relay {
                 Err(_) => break,
             }
         }
+    }
+}
+
+/// Runs one of librdkafka's blocking calls on the blocking pool, so that partitions
+/// published side by side do not wait for each other's transaction commits.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, KafkaError> + Send + 'static,
+) -> Result<T, KafkaError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(KafkaError::Canceled),
     }
 }

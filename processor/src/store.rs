@@ -105,6 +105,16 @@ pub async fn connect_with(
     let mut options: PgConnectOptions = url
         .parse()
         .map_err(|e| StoreError::Database(format!("invalid database URL: {e}")))?;
+    // Every statement of the engine looks rows up by key, joined against a handful of keys
+    // passed as arrays (`UNNEST`). Statements are prepared once per connection; a plan made
+    // while a table was empty or without statistics (a new deployment) scans the whole
+    // table and stays cached while the table grows. Index lookups in nested loops are always
+    // right here, so the planner is told so.
+    options = options.options([
+        ("enable_seqscan", "off"),
+        ("enable_hashjoin", "off"),
+        ("enable_mergejoin", "off"),
+    ]);
     if let Some(session) = session_timeout {
         options = options.options([
             (
@@ -363,8 +373,112 @@ pub struct BatchTarget<'a> {
     pub expected_next: Option<i64>,
 }
 
-/// Applies a batch of one partition's messages, in strictly increasing offset order, in one
-/// transaction. Messages below the stored next offset were applied before and are dropped.
+/// One partition's share of a batch.
+#[derive(Debug, Clone)]
+pub struct PartitionBatch<'a> {
+    /// Where it goes.
+    pub target: BatchTarget<'a>,
+    /// Its messages, in strictly increasing offset order.
+    pub messages: &'a [Incoming],
+}
+
+/// The aggregates a worker keeps in memory between batches, per owned partition, so a
+/// batch reads from Postgres only those it has not seen. Writes stay version-checked: an
+/// entry that went stale (which only another writer can cause) makes the batch fail with
+/// [`StoreError::Conflict`], and the batch's partitions are forgotten and read again.
+#[derive(Debug, Default)]
+pub struct AggregateCache {
+    /// Per partition: the epoch the entries were read or written under, and the entries.
+    /// A partition taken again has a new epoch, so what was cached before is not used.
+    by_partition: HashMap<i32, (i64, HashMap<AggregateKey, Loaded>)>,
+    entries: usize,
+    capacity: usize,
+}
+
+impl AggregateCache {
+    /// A cache of at most `capacity` aggregates; 0 turns it off.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            ..Self::default()
+        }
+    }
+
+    /// Forgets a partition's aggregates (it was revoked or fenced, or a batch failed).
+    pub fn forget(&mut self, partition: i32) {
+        if let Some((_, gone)) = self.by_partition.remove(&partition) {
+            self.entries -= gone.len();
+        }
+    }
+
+    /// Forgets every partition `keep` rejects (those no longer owned).
+    pub fn retain(&mut self, mut keep: impl FnMut(i32) -> bool) {
+        let gone: Vec<i32> = self
+            .by_partition
+            .keys()
+            .copied()
+            .filter(|p| !keep(*p))
+            .collect();
+        for p in gone {
+            self.forget(p);
+        }
+    }
+
+    /// Aggregates held.
+    pub fn len(&self) -> usize {
+        self.entries
+    }
+
+    /// Whether it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.entries == 0
+    }
+
+    fn get(&self, partition: i32, epoch: i64, key: &AggregateKey) -> Option<&Loaded> {
+        let (at, map) = self.by_partition.get(&partition)?;
+        if *at != epoch {
+            return None;
+        }
+        map.get(key)
+    }
+
+    /// Takes in what a committed plan wrote under `epoch`.
+    fn store(&mut self, partition: i32, epoch: i64, writes: &[batch::AggregateWrite]) {
+        if self.capacity == 0 {
+            return;
+        }
+        if self
+            .by_partition
+            .get(&partition)
+            .is_some_and(|(at, _)| *at != epoch)
+        {
+            self.forget(partition);
+        }
+        if self.entries + writes.len() > self.capacity {
+            // Simple and bounded: start over rather than track recency.
+            self.by_partition.clear();
+            self.entries = 0;
+        }
+        let (_, map) = self
+            .by_partition
+            .entry(partition)
+            .or_insert_with(|| (epoch, HashMap::new()));
+        for w in writes {
+            let loaded = Loaded {
+                version: w.new_version,
+                state: w.state.clone(),
+            };
+            if map
+                .insert((w.aggregate_type.clone(), w.aggregate_id.clone()), loaded)
+                .is_none()
+            {
+                self.entries += 1;
+            }
+        }
+    }
+}
+
+/// Applies one partition's messages in one transaction; see [`process_batches`].
 pub async fn process_batch(
     pool: &PgPool,
     target: &BatchTarget<'_>,
@@ -372,86 +486,280 @@ pub async fn process_batch(
     options: &PlanOptions,
     messages: &[Incoming],
 ) -> Result<BatchResult> {
-    let mut tx = pool.begin().await?;
-    let row = sqlx::query(
-        "SELECT epoch, next_offset, outbox_seq FROM partitions WHERE topic = $1 AND partition = $2 FOR UPDATE",
-    )
-    .bind(target.topic)
-    .bind(target.partition)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(row) = row else {
-        return Err(StoreError::Fenced {
-            partition: target.partition,
-            mine: target.epoch,
-            current: 0,
-        });
+    let batch = PartitionBatch {
+        target: target.clone(),
+        messages,
     };
-    let (epoch, stored_next, outbox_seq): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
-    if epoch != target.epoch {
-        return Err(StoreError::Fenced {
-            partition: target.partition,
-            mine: target.epoch,
-            current: epoch,
-        });
+    process_batches(pool, &[batch], registry, options, None)
+        .await?
+        .pop()
+        .map(|(_, r)| r)
+        .expect("one result per partition")
+}
+
+/// Applies a batch spanning several partitions of one commands topic in one transaction:
+/// every partition row is locked and its epoch and position checked, the outcomes and
+/// aggregates of all messages are read with one statement each, each partition is planned
+/// in offset order, and everything is written with one set-based statement per table.
+/// Messages below a partition's stored next offset were applied before and are dropped.
+///
+/// A partition whose epoch is stale ([`StoreError::Fenced`]) or whose position moved
+/// ([`StoreError::Moved`]) gets that error in its slot of the result and the others go
+/// on. An error of the whole transaction (database, conflict) is the outer error; then
+/// nothing was written, and the cache has forgotten the batch's partitions.
+///
+/// Partitions normally hold disjoint aggregates (keys map to one partition). When they do
+/// not (misrouted commands accepted), they are applied one transaction each, in order.
+pub async fn process_batches(
+    pool: &PgPool,
+    batches: &[PartitionBatch<'_>],
+    registry: &Registry,
+    options: &PlanOptions,
+    mut cache: Option<&mut AggregateCache>,
+) -> Result<Vec<(i32, Result<BatchResult>)>> {
+    if batches.len() > 1 && share_aggregates(batches) {
+        let mut out = Vec::with_capacity(batches.len());
+        for b in batches {
+            let one = std::slice::from_ref(b);
+            out.extend(process_group(pool, one, registry, options, cache.as_deref_mut()).await?);
+        }
+        return Ok(out);
     }
-    if let Some(expected) = target.expected_next.filter(|e| *e != stored_next) {
-        return Err(StoreError::Moved {
-            partition: target.partition,
-            expected,
-            stored: stored_next,
-        });
+    process_group(pool, batches, registry, options, cache).await
+}
+
+fn share_aggregates(batches: &[PartitionBatch<'_>]) -> bool {
+    let mut owner: HashMap<(&str, &str), i32> = HashMap::new();
+    for b in batches {
+        for c in b.messages.iter().filter_map(|m| m.decoded.as_ref().ok()) {
+            let key = (c.command_type.aggregate_type(), c.subject.as_str());
+            if *owner.entry(key).or_insert(b.target.partition) != b.target.partition {
+                return true;
+            }
+        }
     }
-    // Messages come in offset order, so those below the stored offset (applied before) are
-    // a prefix; the rest is planned in place, without copying.
-    debug_assert!(messages.windows(2).all(|w| w[0].offset < w[1].offset));
-    let fresh = &messages[messages.partition_point(|m| m.offset < stored_next)..];
-    if fresh.is_empty() {
+    false
+}
+
+/// A partition of a batch that passed the fencing checks.
+struct Work<'b, 'a> {
+    batch: &'b PartitionBatch<'a>,
+    fresh: &'a [Incoming],
+    outbox_seq: i64,
+}
+
+async fn process_group(
+    pool: &PgPool,
+    batches: &[PartitionBatch<'_>],
+    registry: &Registry,
+    options: &PlanOptions,
+    cache: Option<&mut AggregateCache>,
+) -> Result<Vec<(i32, Result<BatchResult>)>> {
+    let Some(first) = batches.first() else {
+        return Ok(Vec::new());
+    };
+    let topic = first.target.topic;
+    debug_assert!(batches.iter().all(|b| b.target.topic == topic));
+    let mut tx = pool.begin().await?;
+    let partitions: Vec<i32> = batches.iter().map(|b| b.target.partition).collect();
+    // Locked in partition order, so two transactions over overlapping sets cannot deadlock.
+    let stored: HashMap<i32, (i64, i64, i64)> = sqlx::query(
+        "SELECT partition, epoch, next_offset, outbox_seq FROM partitions
+         WHERE topic = $1 AND partition = ANY($2) ORDER BY partition FOR UPDATE",
+    )
+    .bind(topic)
+    .bind(&partitions)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+    .collect();
+
+    let mut out: Vec<(i32, Result<BatchResult>)> = Vec::with_capacity(batches.len());
+    let mut work: Vec<Work<'_, '_>> = Vec::with_capacity(batches.len());
+    for b in batches {
+        let t = &b.target;
+        let Some(&(epoch, stored_next, outbox_seq)) = stored.get(&t.partition) else {
+            out.push((
+                t.partition,
+                Err(StoreError::Fenced {
+                    partition: t.partition,
+                    mine: t.epoch,
+                    current: 0,
+                }),
+            ));
+            continue;
+        };
+        if epoch != t.epoch {
+            out.push((
+                t.partition,
+                Err(StoreError::Fenced {
+                    partition: t.partition,
+                    mine: t.epoch,
+                    current: epoch,
+                }),
+            ));
+            continue;
+        }
+        if let Some(expected) = t.expected_next.filter(|e| *e != stored_next) {
+            out.push((
+                t.partition,
+                Err(StoreError::Moved {
+                    partition: t.partition,
+                    expected,
+                    stored: stored_next,
+                }),
+            ));
+            continue;
+        }
+        // Messages come in offset order, so those below the stored offset (applied before)
+        // are a prefix; the rest is planned in place, without copying.
+        debug_assert!(b.messages.windows(2).all(|w| w[0].offset < w[1].offset));
+        let fresh = &b.messages[b.messages.partition_point(|m| m.offset < stored_next)..];
+        if fresh.is_empty() {
+            out.push((
+                t.partition,
+                Ok(BatchResult {
+                    next_offset: stored_next,
+                    ..Default::default()
+                }),
+            ));
+        } else {
+            work.push(Work {
+                batch: b,
+                fresh,
+                outbox_seq,
+            });
+        }
+    }
+    if work.is_empty() {
         tx.rollback().await?;
-        return Ok(BatchResult {
-            next_offset: stored_next,
-            ..Default::default()
-        });
+        return Ok(out);
     }
 
-    let (plan, outbox_end) =
-        plan_and_write(&mut tx, target, registry, options, fresh, outbox_seq).await?;
-    let result = BatchResult {
-        messages: plan.processed.len() + plan.duplicates.len() + plan.dead_letters.len(),
-        applied: plan.applied(),
-        rejected: plan.rejected(),
-        duplicates: plan.duplicates.len(),
-        dead_letters: plan.dead_letters.len(),
-        events: plan.events.len(),
-        parked: plan.parked.len(),
-        newly_parked: plan
-            .newly_parked
-            .iter()
-            .map(|(a, _, _)| a.clone())
-            .collect(),
-        halted_at: plan.halted_at,
-        next_offset: plan.next_offset,
+    let written = write_group(&mut tx, &work, registry, options, cache.as_deref()).await;
+    let plans = match written {
+        Ok(plans) => plans,
+        Err(e) => {
+            if let Some(cache) = cache {
+                for w in &work {
+                    cache.forget(w.batch.target.partition);
+                }
+            }
+            return Err(e);
+        }
     };
-    let updated = sqlx::query(
-        "UPDATE partitions SET next_offset = $3, outbox_seq = $4, updated_at = now()
-         WHERE topic = $1 AND partition = $2 AND epoch = $5",
-    )
-    .bind(target.topic)
-    .bind(target.partition)
-    .bind(plan.next_offset)
-    .bind(outbox_end)
-    .bind(target.epoch)
-    .execute(&mut *tx)
-    .await?;
-    if updated.rows_affected() != 1 {
-        return Err(StoreError::Fenced {
-            partition: target.partition,
-            mine: target.epoch,
-            current: -1,
-        });
+    let result = async {
+        let updated = sqlx::query(
+            "UPDATE partitions p SET next_offset = u.next_offset, outbox_seq = u.outbox_seq, updated_at = now()
+             FROM UNNEST($2::int[], $3::bigint[], $4::bigint[], $5::bigint[]) AS u(partition, next_offset, outbox_seq, epoch)
+             WHERE p.topic = $1 AND p.partition = u.partition AND p.epoch = u.epoch",
+        )
+        .bind(topic)
+        .bind(work.iter().map(|w| w.batch.target.partition).collect::<Vec<_>>())
+        .bind(plans.iter().map(|(p, _)| p.next_offset).collect::<Vec<_>>())
+        .bind(plans.iter().map(|(_, end)| *end).collect::<Vec<_>>())
+        .bind(work.iter().map(|w| w.batch.target.epoch).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() != work.len() as u64 {
+            // The rows are locked by this transaction; only a bug gets here.
+            return Err(StoreError::Conflict(format!(
+                "{} of {} partition rows changed under their lock",
+                work.len() as u64 - updated.rows_affected(),
+                work.len()
+            )));
+        }
+        tx.commit().await?;
+        Ok(())
     }
-    tx.commit().await?;
-    Ok(result)
+    .await;
+    if let Err(e) = result {
+        if let Some(cache) = cache {
+            for w in &work {
+                cache.forget(w.batch.target.partition);
+            }
+        }
+        return Err(e);
+    }
+    let mut cache = cache;
+    for (w, (plan, _)) in work.iter().zip(&plans) {
+        if let Some(cache) = cache.as_deref_mut() {
+            cache.store(w.batch.target.partition, w.batch.target.epoch, &plan.writes);
+        }
+        out.push((
+            w.batch.target.partition,
+            Ok(BatchResult {
+                messages: plan.processed.len() + plan.duplicates.len() + plan.dead_letters.len(),
+                applied: plan.applied(),
+                rejected: plan.rejected(),
+                duplicates: plan.duplicates.len(),
+                dead_letters: plan.dead_letters.len(),
+                events: plan.events.len(),
+                parked: plan.parked.len(),
+                newly_parked: plan
+                    .newly_parked
+                    .iter()
+                    .map(|(a, _, _)| a.clone())
+                    .collect(),
+                halted_at: plan.halted_at,
+                next_offset: plan.next_offset,
+            }),
+        ));
+    }
+    Ok(out)
+}
+
+/// Loads what the partitions' fresh messages need (aggregates from `cache` where it has
+/// them), plans each partition in turn, and writes all plans. A command planned in an
+/// earlier partition of the group counts as known in the later ones. Returns each plan with
+/// its partition's last outbox sequence.
+async fn write_group(
+    tx: &mut Transaction<'_, Postgres>,
+    work: &[Work<'_, '_>],
+    registry: &Registry,
+    options: &PlanOptions,
+    cache: Option<&AggregateCache>,
+) -> Result<Vec<(Plan, i64)>> {
+    let all = || work.iter().flat_map(|w| w.fresh.iter());
+    let mut known = load_outcomes(tx, all()).await?;
+    let mut aggregates: HashMap<AggregateKey, Loaded> = HashMap::new();
+    let mut missing: Vec<(&str, &str)> = Vec::new();
+    for w in work {
+        for c in w.fresh.iter().filter_map(|m| m.decoded.as_ref().ok()) {
+            let key = (c.command_type.aggregate_type(), c.subject.as_str());
+            let cached = cache.and_then(|cache| {
+                let t = &w.batch.target;
+                cache.get(t.partition, t.epoch, &(key.0.to_owned(), key.1.to_owned()))
+            });
+            match cached {
+                Some(loaded) => {
+                    aggregates.insert((key.0.to_owned(), key.1.to_owned()), loaded.clone());
+                }
+                None => missing.push(key),
+            }
+        }
+    }
+    aggregates.extend(load_aggregates(tx, missing).await?);
+    let parked = load_parked(tx, all()).await?;
+    let mut plans = Vec::with_capacity(work.len());
+    for w in work {
+        let plan = batch::plan(registry, options, w.fresh, &known, &aggregates, &parked);
+        for r in &plan.processed {
+            known.insert((r.source.clone(), r.command_id.clone()), r.outcome.clone());
+        }
+        plans.push(plan);
+    }
+    let targets: Vec<(&BatchTarget<'_>, &Plan, i64)> = work
+        .iter()
+        .zip(&plans)
+        .map(|(w, p)| (&w.batch.target, p, w.outbox_seq))
+        .collect();
+    let ends = write_plans(tx, &targets).await?;
+    for (target, plan, _) in &targets {
+        write_parked(tx, target, plan).await?;
+    }
+    Ok(plans.into_iter().zip(ends).collect())
 }
 
 /// Inside `tx`, which holds the partition's row lock: loads the outcomes, aggregates and
@@ -466,13 +774,17 @@ pub(crate) async fn plan_and_write(
     messages: &[Incoming],
     outbox_seq: i64,
 ) -> Result<(Plan, i64)> {
-    let known = load_outcomes(tx, messages).await?;
-    let aggregates = load_aggregates(tx, messages).await?;
-    let parked = load_parked(tx, messages).await?;
-    let plan = batch::plan(registry, options, messages, &known, &aggregates, &parked);
-    let outbox_end = write_plan(tx, target, &plan, outbox_seq).await?;
-    write_parked(tx, target, &plan).await?;
-    Ok((plan, outbox_end))
+    let batch = PartitionBatch {
+        target: target.clone(),
+        messages,
+    };
+    let work = [Work {
+        batch: &batch,
+        fresh: messages,
+        outbox_seq,
+    }];
+    let mut written = write_group(tx, &work, registry, options, None).await?;
+    Ok(written.pop().expect("one plan"))
 }
 
 /// A recorded outcome from a row of `source, command_id, outcome, reason, version, event_ids`.
@@ -491,12 +803,11 @@ fn outcome_row(r: &sqlx::postgres::PgRow) -> (CommandKey, Outcome) {
     ((r.get(0), r.get(1)), recorded)
 }
 
-async fn load_outcomes(
+async fn load_outcomes<'m>(
     tx: &mut Transaction<'_, Postgres>,
-    msgs: &[Incoming],
+    msgs: impl Iterator<Item = &'m Incoming>,
 ) -> Result<HashMap<CommandKey, Outcome>> {
     let (sources, ids): (Vec<&str>, Vec<&str>) = msgs
-        .iter()
         .filter_map(|m| m.decoded.as_ref().ok())
         .map(|c| (c.source.as_str(), c.id.as_str()))
         .unzip();
@@ -518,13 +829,8 @@ async fn load_outcomes(
 
 async fn load_aggregates(
     tx: &mut Transaction<'_, Postgres>,
-    msgs: &[Incoming],
+    mut keys: Vec<(&str, &str)>,
 ) -> Result<HashMap<AggregateKey, Loaded>> {
-    let mut keys: Vec<(&str, &str)> = msgs
-        .iter()
-        .filter_map(|m| m.decoded.as_ref().ok())
-        .map(|c| (c.command_type.aggregate_type(), c.subject.as_str()))
-        .collect();
     keys.sort_unstable();
     keys.dedup();
     if keys.is_empty() {
@@ -554,15 +860,17 @@ async fn load_aggregates(
         .collect())
 }
 
-async fn load_parked(
+async fn load_parked<'m>(
     tx: &mut Transaction<'_, Postgres>,
-    msgs: &[Incoming],
+    msgs: impl Iterator<Item = &'m Incoming>,
 ) -> Result<HashSet<AggregateKey>> {
-    let (types, ids): (Vec<&str>, Vec<&str>) = msgs
-        .iter()
+    let mut keys: Vec<(&str, &str)> = msgs
         .filter_map(|m| m.decoded.as_ref().ok())
         .map(|c| (c.command_type.aggregate_type(), c.subject.as_str()))
-        .unzip();
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let (types, ids): (Vec<&str>, Vec<&str>) = keys.into_iter().unzip();
     if types.is_empty() {
         return Ok(HashSet::new());
     }
@@ -620,29 +928,33 @@ async fn write_parked(
     Ok(())
 }
 
-/// An outbox row before it is numbered.
-enum Pending {
-    Event(commands::EventEnvelope),
-    Row(OutboxRow),
+/// What an outbox row is made from, before it is numbered.
+enum Pending<'p> {
+    Event(&'p commands::EventEnvelope),
+    DeadLetter(&'p batch::DeadLetterRow),
 }
 
 /// An outbox row to insert.
-struct OutboxRow {
-    topic: String,
+struct OutboxRow<'t> {
+    topic: &'t str,
     key: Option<Vec<u8>>,
     payload: Option<Vec<u8>>,
     headers: Value,
 }
 
-async fn write_plan(
+async fn write_plans(
     tx: &mut Transaction<'_, Postgres>,
-    target: &BatchTarget<'_>,
-    plan: &Plan,
-    outbox_seq: i64,
-) -> Result<i64> {
+    plans: &[(&BatchTarget<'_>, &Plan, i64)],
+) -> Result<Vec<i64>> {
+    let Some((first, _, _)) = plans.first() else {
+        return Ok(Vec::new());
+    };
+    let topic = first.topic;
     // Aggregates first: a version conflict aborts before anything else is written.
-    let (inserts, updates): (Vec<_>, Vec<_>) =
-        plan.writes.iter().partition(|w| w.read_version == 0);
+    let (inserts, updates): (Vec<_>, Vec<_>) = plans
+        .iter()
+        .flat_map(|(_, p, _)| &p.writes)
+        .partition(|w| w.read_version == 0);
     if !inserts.is_empty() {
         let n = sqlx::query(
             "INSERT INTO aggregates (aggregate_type, aggregate_id, version, state)
@@ -662,7 +974,7 @@ async fn write_plan(
                 .collect::<Vec<_>>(),
         )
         .bind(inserts.iter().map(|w| w.new_version).collect::<Vec<_>>())
-        .bind(inserts.iter().map(|w| w.state.clone()).collect::<Vec<_>>())
+        .bind(inserts.iter().map(|w| &w.state).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?
         .rows_affected();
@@ -695,7 +1007,7 @@ async fn write_plan(
         )
         .bind(updates.iter().map(|w| w.read_version).collect::<Vec<_>>())
         .bind(updates.iter().map(|w| w.new_version).collect::<Vec<_>>())
-        .bind(updates.iter().map(|w| w.state.clone()).collect::<Vec<_>>())
+        .bind(updates.iter().map(|w| &w.state).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?
         .rows_affected();
@@ -708,53 +1020,61 @@ async fn write_plan(
         }
     }
 
-    if !plan.processed.is_empty() {
-        let p = &plan.processed;
+    // Rows of every table carry their partition, so all partitions go in one statement.
+    let processed: Vec<(i32, &batch::ProcessedRow)> = plans
+        .iter()
+        .flat_map(|(t, p, _)| p.processed.iter().map(|r| (t.partition, r)))
+        .collect();
+    if !processed.is_empty() {
+        let p = &processed;
         sqlx::query(
             "INSERT INTO processed_commands
                (source, command_id, aggregate_type, aggregate_id, command_type, outcome, reason, version,
                 event_ids, topic, partition, \"offset\")
-             SELECT s, c, t, i, ct, o, r, v, COALESCE(string_to_array(e, ',')::uuid[], '{}'), $10, $11, off
+             SELECT s, c, t, i, ct, o, r, v, COALESCE(string_to_array(e, ',')::uuid[], '{}'), $10, part, off
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                         $8::bigint[], $9::text[], $12::bigint[])
-               AS u(s, c, t, i, ct, o, r, v, e, off)",
+                         $8::bigint[], $9::text[], $11::int[], $12::bigint[])
+               AS u(s, c, t, i, ct, o, r, v, e, part, off)",
         )
-        .bind(p.iter().map(|r| r.source.as_str()).collect::<Vec<_>>())
-        .bind(p.iter().map(|r| r.command_id.as_str()).collect::<Vec<_>>())
-        .bind(p.iter().map(|r| r.aggregate_type.as_str()).collect::<Vec<_>>())
-        .bind(p.iter().map(|r| r.aggregate_id.as_str()).collect::<Vec<_>>())
-        .bind(p.iter().map(|r| r.command_type.as_str()).collect::<Vec<_>>())
-        .bind(p.iter().map(|r| r.outcome.outcome.as_str()).collect::<Vec<_>>())
-        .bind(p.iter().map(|r| r.outcome.reason.as_deref()).collect::<Vec<_>>())
-        .bind(p.iter().map(|r| r.outcome.version).collect::<Vec<_>>())
-        .bind(p.iter().map(|r| join_ids(&r.outcome.event_ids)).collect::<Vec<_>>())
-        .bind(target.topic)
-        .bind(target.partition)
-        .bind(p.iter().map(|r| r.offset).collect::<Vec<_>>())
+        .bind(p.iter().map(|(_, r)| r.source.as_str()).collect::<Vec<_>>())
+        .bind(p.iter().map(|(_, r)| r.command_id.as_str()).collect::<Vec<_>>())
+        .bind(p.iter().map(|(_, r)| r.aggregate_type.as_str()).collect::<Vec<_>>())
+        .bind(p.iter().map(|(_, r)| r.aggregate_id.as_str()).collect::<Vec<_>>())
+        .bind(p.iter().map(|(_, r)| r.command_type.as_str()).collect::<Vec<_>>())
+        .bind(p.iter().map(|(_, r)| r.outcome.outcome.as_str()).collect::<Vec<_>>())
+        .bind(p.iter().map(|(_, r)| r.outcome.reason.as_deref()).collect::<Vec<_>>())
+        .bind(p.iter().map(|(_, r)| r.outcome.version).collect::<Vec<_>>())
+        .bind(p.iter().map(|(_, r)| join_ids(&r.outcome.event_ids)).collect::<Vec<_>>())
+        .bind(topic)
+        .bind(p.iter().map(|(part, _)| *part).collect::<Vec<_>>())
+        .bind(p.iter().map(|(_, r)| r.offset).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?;
     }
 
-    if !plan.duplicates.is_empty() {
-        let d = &plan.duplicates;
+    let duplicates: Vec<(i32, &batch::DuplicateRow)> = plans
+        .iter()
+        .flat_map(|(t, p, _)| p.duplicates.iter().map(|r| (t.partition, r)))
+        .collect();
+    if !duplicates.is_empty() {
+        let d = &duplicates;
         sqlx::query(
             "INSERT INTO duplicate_deliveries (topic, partition, \"offset\", source, command_id)
-             SELECT $1, $2, off, s, c FROM UNNEST($3::bigint[], $4::text[], $5::text[]) AS u(off, s, c)
+             SELECT $1, part, off, s, c FROM UNNEST($2::int[], $3::bigint[], $4::text[], $5::text[]) AS u(part, off, s, c)
              ON CONFLICT (topic, partition, \"offset\") DO UPDATE SET seen_at = now()",
         )
-        .bind(target.topic)
-        .bind(target.partition)
-        .bind(d.iter().map(|r| r.offset).collect::<Vec<_>>())
-        .bind(d.iter().map(|r| r.source.as_str()).collect::<Vec<_>>())
-        .bind(d.iter().map(|r| r.command_id.as_str()).collect::<Vec<_>>())
+        .bind(topic)
+        .bind(d.iter().map(|(part, _)| *part).collect::<Vec<_>>())
+        .bind(d.iter().map(|(_, r)| r.offset).collect::<Vec<_>>())
+        .bind(d.iter().map(|(_, r)| r.source.as_str()).collect::<Vec<_>>())
+        .bind(d.iter().map(|(_, r)| r.command_id.as_str()).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?;
     }
 
-    let mut outbox = Vec::with_capacity(plan.events.len() + plan.dead_letters.len());
-    let mut seq = outbox_seq;
-    if !plan.events.is_empty() {
-        let e = &plan.events;
+    let events: Vec<&batch::EventRow> = plans.iter().flat_map(|(_, p, _)| &p.events).collect();
+    if !events.is_empty() {
+        let e = &events;
         sqlx::query(
             "INSERT INTO events (event_id, aggregate_type, aggregate_id, version, event_type, data, source, command_id)
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::jsonb[],
@@ -765,39 +1085,122 @@ async fn write_plan(
         .bind(e.iter().map(|r| r.envelope.subject.as_str()).collect::<Vec<_>>())
         .bind(e.iter().map(|r| r.envelope.aggregate_version as i64).collect::<Vec<_>>())
         .bind(e.iter().map(|r| r.envelope.event_type.as_str()).collect::<Vec<_>>())
-        .bind(e.iter().map(|r| r.envelope.data.clone()).collect::<Vec<_>>())
+        .bind(e.iter().map(|r| &r.envelope.data).collect::<Vec<_>>())
         .bind(e.iter().map(|r| r.envelope.command_source.as_str()).collect::<Vec<_>>())
         .bind(e.iter().map(|r| r.envelope.command_id.as_str()).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?;
-        for ev in e {
-            outbox.push((ev.offset, Pending::Event(ev.envelope.clone())));
-        }
     }
 
-    if !plan.dead_letters.is_empty() {
-        let d = &plan.dead_letters;
+    let dead_letters: Vec<(i32, &batch::DeadLetterRow)> = plans
+        .iter()
+        .flat_map(|(t, p, _)| p.dead_letters.iter().map(|r| (t.partition, r)))
+        .collect();
+    if !dead_letters.is_empty() {
+        let d = &dead_letters;
         sqlx::query(
             "INSERT INTO dead_letters (topic, partition, \"offset\", kind, message, key, value, headers,
                                        aggregate_type, aggregate_id)
-             SELECT $1, $2, off, k, m, key, val, h, t, i
-             FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::bytea[], $7::bytea[], $8::jsonb[],
-                         $9::text[], $10::text[]) AS u(off, k, m, key, val, h, t, i)
+             SELECT $1, part, off, k, m, key, val, h, t, i
+             FROM UNNEST($2::int[], $3::bigint[], $4::text[], $5::text[], $6::bytea[], $7::bytea[], $8::jsonb[],
+                         $9::text[], $10::text[]) AS u(part, off, k, m, key, val, h, t, i)
              ON CONFLICT DO NOTHING",
         )
-        .bind(target.topic)
-        .bind(target.partition)
-        .bind(d.iter().map(|r| r.offset).collect::<Vec<_>>())
-        .bind(d.iter().map(|r| r.kind.as_str()).collect::<Vec<_>>())
-        .bind(d.iter().map(|r| r.message.as_str()).collect::<Vec<_>>())
-        .bind(d.iter().map(|r| r.key.clone()).collect::<Vec<_>>())
-        .bind(d.iter().map(|r| r.value.clone()).collect::<Vec<_>>())
-        .bind(d.iter().map(|r| headers_to_json(&r.headers)).collect::<Vec<_>>())
-        .bind(d.iter().map(|r| r.aggregate.as_ref().map(|a| a.0.as_str())).collect::<Vec<_>>())
-        .bind(d.iter().map(|r| r.aggregate.as_ref().map(|a| a.1.as_str())).collect::<Vec<_>>())
+        .bind(topic)
+        .bind(d.iter().map(|(part, _)| *part).collect::<Vec<_>>())
+        .bind(d.iter().map(|(_, r)| r.offset).collect::<Vec<_>>())
+        .bind(d.iter().map(|(_, r)| r.kind.as_str()).collect::<Vec<_>>())
+        .bind(d.iter().map(|(_, r)| r.message.as_str()).collect::<Vec<_>>())
+        .bind(d.iter().map(|(_, r)| r.key.as_deref()).collect::<Vec<_>>())
+        .bind(d.iter().map(|(_, r)| r.value.as_deref()).collect::<Vec<_>>())
+        .bind(d.iter().map(|(_, r)| headers_to_json(&r.headers)).collect::<Vec<_>>())
+        .bind(d.iter().map(|(_, r)| r.aggregate.as_ref().map(|a| a.0.as_str())).collect::<Vec<_>>())
+        .bind(d.iter().map(|(_, r)| r.aggregate.as_ref().map(|a| a.1.as_str())).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?;
-        for dl in d {
+    }
+
+    // Each partition's outbox rows, numbered in offset order (a command's events keep their
+    // own order), so the sequence depends only on the partition's messages, not on where
+    // batches happened to split them: after a database restore the re-derived rows get the
+    // same numbers, and the relay's recovered position skips exactly what was published.
+    let mut ends = Vec::with_capacity(plans.len());
+    let mut outbox: Vec<(i32, i64, OutboxRow)> = Vec::new();
+    for (target, plan, outbox_seq) in plans {
+        let mut pending: Vec<(i64, Pending<'_>)> =
+            Vec::with_capacity(plan.events.len() + plan.dead_letters.len());
+        pending.extend(
+            plan.events
+                .iter()
+                .map(|e| (e.offset, Pending::Event(&e.envelope))),
+        );
+        pending.extend(
+            plan.dead_letters
+                .iter()
+                .map(|d| (d.offset, Pending::DeadLetter(d))),
+        );
+        pending.sort_by_key(|(offset, _)| *offset);
+        let mut seq = *outbox_seq;
+        for (_, p) in pending {
+            seq += 1;
+            outbox.push((target.partition, seq, outbox_row(target, p, seq)));
+        }
+        ends.push(seq);
+    }
+    if !outbox.is_empty() {
+        sqlx::query(
+            "INSERT INTO outbox (commands_topic, partition, seq, topic, key, payload, headers)
+             SELECT $1, part, s, t, k, p, h
+             FROM UNNEST($2::int[], $3::bigint[], $4::text[], $5::bytea[], $6::bytea[], $7::jsonb[])
+               AS u(part, s, t, k, p, h)",
+        )
+        .bind(topic)
+        .bind(outbox.iter().map(|(part, _, _)| *part).collect::<Vec<_>>())
+        .bind(outbox.iter().map(|(_, seq, _)| *seq).collect::<Vec<_>>())
+        .bind(outbox.iter().map(|(_, _, o)| o.topic).collect::<Vec<_>>())
+        .bind(
+            outbox
+                .iter()
+                .map(|(_, _, o)| o.key.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            outbox
+                .iter()
+                .map(|(_, _, o)| o.payload.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            outbox
+                .iter()
+                .map(|(_, _, o)| &o.headers)
+                .collect::<Vec<_>>(),
+        )
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(ends)
+}
+
+/// The outbox row of an event (on the events topic, keyed by its aggregate, numbered
+/// `seq`) or of a dead letter (on the dead-letter topic, the original bytes and headers
+/// plus the `cmdproc-error-*` and `cmdproc-original-*` headers).
+fn outbox_row<'t>(target: &BatchTarget<'t>, pending: Pending<'_>, seq: i64) -> OutboxRow<'t> {
+    match pending {
+        Pending::Event(envelope) => {
+            let mut envelope = envelope.clone();
+            envelope.sequence = seq as u64;
+            OutboxRow {
+                topic: target.events_topic,
+                key: Some(envelope.subject.clone().into_bytes()),
+                payload: Some(serde_json::to_vec(&envelope.to_json()).expect("JSON serializes")),
+                headers: headers_to_json(&[(
+                    "content-type".into(),
+                    Some(CLOUDEVENTS_JSON.as_bytes().to_vec()),
+                )]),
+            }
+        }
+        Pending::DeadLetter(dl) => {
             let mut headers: Vec<Header> = dl.headers.clone();
             let mut add = |k: &str, v: String| headers.push((k.to_owned(), Some(v.into_bytes())));
             add("cmdproc-error-kind", dl.kind.as_str().to_owned());
@@ -805,64 +1208,14 @@ async fn write_plan(
             add("cmdproc-original-topic", target.topic.to_owned());
             add("cmdproc-original-partition", target.partition.to_string());
             add("cmdproc-original-offset", dl.offset.to_string());
-            outbox.push((
-                dl.offset,
-                Pending::Row(OutboxRow {
-                    topic: target.dead_letter_topic.to_owned(),
-                    key: dl.key.clone(),
-                    payload: dl.value.clone(),
-                    headers: headers_to_json(&headers),
-                }),
-            ));
+            OutboxRow {
+                topic: target.dead_letter_topic,
+                key: dl.key.clone(),
+                payload: dl.value.clone(),
+                headers: headers_to_json(&headers),
+            }
         }
     }
-
-    // Number the rows in offset order (a command's events keep their own order), so the
-    // sequence depends only on the partition's messages, not on where batches happened to
-    // split them: after a database restore the re-derived rows get the same numbers, and
-    // the relay's recovered position skips exactly what was published before.
-    outbox.sort_by_key(|(offset, _)| *offset);
-    let outbox: Vec<OutboxRow> = outbox
-        .into_iter()
-        .map(|(_, pending)| {
-            seq += 1;
-            match pending {
-                Pending::Row(row) => row,
-                Pending::Event(mut envelope) => {
-                    envelope.sequence = seq as u64;
-                    OutboxRow {
-                        topic: target.events_topic.to_owned(),
-                        key: Some(envelope.subject.clone().into_bytes()),
-                        payload: Some(
-                            serde_json::to_vec(&envelope.to_json()).expect("JSON serializes"),
-                        ),
-                        headers: headers_to_json(&[(
-                            "content-type".into(),
-                            Some(CLOUDEVENTS_JSON.as_bytes().to_vec()),
-                        )]),
-                    }
-                }
-            }
-        })
-        .collect();
-
-    if !outbox.is_empty() {
-        sqlx::query(
-            "INSERT INTO outbox (commands_topic, partition, seq, topic, key, payload, headers)
-             SELECT $7, $1, s, t, k, p, h FROM UNNEST($2::bigint[], $3::text[], $4::bytea[], $5::bytea[], $6::jsonb[])
-               AS u(s, t, k, p, h)",
-        )
-        .bind(target.partition)
-        .bind((outbox_seq + 1..=seq).collect::<Vec<i64>>())
-        .bind(outbox.iter().map(|o| o.topic.as_str()).collect::<Vec<_>>())
-        .bind(outbox.iter().map(|o| o.key.clone()).collect::<Vec<_>>())
-        .bind(outbox.iter().map(|o| o.payload.clone()).collect::<Vec<_>>())
-        .bind(outbox.iter().map(|o| o.headers.clone()).collect::<Vec<_>>())
-        .bind(target.topic)
-        .execute(&mut **tx)
-        .await?;
-    }
-    Ok(seq)
 }
 
 fn join_ids(ids: &[Uuid]) -> Option<String> {
@@ -910,6 +1263,8 @@ pub async fn outbox_backlog(pool: &PgPool, topic: &str) -> Result<Vec<Backlog>> 
 /// An outbox row read by the relay.
 #[derive(Debug, Clone)]
 pub struct OutboxMessage {
+    /// The commands partition whose outbox it is in.
+    pub partition: i32,
     /// Sequence within the commands partition.
     pub seq: i64,
     /// Destination topic.
@@ -922,66 +1277,75 @@ pub struct OutboxMessage {
     pub headers: Vec<Header>,
 }
 
-/// Locks a partition's relay position for this transaction, or returns `None` when another
-/// relay holds it. Returns the last published sequence.
-pub async fn lock_relay_position(
+/// Locks, for this transaction, the relay positions of those of `partitions` no other
+/// relay holds, and returns them with their last published sequence.
+pub async fn lock_relay_positions(
     tx: &mut Transaction<'_, Postgres>,
     topic: &str,
-    partition: i32,
-) -> Result<Option<i64>> {
-    let row = sqlx::query(
-        "SELECT published_seq FROM relay_positions WHERE topic = $1 AND partition = $2 FOR UPDATE SKIP LOCKED",
+    partitions: &[i32],
+) -> Result<Vec<(i32, i64)>> {
+    let rows = sqlx::query(
+        "SELECT partition, published_seq FROM relay_positions
+         WHERE topic = $1 AND partition = ANY($2)
+         ORDER BY partition FOR UPDATE SKIP LOCKED",
     )
     .bind(topic)
-    .bind(partition)
-    .fetch_optional(&mut **tx)
+    .bind(partitions)
+    .fetch_all(&mut **tx)
     .await?;
-    Ok(row.map(|r| r.get(0)))
+    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
-/// The next unpublished outbox rows of a partition, in sequence order.
+/// The next unpublished outbox rows of each partition in `after` (partition, last
+/// published sequence), at most `limit` per partition, in partition and sequence order.
 pub async fn next_outbox_rows(
     tx: &mut Transaction<'_, Postgres>,
     topic: &str,
-    partition: i32,
-    after: i64,
+    after: &[(i32, i64)],
     limit: i64,
 ) -> Result<Vec<OutboxMessage>> {
     let rows = sqlx::query(
-        "SELECT seq, topic, key, payload, headers FROM outbox
-         WHERE commands_topic = $4 AND partition = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        "SELECT o.partition, o.seq, o.topic, o.key, o.payload, o.headers
+         FROM UNNEST($2::int[], $3::bigint[]) AS k(partition, after)
+         CROSS JOIN LATERAL (
+           SELECT partition, seq, topic, key, payload, headers FROM outbox
+           WHERE commands_topic = $1 AND partition = k.partition AND seq > k.after
+           ORDER BY seq LIMIT $4) o
+         ORDER BY o.partition, o.seq",
     )
-    .bind(partition)
-    .bind(after)
-    .bind(limit)
     .bind(topic)
+    .bind(after.iter().map(|(p, _)| *p).collect::<Vec<i32>>())
+    .bind(after.iter().map(|(_, s)| *s).collect::<Vec<i64>>())
+    .bind(limit)
     .fetch_all(&mut **tx)
     .await?;
     Ok(rows
         .into_iter()
         .map(|r| OutboxMessage {
-            seq: r.get(0),
-            topic: r.get(1),
-            key: r.get(2),
-            payload: r.get(3),
-            headers: batch::headers_from_json(&r.get::<Value, _>(4)),
+            partition: r.get(0),
+            seq: r.get(1),
+            topic: r.get(2),
+            key: r.get(3),
+            payload: r.get(4),
+            headers: batch::headers_from_json(&r.get::<Value, _>(5)),
         })
         .collect())
 }
 
-/// Records that a partition's outbox is published up to `seq`.
+/// Records that each partition's outbox is published up to its sequence in `positions`.
 pub async fn mark_published(
     tx: &mut Transaction<'_, Postgres>,
     topic: &str,
-    partition: i32,
-    seq: i64,
+    positions: &[(i32, i64)],
 ) -> Result<()> {
     sqlx::query(
-        "UPDATE relay_positions SET published_seq = $2, published_at = now() WHERE topic = $3 AND partition = $1",
+        "UPDATE relay_positions r SET published_seq = u.seq, published_at = now()
+         FROM UNNEST($2::int[], $3::bigint[]) AS u(partition, seq)
+         WHERE r.topic = $1 AND r.partition = u.partition",
     )
-    .bind(partition)
-    .bind(seq)
     .bind(topic)
+    .bind(positions.iter().map(|(p, _)| *p).collect::<Vec<i32>>())
+    .bind(positions.iter().map(|(_, s)| *s).collect::<Vec<i64>>())
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -168,5 +168,25 @@ pub async fn create(
             }
         }
     }
+    // The broker answers before every listener sees the new topics in its metadata; a
+    // worker started right away would find no such topic. Return once they are visible.
+    let deadline = std::time::Instant::now() + timeout;
+    for (topic, status) in &out {
+        let TopicStatus::Created { partitions } = status else {
+            continue;
+        };
+        while partitions_of(brokers, topic, timeout)? != Some(*partitions) {
+            if std::time::Instant::now() > deadline {
+                return Err(TopicError::Failed {
+                    topic: topic.clone(),
+                    reason: format!(
+                        "created, but not visible with {partitions} partitions after {} ms",
+                        timeout.as_millis()
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     Ok(out)
 }

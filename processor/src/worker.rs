@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::batch::{Incoming, PlanOptions};
 use crate::metrics::{outcome, Metrics};
 use crate::retry::Backoff;
-use crate::store::{self, BatchTarget, StoreError};
+use crate::store::{self, AggregateCache, BatchTarget, PartitionBatch, StoreError};
 
 /// What to do with a command found on a partition its key does not map to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -68,6 +68,8 @@ pub struct WorkerConfig {
     /// The naive baseline of `cmdproc bench`: no aggregate cache, and each batch's Kafka
     /// offset committed synchronously (with batch size 1: per message).
     pub naive: bool,
+    /// Most aggregates kept in memory between batches (0: none).
+    pub aggregate_cache: usize,
 }
 
 /// Shared state of a worker and its rebalance callback.
@@ -327,6 +329,7 @@ impl Worker {
 
         let registry = Registry::builtin();
         let schemas = Schemas::builtin();
+        let mut cache = AggregateCache::new(cfg.aggregate_cache);
         let mut last_report = Instant::now();
         // A rewind (`cmdproc replay`) or a database restore changes a partition's epoch
         // without moving it; an idle worker would never run a batch to notice, so it looks.
@@ -357,13 +360,9 @@ impl Worker {
                     Err(_) => break,
                 }
             }
-            for (partition, messages) in group_by_partition(batch) {
-                self.apply(&consumer, &owned, &registry, partition, messages, &shutdown)
-                    .await;
-                if shutdown.is_cancelled() {
-                    break;
-                }
-            }
+            let groups = group_by_partition(batch);
+            self.apply(&consumer, &owned, &registry, &groups, &mut cache, &shutdown)
+                .await;
             if last_report.elapsed() > Duration::from_secs(10) {
                 last_report = Instant::now();
                 let m = &self.metrics;
@@ -414,129 +413,88 @@ impl Worker {
         (m.partition(), incoming)
     }
 
+    /// Applies one poll's messages, grouped by partition, in one transaction; retries the
+    /// whole batch on database errors and conflicts, and handles each partition found
+    /// fenced or moved on its own.
     #[tracing::instrument(skip_all, fields(
-        partition = partition,
-        messages = messages.len(),
-        first_offset = messages.first().map(|m| m.offset),
-        last_offset = messages.last().map(|m| m.offset),
+        partitions = groups.len(),
+        messages = groups.iter().map(|(_, m)| m.len()).sum::<usize>(),
     ))]
     async fn apply(
         &self,
         consumer: &StreamConsumer<WorkerContext>,
         owned: &Mutex<HashMap<i32, i64>>,
         registry: &Registry,
-        partition: i32,
-        messages: Vec<Incoming>,
+        groups: &[(i32, Vec<Incoming>)],
+        cache: &mut AggregateCache,
         shutdown: &CancellationToken,
     ) {
         let cfg = &self.config;
         let dead_letter_topic = cfg.commands_topic.dead_letter();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut conflict_backoff = Backoff::new(Duration::from_millis(5), Duration::from_secs(1));
-        trace_commands(partition, &messages);
+        for (partition, messages) in groups {
+            trace_commands(*partition, messages);
+        }
         loop {
-            if self.halted.lock().expect("halted set").contains(&partition) {
+            let batches: Vec<PartitionBatch<'_>> = {
+                let owned = owned.lock().expect("owned map");
+                let halted = self.halted.lock().expect("halted set");
+                let positions = self.positions.lock().expect("positions");
+                cache.retain(|p| owned.contains_key(&p));
+                groups
+                    .iter()
+                    .filter(|(p, _)| !halted.contains(p))
+                    .filter_map(|(partition, messages)| {
+                        let Some(epoch) = owned.get(partition).copied() else {
+                            tracing::debug!(
+                                partition,
+                                "skipping messages of a partition this worker does not own"
+                            );
+                            return None;
+                        };
+                        Some(PartitionBatch {
+                            target: BatchTarget {
+                                topic: cfg.commands_topic.as_str(),
+                                dead_letter_topic: dead_letter_topic.as_str(),
+                                events_topic: cfg.events_topic.as_str(),
+                                partition: *partition,
+                                epoch,
+                                expected_next: positions.get(partition).copied(),
+                            },
+                            messages,
+                        })
+                    })
+                    .collect()
+            };
+            if batches.is_empty() {
                 return;
             }
-            let Some(epoch) = owned.lock().expect("owned map").get(&partition).copied() else {
-                tracing::debug!(
-                    partition,
-                    "skipping messages of a partition this worker does not own"
-                );
-                return;
-            };
-            let target = BatchTarget {
-                topic: cfg.commands_topic.as_str(),
-                dead_letter_topic: dead_letter_topic.as_str(),
-                events_topic: cfg.events_topic.as_str(),
-                partition,
-                epoch,
-                expected_next: self
-                    .positions
-                    .lock()
-                    .expect("positions")
-                    .get(&partition)
-                    .copied(),
-            };
             let started = Instant::now();
+            let cache = (!cfg.naive).then_some(&mut *cache);
             let result =
-                store::process_batch(&self.pool, &target, registry, &cfg.plan, &messages).await;
+                store::process_batches(&self.pool, &batches, registry, &cfg.plan, cache).await;
             let elapsed = started.elapsed();
             match result {
-                Ok(r) => {
-                    self.record_batch(registry, partition, &messages, &r, elapsed);
-                    for (aggregate_type, aggregate_id) in &r.newly_parked {
-                        tracing::error!(
-                            partition,
-                            %aggregate_type,
-                            %aggregate_id,
-                            "poison command: aggregate parked; its later commands are set aside in order"
-                        );
+                Ok(results) => {
+                    let mut committed = false;
+                    for (partition, result) in results {
+                        let messages = groups
+                            .iter()
+                            .find(|(p, _)| *p == partition)
+                            .map(|(_, m)| m.as_slice())
+                            .unwrap_or_default();
+                        committed |= self
+                            .partition_done(
+                                consumer, owned, registry, partition, messages, result, elapsed,
+                            )
+                            .await;
                     }
-                    tracing::debug!(
-                        partition,
-                        applied = r.applied,
-                        rejected = r.rejected,
-                        duplicates = r.duplicates,
-                        dead_letters = r.dead_letters,
-                        next_offset = r.next_offset,
-                        "batch committed"
-                    );
-                    if cfg.naive {
-                        // The baseline commits each offset to Kafka before going on.
-                        let mut tpl = TopicPartitionList::new();
-                        let _ = tpl.add_partition_offset(
-                            cfg.commands_topic.as_str(),
-                            partition,
-                            Offset::Offset(r.next_offset),
-                        );
-                        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-                            tracing::warn!(partition, error = %e, "offset commit failed");
+                    if committed {
+                        if let Some(w) = &self.relay_wake {
+                            w.notify_one();
                         }
-                    } else {
-                        // Mirror the stored position into Kafka for lag tools; failures do
-                        // not matter.
-                        let _ = consumer.store_offset(
-                            cfg.commands_topic.as_str(),
-                            partition,
-                            r.next_offset,
-                        );
                     }
-                    if let Some(w) = &self.relay_wake {
-                        w.notify_one();
-                    }
-                    if let Some(offset) = r.halted_at {
-                        tracing::error!(
-                            partition,
-                            offset,
-                            "poison command: partition halted (--on-poison halt); restart the worker once the handler is fixed"
-                        );
-                        self.halted.lock().expect("halted set").insert(partition);
-                        let mut tpl = TopicPartitionList::new();
-                        tpl.add_partition(cfg.commands_topic.as_str(), partition);
-                        let _ = consumer.pause(&tpl);
-                    }
-                    return;
-                }
-                Err(StoreError::Fenced { mine, current, .. }) => {
-                    self.metrics.fenced_batches.inc();
-                    self.fenced(consumer, owned, partition, mine, current, None)
-                        .await;
-                    return;
-                }
-                Err(StoreError::Moved {
-                    expected, stored, ..
-                }) => {
-                    // Restored from a backup (older) or an unacknowledged commit (newer):
-                    // consume again from what the database holds.
-                    tracing::warn!(
-                        partition,
-                        expected,
-                        stored,
-                        "stored position moved behind this worker's back"
-                    );
-                    self.fenced(consumer, owned, partition, epoch, epoch, None)
-                        .await;
                     return;
                 }
                 Err(StoreError::Conflict(reason)) => {
@@ -546,7 +504,6 @@ impl Worker {
                     self.metrics.version_conflicts.inc();
                     let delay = conflict_backoff.next_delay();
                     tracing::warn!(
-                        partition,
                         %reason,
                         attempt = conflict_backoff.attempts,
                         "version conflict; reloading and retrying the batch"
@@ -559,12 +516,109 @@ impl Worker {
                 Err(e) => {
                     self.metrics.db_retries.inc();
                     let delay = backoff.next_delay();
-                    tracing::warn!(partition, error = %e, attempt = backoff.attempts, retry_in_ms = delay.as_millis() as u64, "batch failed; retrying");
+                    tracing::warn!(error = %e, attempt = backoff.attempts, retry_in_ms = delay.as_millis() as u64, "batch failed; retrying");
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }
+            }
+        }
+    }
+
+    /// Handles one partition's result of a batch. Returns whether it committed anything.
+    #[allow(clippy::too_many_arguments)]
+    async fn partition_done(
+        &self,
+        consumer: &StreamConsumer<WorkerContext>,
+        owned: &Mutex<HashMap<i32, i64>>,
+        registry: &Registry,
+        partition: i32,
+        messages: &[Incoming],
+        result: store::Result<store::BatchResult>,
+        elapsed: Duration,
+    ) -> bool {
+        let cfg = &self.config;
+        match result {
+            Ok(r) => {
+                self.record_batch(registry, partition, messages, &r, elapsed);
+                for (aggregate_type, aggregate_id) in &r.newly_parked {
+                    tracing::error!(
+                        partition,
+                        %aggregate_type,
+                        %aggregate_id,
+                        "poison command: aggregate parked; its later commands are set aside in order"
+                    );
+                }
+                tracing::debug!(
+                    partition,
+                    applied = r.applied,
+                    rejected = r.rejected,
+                    duplicates = r.duplicates,
+                    dead_letters = r.dead_letters,
+                    next_offset = r.next_offset,
+                    "batch committed"
+                );
+                if cfg.naive {
+                    // The baseline commits each offset to Kafka before going on.
+                    let mut tpl = TopicPartitionList::new();
+                    let _ = tpl.add_partition_offset(
+                        cfg.commands_topic.as_str(),
+                        partition,
+                        Offset::Offset(r.next_offset),
+                    );
+                    if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+                        tracing::warn!(partition, error = %e, "offset commit failed");
+                    }
+                } else {
+                    // Mirror the stored position into Kafka for lag tools; failures do not
+                    // matter.
+                    let _ = consumer.store_offset(
+                        cfg.commands_topic.as_str(),
+                        partition,
+                        r.next_offset,
+                    );
+                }
+                if let Some(offset) = r.halted_at {
+                    tracing::error!(
+                        partition,
+                        offset,
+                        "poison command: partition halted (--on-poison halt); restart the worker once the handler is fixed"
+                    );
+                    self.halted.lock().expect("halted set").insert(partition);
+                    let mut tpl = TopicPartitionList::new();
+                    tpl.add_partition(cfg.commands_topic.as_str(), partition);
+                    let _ = consumer.pause(&tpl);
+                }
+                r.messages > 0
+            }
+            Err(StoreError::Fenced { mine, current, .. }) => {
+                self.metrics.fenced_batches.inc();
+                self.fenced(consumer, owned, partition, mine, current, None)
+                    .await;
+                false
+            }
+            Err(StoreError::Moved {
+                expected, stored, ..
+            }) => {
+                // Restored from a backup (older) or an unacknowledged commit (newer):
+                // consume again from what the database holds.
+                tracing::warn!(
+                    partition,
+                    expected,
+                    stored,
+                    "stored position moved behind this worker's back"
+                );
+                let epoch = owned.lock().expect("owned map").get(&partition).copied();
+                if let Some(epoch) = epoch {
+                    self.fenced(consumer, owned, partition, epoch, epoch, None)
+                        .await;
+                }
+                false
+            }
+            Err(e) => {
+                tracing::error!(partition, error = %e, "unexpected result for a partition");
+                false
             }
         }
     }

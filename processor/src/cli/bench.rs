@@ -462,6 +462,10 @@ fn targets(results: &[RunResult]) -> Vec<Target> {
     out
 }
 
+/// The aggregate cache of the ceiling's tasks: the workers' default (`cmdproc run
+/// --aggregate-cache`).
+const CEILING_CACHE: usize = 100_000;
+
 /// A fresh database of its own for a run; dropped when the run ends.
 struct RunDatabase {
     admin: PgPool,
@@ -510,11 +514,11 @@ async fn ceiling_run(common: &Common, args: &BenchArgs) -> anyhow::Result<RunRes
     let db = RunDatabase::create(common).await?;
     let result = ceiling::run(
         &db.pool,
-        db.ns.commands.as_str(),
-        db.ns.events.as_str(),
+        &db.ns,
         args.partitions,
         args.workers,
         args.batch_size as usize,
+        CEILING_CACHE,
         &commands,
     )
     .await;

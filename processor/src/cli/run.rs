@@ -67,6 +67,10 @@ pub struct RunArgs {
     /// endpoint and says so.
     #[arg(long, env = "CMDPROC_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Most aggregates kept in memory between batches, so a batch reads from Postgres only
+    /// those it has not seen (writes stay version-checked). 0 turns the cache off.
+    #[arg(long, env = "CMDPROC_AGGREGATE_CACHE", default_value_t = 100_000)]
+    pub aggregate_cache: usize,
     /// Benchmark baseline, not for production: apply every command in a transaction of its
     /// own (batch size 1, no linger, no aggregate cache) and commit its Kafka offset
     /// synchronously, the way a hand-rolled consumer would. `cmdproc bench` compares
@@ -109,6 +113,11 @@ pub async fn run(common: &Common, args: RunArgs) -> anyhow::Result<()> {
             args.batch_linger
         },
         naive: args.naive_baseline,
+        aggregate_cache: if args.naive_baseline {
+            0
+        } else {
+            args.aggregate_cache
+        },
         max_command_bytes: args.max_command_bytes,
         session_timeout: args.session_timeout,
         misrouted: args.misrouted,
@@ -130,6 +139,7 @@ pub async fn run(common: &Common, args: RunArgs) -> anyhow::Result<()> {
             pool.clone(),
             &common.brokers,
             common.commands_topic.as_str(),
+            &config.owner,
             1000,
             Some(owned.clone()),
         )?

@@ -1,8 +1,8 @@
-//! The database ceiling: the workers' batched SQL ([`store::process_batch`], the very
-//! function the workers call) driven straight from memory against Postgres, with no Kafka
-//! on either side. Commands are routed to partitions with murmur2 as a producer would, cut
-//! into batches of the workers' size, and applied by one task per worker, each owning
-//! every `workers`-th partition.
+//! The database ceiling: the workers' batched SQL ([`store::process_batches`], the very
+//! function the workers call, with the same aggregate cache) driven straight from memory
+//! against Postgres, with no Kafka on either side. Commands are routed to partitions with
+//! murmur2 as a producer would, and applied by one task per worker, each owning every
+//! `workers`-th partition and taking batches of the workers' size across them.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -14,19 +14,21 @@ use commands::Command;
 use sqlx::PgPool;
 
 use crate::batch::{Incoming, PlanOptions};
-use crate::store::{self, BatchTarget};
+use crate::cli::demo::Namespace;
+use crate::store::{self, AggregateCache, BatchTarget, PartitionBatch};
 
-/// Applies `commands` through `workers` concurrent tasks in batches of `batch_size`;
+/// Applies `commands` (to the namespace's topics) through `workers` concurrent tasks in batches of `batch_size`;
 /// returns how long it took and the number of commands applied or rejected.
 pub(super) async fn run(
     pool: &PgPool,
-    topic: &str,
-    events_topic: &str,
+    ns: &Namespace,
     partitions: i32,
     workers: u32,
     batch_size: usize,
+    cache_capacity: usize,
     commands: &[Command],
 ) -> anyhow::Result<(Duration, usize)> {
+    let (topic, events_topic) = (ns.commands.as_str(), ns.events.as_str());
     let mut by_partition: BTreeMap<i32, Vec<Incoming>> = BTreeMap::new();
     for c in commands {
         let p =
@@ -59,29 +61,39 @@ pub(super) async fn run(
             let registry = Registry::builtin();
             let options = PlanOptions::default();
             let dead_letter_topic = format!("{topic}.dlq");
+            let mut cache = AggregateCache::new(cache_capacity);
             let mut done = 0usize;
-            // Round-robin over the task's partitions, one batch each, as a worker whose
-            // fetches bring every partition a little at a time.
+            // Like a worker's poll: up to `batch_size` messages in all, an equal share from
+            // each partition, applied in one transaction.
             let mut cursors: Vec<(i32, i64, usize, &[Incoming])> = share
                 .iter()
                 .map(|(p, e, l)| (*p, *e, 0, l.as_slice()))
                 .collect();
             while !cursors.is_empty() {
-                for (partition, epoch, at, list) in &mut cursors {
-                    let end = (*at + batch_size).min(list.len());
-                    let target = BatchTarget {
-                        topic: &topic,
-                        dead_letter_topic: &dead_letter_topic,
-                        events_topic: &events_topic,
-                        partition: *partition,
-                        epoch: *epoch,
-                        expected_next: Some(*at as i64),
-                    };
-                    let r =
-                        store::process_batch(&pool, &target, &registry, &options, &list[*at..end])
-                            .await?;
+                let each = (batch_size / cursors.len()).max(1);
+                let batches: Vec<PartitionBatch<'_>> = cursors
+                    .iter()
+                    .map(|(partition, epoch, at, list)| PartitionBatch {
+                        target: BatchTarget {
+                            topic: &topic,
+                            dead_letter_topic: &dead_letter_topic,
+                            events_topic: &events_topic,
+                            partition: *partition,
+                            epoch: *epoch,
+                            expected_next: Some(*at as i64),
+                        },
+                        messages: &list[*at..(*at + each).min(list.len())],
+                    })
+                    .collect();
+                let results =
+                    store::process_batches(&pool, &batches, &registry, &options, Some(&mut cache))
+                        .await?;
+                for (_, r) in results {
+                    let r = r?;
                     done += r.applied + r.rejected;
-                    *at = end;
+                }
+                for (_, _, at, list) in &mut cursors {
+                    *at = (*at + each).min(list.len());
                 }
                 cursors.retain(|(_, _, at, list)| *at < list.len());
             }
