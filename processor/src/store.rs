@@ -1278,21 +1278,43 @@ pub struct OutboxMessage {
 }
 
 /// Locks, for this transaction, the relay positions of those of `partitions` no other
-/// relay holds, and returns them with their last published sequence.
+/// relay holds, and returns them with their last published sequence. With `epochs` (one
+/// per partition: the worker's fencing tokens), only partitions still at that epoch are
+/// taken, so the relay of a worker that lost a partition cannot publish it any more.
 pub async fn lock_relay_positions(
     tx: &mut Transaction<'_, Postgres>,
     topic: &str,
     partitions: &[i32],
+    epochs: Option<&[i64]>,
 ) -> Result<Vec<(i32, i64)>> {
-    let rows = sqlx::query(
-        "SELECT partition, published_seq FROM relay_positions
-         WHERE topic = $1 AND partition = ANY($2)
-         ORDER BY partition FOR UPDATE SKIP LOCKED",
-    )
-    .bind(topic)
-    .bind(partitions)
-    .fetch_all(&mut **tx)
-    .await?;
+    let rows = match epochs {
+        None => {
+            sqlx::query(
+                "SELECT partition, published_seq FROM relay_positions
+                 WHERE topic = $1 AND partition = ANY($2)
+                 ORDER BY partition FOR UPDATE SKIP LOCKED",
+            )
+            .bind(topic)
+            .bind(partitions)
+            .fetch_all(&mut **tx)
+            .await?
+        }
+        Some(epochs) => {
+            sqlx::query(
+                "SELECT r.partition, r.published_seq
+                 FROM relay_positions r
+                 JOIN UNNEST($2::int[], $3::bigint[]) AS k(partition, epoch) ON k.partition = r.partition
+                 JOIN partitions p ON p.topic = r.topic AND p.partition = r.partition AND p.epoch = k.epoch
+                 WHERE r.topic = $1
+                 ORDER BY r.partition FOR UPDATE OF r SKIP LOCKED",
+            )
+            .bind(topic)
+            .bind(partitions)
+            .bind(epochs)
+            .fetch_all(&mut **tx)
+            .await?
+        }
+    };
     Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 

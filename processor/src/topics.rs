@@ -190,3 +190,32 @@ pub async fn create(
     }
     Ok(out)
 }
+
+/// Deletes `topics`; those that do not exist are skipped.
+pub async fn delete(brokers: &str, topics: &[&str], timeout: Duration) -> Result<(), TopicError> {
+    let admin = admin(brokers, timeout)?;
+    let results = admin
+        .delete_topics(
+            topics,
+            &AdminOptions::new()
+                .operation_timeout(Some(timeout))
+                .request_timeout(Some(timeout)),
+        )
+        .await
+        .map_err(|e| TopicError::Unreachable {
+            brokers: brokers.to_owned(),
+            reason: e.to_string(),
+        })?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+            Err((topic, code)) => {
+                return Err(TopicError::Failed {
+                    topic,
+                    reason: code.to_string(),
+                })
+            }
+        }
+    }
+    Ok(())
+}

@@ -79,7 +79,7 @@ impl Run {
 #[command(
     after_help = "Writes <out>/bench.json and <out>/bench.svg. Each run creates its own \
     topics, consumer group and database (cmdproc_bench_<time>) on the servers of --brokers and \
-    --database-url and drops the database afterwards. Workers are real `cmdproc run` processes \
+    --database-url and drops the database and deletes the topics afterwards. Workers are real `cmdproc run` processes \
     of this executable: benchmark a release build (cargo build --release)."
 )]
 pub struct BenchArgs {
@@ -490,7 +490,19 @@ impl RunDatabase {
         })
     }
 
-    async fn drop(self) {
+    /// Drops the database and deletes the run's topics: a benchmark's topics are large,
+    /// and a broker carrying thousands of stale partitions is slower for the next run.
+    async fn drop(self, common: &Common) {
+        let topics = [
+            self.ns.commands.as_str(),
+            self.ns.events.as_str(),
+            self.ns.dead_letters.as_str(),
+        ];
+        if let Err(e) =
+            crate::topics::delete(&common.brokers, &topics, common.connect_timeout).await
+        {
+            println!("      could not delete the run's topics: {e}");
+        }
         self.pool.close().await;
         if let Err(e) = demo::drop_database(&self.admin, &self.ns.database).await {
             println!("      could not drop database {}: {e:#}", self.ns.database);
@@ -522,7 +534,7 @@ async fn ceiling_run(common: &Common, args: &BenchArgs) -> anyhow::Result<RunRes
         &commands,
     )
     .await;
-    db.drop().await;
+    db.drop(common).await;
     let (elapsed, processed) = result?;
     anyhow::ensure!(
         processed == commands.len(),
@@ -591,7 +603,7 @@ async fn with_workers(
         outcome
     }
     .await;
-    db.drop().await;
+    db.drop(common).await;
     result
 }
 
