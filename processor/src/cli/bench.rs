@@ -99,8 +99,8 @@ pub struct BenchArgs {
     /// proportional to 1/k^s (with 10,000 accounts and 1.1, the hottest gets about 17 %).
     #[arg(long, default_value_t = 1.1)]
     pub zipf_exponent: f64,
-    /// Commands of the naive baseline (it is slow).
-    #[arg(long, default_value_t = 20_000)]
+    /// Commands of the naive baseline (it is slow: about a minute at the default).
+    #[arg(long, default_value_t = 10_000)]
     pub naive_commands: usize,
     /// Offered rate of the latency run, commands per second.
     #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
