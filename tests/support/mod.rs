@@ -80,6 +80,33 @@ pub struct TestTopics {
     pub partitions: i32,
 }
 
+/// Deletes the topics when the test ends (passed or not): a broker that keeps thousands of
+/// partitions from earlier runs gets slower for every later test and benchmark.
+impl Drop for TestTopics {
+    fn drop(&mut self) {
+        let topics = [
+            self.commands.to_string(),
+            self.events.to_string(),
+            self.dead_letters.to_string(),
+        ];
+        // Drop may run inside the test's runtime, which cannot be blocked on: use a thread
+        // with a runtime of its own. Failures (a broker stopped by the test) are ignored.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+            let _ = runtime.block_on(processor::topics::delete(
+                BROKERS,
+                &names,
+                Duration::from_secs(3),
+            ));
+        })
+        .join();
+    }
+}
+
 impl TestTopics {
     pub async fn new(partitions: i32) -> TestTopics {
         let id = unique();
