@@ -4,6 +4,11 @@ use clap::Parser;
 use processor::cli::{Cli, LogFormat};
 use tracing_subscriber::EnvFilter;
 
+/// Workers allocate for every message (decoded JSON, rows, outbox payloads); mimalloc does
+/// that with less CPU than the system allocator (measured with `cmdproc bench`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
