@@ -216,7 +216,13 @@ impl Relay {
         if let Some(p) = slot.as_ref() {
             return Ok(p.clone());
         }
-        let producer: FutureProducer = ClientConfig::new()
+        let mut config = ClientConfig::new();
+        // librdkafka's own debug contexts (e.g. `eos,protocol`) for the transactional
+        // producer, logged at debug level under `librdkafka` (CMDPROC_LOG=info,librdkafka=debug).
+        if let Ok(contexts) = std::env::var("CMDPROC_KAFKA_DEBUG") {
+            config.set("debug", contexts);
+        }
+        let producer: FutureProducer = config
             .set("bootstrap.servers", &self.brokers)
             .set("transactional.id", &self.transactional_id)
             .set(
@@ -227,6 +233,12 @@ impl Relay {
             .set("acks", "all")
             .set("partitioner", "murmur2_random")
             .set("linger.ms", "1")
+            // A pass starting right after the previous commit finds the broker still
+            // writing that commit's markers: the first request of the new transaction is
+            // refused (CONCURRENT_TRANSACTIONS) and retried after this backoff. The default
+            // (100 ms) was the whole latency tail.
+            .set("retry.backoff.ms", "2")
+            .set("retry.backoff.max.ms", "50")
             .set(
                 "message.timeout.ms",
                 TRANSACTION_TIMEOUT.as_millis().to_string(),
