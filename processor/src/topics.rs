@@ -131,17 +131,9 @@ pub async fn create(
         .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(replication)))
         .collect();
     let results = admin
-        .create_topics(
-            &new,
-            &AdminOptions::new()
-                .operation_timeout(Some(timeout))
-                .request_timeout(Some(timeout)),
-        )
+        .create_topics(&new, &admin_options(timeout))
         .await
-        .map_err(|e| TopicError::Unreachable {
-            brokers: brokers.to_owned(),
-            reason: e.to_string(),
-        })?;
+        .map_err(unreachable(brokers))?;
     let mut out = Vec::new();
     for (r, (topic, partitions)) in results.into_iter().zip(topics) {
         match r {
@@ -195,17 +187,9 @@ pub async fn create(
 pub async fn delete(brokers: &str, topics: &[&str], timeout: Duration) -> Result<(), TopicError> {
     let admin = admin(brokers, timeout)?;
     let results = admin
-        .delete_topics(
-            topics,
-            &AdminOptions::new()
-                .operation_timeout(Some(timeout))
-                .request_timeout(Some(timeout)),
-        )
+        .delete_topics(topics, &admin_options(timeout))
         .await
-        .map_err(|e| TopicError::Unreachable {
-            brokers: brokers.to_owned(),
-            reason: e.to_string(),
-        })?;
+        .map_err(unreachable(brokers))?;
     for r in results {
         match r {
             Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
@@ -218,4 +202,17 @@ pub async fn delete(brokers: &str, topics: &[&str], timeout: Duration) -> Result
         }
     }
     Ok(())
+}
+
+fn admin_options(timeout: Duration) -> AdminOptions {
+    AdminOptions::new()
+        .operation_timeout(Some(timeout))
+        .request_timeout(Some(timeout))
+}
+
+fn unreachable(brokers: &str) -> impl Fn(rdkafka::error::KafkaError) -> TopicError + '_ {
+    move |e| TopicError::Unreachable {
+        brokers: brokers.to_owned(),
+        reason: e.to_string(),
+    }
 }

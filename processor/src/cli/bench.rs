@@ -258,25 +258,13 @@ pub async fn run(common: &Common, args: BenchArgs) -> anyhow::Result<()> {
         let got = match run {
             Run::Ceiling => vec![ceiling_run(common, &args).await?],
             Run::Uniform => {
-                let commands = workload::commands(
-                    args.seed,
-                    args.commands,
-                    args.aggregates,
-                    Skew::Uniform,
-                    Mix::DepositsAndWithdrawals,
-                )?;
+                let commands = throughput_commands(&args, Skew::Uniform)?;
                 let replay = runs.contains(&Run::Replay);
                 with_workers(common, &args, Run::Uniform, commands, &[], replay).await?
             }
             Run::Replay => Vec::new(),
             Run::Zipf => {
-                let commands = workload::commands(
-                    args.seed,
-                    args.commands,
-                    args.aggregates,
-                    Skew::Zipf(args.zipf_exponent),
-                    Mix::DepositsAndWithdrawals,
-                )?;
+                let commands = throughput_commands(&args, Skew::Zipf(args.zipf_exponent))?;
                 with_workers(common, &args, Run::Zipf, commands, &[], false).await?
             }
             Run::Naive => {
@@ -511,14 +499,19 @@ impl RunDatabase {
     }
 }
 
-async fn ceiling_run(common: &Common, args: &BenchArgs) -> anyhow::Result<RunResult> {
-    let commands = workload::commands(
+/// The commands of a throughput run (ceiling, uniform, zipf).
+fn throughput_commands(args: &BenchArgs, skew: Skew) -> anyhow::Result<Vec<Command>> {
+    workload::commands(
         args.seed,
         args.commands,
         args.aggregates,
-        Skew::Uniform,
+        skew,
         Mix::DepositsAndWithdrawals,
-    )?;
+    )
+}
+
+async fn ceiling_run(common: &Common, args: &BenchArgs) -> anyhow::Result<RunResult> {
+    let commands = throughput_commands(args, Skew::Uniform)?;
     println!(
         "ceiling  applying {} commands straight to Postgres",
         commands.len()
