@@ -96,7 +96,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(i32).range(1..=256))]
     pub partitions: i32,
     /// Exponent of the Zipf run: the account of rank k is picked with probability
-    /// proportional to 1/k^s (with 10,000 accounts and 1.1, the hottest gets about 17 %).
+    /// proportional to 1/k^s (with 10,000 accounts and 1.1, the hottest gets about 15 %).
     #[arg(long, default_value_t = 1.1)]
     pub zipf_exponent: f64,
     /// Commands of the naive baseline (it is slow: about a minute at the default).
