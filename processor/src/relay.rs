@@ -289,29 +289,27 @@ impl Relay {
     /// a transaction open (it froze or died mid-publish; the broker aborts it after the
     /// transaction timeout) are left out, so they do not hold up the others.
     async fn stable_positions(&self, partitions: &[i32]) -> Result<HashMap<i32, i64>, RelayError> {
-        let all = self.kafka_positions(partitions, STABLE_WAIT).await;
-        if all.is_ok() || partitions.len() == 1 {
-            return match all {
-                Err(e) if partitions.len() == 1 => {
-                    tracing::debug!(partition = partitions[0], error = %e, "relay position not stable yet");
-                    Ok(HashMap::new())
-                }
-                r => r,
-            };
-        }
+        let all_failed = match self.kafka_positions(partitions, STABLE_WAIT).await {
+            Ok(all) => return Ok(all),
+            Err(e) => e,
+        };
+        // Find out which ones are held up; with one partition, that was the answer.
         let mut out = HashMap::new();
-        for p in partitions {
-            match self.kafka_positions(&[*p], STABLE_WAIT / 4).await {
-                Ok(one) => out.extend(one),
-                Err(e) => tracing::info!(
-                    partition = p,
-                    error = %e,
-                    "another relay's Kafka transaction for this partition is still open; waiting for it to commit or time out"
-                ),
+        if partitions.len() > 1 {
+            for p in partitions {
+                match self.kafka_positions(&[*p], STABLE_WAIT / 4).await {
+                    Ok(one) => out.extend(one),
+                    Err(e) => tracing::info!(
+                        partition = p,
+                        error = %e,
+                        "another relay's Kafka transaction for this partition is still open; waiting for it to commit or time out"
+                    ),
+                }
             }
         }
+        // None stable (or Kafka unreachable): the pass fails and is retried with backoff.
         if out.is_empty() {
-            return all;
+            return Err(all_failed);
         }
         Ok(out)
     }

@@ -478,25 +478,6 @@ impl AggregateCache {
     }
 }
 
-/// Applies one partition's messages in one transaction; see [`process_batches`].
-pub async fn process_batch(
-    pool: &PgPool,
-    target: &BatchTarget<'_>,
-    registry: &Registry,
-    options: &PlanOptions,
-    messages: &[Incoming],
-) -> Result<BatchResult> {
-    let batch = PartitionBatch {
-        target: target.clone(),
-        messages,
-    };
-    process_batches(pool, &[batch], registry, options, None)
-        .await?
-        .pop()
-        .map(|(_, r)| r)
-        .expect("one result per partition")
-}
-
 /// Applies a batch spanning several partitions of one commands topic in one transaction:
 /// every partition row is locked and its epoch and position checked, the outcomes and
 /// aggregates of all messages are read with one statement each, each partition is planned
@@ -637,19 +618,11 @@ async fn process_group(
         return Ok(out);
     }
 
-    let written = write_group(&mut tx, &work, registry, options, cache.as_deref()).await;
-    let plans = match written {
-        Ok(plans) => plans,
-        Err(e) => {
-            if let Some(cache) = cache {
-                for w in &work {
-                    cache.forget(w.batch.target.partition);
-                }
-            }
-            return Err(e);
-        }
-    };
-    let result = async {
+    // Nothing of the batch is kept if any of this fails (the transaction rolls back when
+    // dropped): the offsets stay, the caller retries, and the cache forgets the partitions,
+    // whose entries may hold states this transaction computed.
+    let written = async {
+        let plans = write_group(&mut tx, &work, registry, options, cache.as_deref()).await?;
         let updated = sqlx::query(
             "UPDATE partitions p SET next_offset = u.next_offset, outbox_seq = u.outbox_seq, updated_at = now()
              FROM UNNEST($2::int[], $3::bigint[], $4::bigint[], $5::bigint[]) AS u(partition, next_offset, outbox_seq, epoch)
@@ -671,18 +644,21 @@ async fn process_group(
             )));
         }
         tx.commit().await?;
-        Ok(())
+        Ok(plans)
     }
     .await;
-    if let Err(e) = result {
-        if let Some(cache) = cache {
-            for w in &work {
-                cache.forget(w.batch.target.partition);
-            }
-        }
-        return Err(e);
-    }
     let mut cache = cache;
+    let plans = match written {
+        Ok(plans) => plans,
+        Err(e) => {
+            if let Some(cache) = cache {
+                for w in &work {
+                    cache.forget(w.batch.target.partition);
+                }
+            }
+            return Err(e);
+        }
+    };
     for (w, (plan, _)) in work.iter().zip(&plans) {
         if let Some(cache) = cache.as_deref_mut() {
             cache.store(w.batch.target.partition, w.batch.target.epoch, &plan.writes);
@@ -726,15 +702,16 @@ async fn write_group(
     let mut aggregates: HashMap<AggregateKey, Loaded> = HashMap::new();
     let mut missing: Vec<(&str, &str)> = Vec::new();
     for w in work {
+        let t = &w.batch.target;
         for c in w.fresh.iter().filter_map(|m| m.decoded.as_ref().ok()) {
             let key = (c.command_type.aggregate_type(), c.subject.as_str());
-            let cached = cache.and_then(|cache| {
-                let t = &w.batch.target;
-                cache.get(t.partition, t.epoch, &(key.0.to_owned(), key.1.to_owned()))
-            });
-            match cached {
+            let owned = (key.0.to_owned(), key.1.to_owned());
+            if aggregates.contains_key(&owned) {
+                continue;
+            }
+            match cache.and_then(|cache| cache.get(t.partition, t.epoch, &owned)) {
                 Some(loaded) => {
-                    aggregates.insert((key.0.to_owned(), key.1.to_owned()), loaded.clone());
+                    aggregates.insert(owned, loaded.clone());
                 }
                 None => missing.push(key),
             }
@@ -785,6 +762,17 @@ pub(crate) async fn plan_and_write(
     }];
     let mut written = write_group(tx, &work, registry, options, None).await?;
     Ok(written.pop().expect("one plan"))
+}
+
+/// An aggregate from a row of `aggregate_type, aggregate_id, version, state`.
+fn loaded_row(r: &sqlx::postgres::PgRow) -> (AggregateKey, Loaded) {
+    (
+        (r.get(0), r.get(1)),
+        Loaded {
+            version: r.get(2),
+            state: r.get(3),
+        },
+    )
 }
 
 /// A recorded outcome from a row of `source, command_id, outcome, reason, version, event_ids`.
@@ -846,18 +834,7 @@ async fn load_aggregates(
     .bind(&ids)
     .fetch_all(&mut **tx)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| {
-            (
-                (r.get(0), r.get(1)),
-                Loaded {
-                    version: r.get(2),
-                    state: r.get(3),
-                },
-            )
-        })
-        .collect())
+    Ok(rows.iter().map(loaded_row).collect())
 }
 
 async fn load_parked<'m>(
@@ -1463,16 +1440,5 @@ pub async fn aggregates_of_topic(
     .bind(topic)
     .fetch_all(pool)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| {
-            (
-                (r.get(0), r.get(1)),
-                Loaded {
-                    version: r.get(2),
-                    state: r.get(3),
-                },
-            )
-        })
-        .collect())
+    Ok(rows.iter().map(loaded_row).collect())
 }

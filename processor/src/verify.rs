@@ -372,7 +372,14 @@ async fn replay_partition(
 
     let mut parked: HashSet<AggregateKey> = HashSet::new();
     let mut next_bound = 0;
-    let mut pending: Vec<Incoming> = Vec::with_capacity(CHUNK);
+    let mut chunk = Chunk {
+        pool,
+        topic,
+        partition,
+        registry,
+        options,
+        pending: Vec::with_capacity(CHUNK),
+    };
     let mut last_progress = Instant::now();
     let mut last_read = Instant::now();
     loop {
@@ -420,18 +427,7 @@ async fn replay_partition(
             .get(next_bound)
             .is_some_and(|(o, _)| *o <= m.offset)
         {
-            plan_chunk(
-                pool,
-                topic,
-                partition,
-                registry,
-                options,
-                &mut pending,
-                &parked,
-                replay,
-                &mut report,
-            )
-            .await?;
+            chunk.flush(&parked, replay, &mut report).await?;
             while let Some((o, key)) = parked_bounds.get(next_bound) {
                 if *o > m.offset {
                     break;
@@ -441,21 +437,10 @@ async fn replay_partition(
             }
         }
         let done = m.offset + 1 >= next_offset;
-        pending.push(m);
+        chunk.pending.push(m);
         report.messages += 1;
-        if pending.len() >= CHUNK {
-            plan_chunk(
-                pool,
-                topic,
-                partition,
-                registry,
-                options,
-                &mut pending,
-                &parked,
-                replay,
-                &mut report,
-            )
-            .await?;
+        if chunk.pending.len() >= CHUNK {
+            chunk.flush(&parked, replay, &mut report).await?;
         }
         if done {
             break;
@@ -468,73 +453,71 @@ async fn replay_partition(
             ));
         }
     }
-    plan_chunk(
-        pool,
-        topic,
-        partition,
-        registry,
-        options,
-        &mut pending,
-        &parked,
-        replay,
-        &mut report,
-    )
-    .await?;
+    chunk.flush(&parked, replay, &mut report).await?;
     consumer.unassign()?;
     Ok(report)
 }
 
-/// Plans the pending messages with the carried state, then carries the plan's outcomes and
-/// aggregate writes into that state for the next chunk.
-#[allow(clippy::too_many_arguments)]
-async fn plan_chunk(
-    pool: &PgPool,
-    topic: &str,
+/// A partition's messages read but not yet re-executed, with what planning them needs.
+struct Chunk<'a> {
+    pool: &'a PgPool,
+    topic: &'a str,
     partition: i32,
-    registry: &Registry,
-    options: &PlanOptions,
-    pending: &mut Vec<Incoming>,
-    parked: &HashSet<AggregateKey>,
-    replay: &mut Replay,
-    report: &mut PartitionReport,
-) -> anyhow::Result<()> {
-    if pending.is_empty() {
-        return Ok(());
-    }
-    let messages = std::mem::take(pending);
-    let unknown: Vec<CommandKey> = messages
-        .iter()
-        .filter_map(|m| m.decoded.as_ref().ok())
-        .map(|c| (c.source.as_str().to_owned(), c.id.as_str().to_owned()))
-        .filter(|k| !replay.outcomes.contains_key(k))
-        .collect();
-    let elsewhere = store::outcomes_recorded_elsewhere(pool, topic, partition, &unknown).await?;
-    replay.outcomes.extend(elsewhere);
-    let plan = batch::plan(
-        registry,
-        options,
-        &messages,
-        &replay.outcomes,
-        &replay.aggregates,
-        parked,
-    );
-    report.commands += plan.processed.len() as u64;
-    report.duplicates += plan.duplicates.len() as u64;
-    report.dead_letters += plan.dead_letters.len() as u64;
-    report.parked += plan.parked.len() as u64;
-    for p in plan.processed {
-        replay.outcomes.insert((p.source, p.command_id), p.outcome);
-    }
-    for w in plan.writes {
-        replay.aggregates.insert(
-            (w.aggregate_type, w.aggregate_id),
-            Loaded {
-                version: w.new_version,
-                state: w.state,
-            },
+    registry: &'a Registry,
+    options: &'a PlanOptions,
+    pending: Vec<Incoming>,
+}
+
+impl Chunk<'_> {
+    /// Plans the pending messages with the carried state, then carries the plan's outcomes
+    /// and aggregate writes into that state for the next chunk.
+    async fn flush(
+        &mut self,
+        parked: &HashSet<AggregateKey>,
+        replay: &mut Replay,
+        report: &mut PartitionReport,
+    ) -> anyhow::Result<()> {
+        let (pool, topic, partition) = (self.pool, self.topic, self.partition);
+        let (registry, options) = (self.registry, self.options);
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let messages = std::mem::take(&mut self.pending);
+        let unknown: Vec<CommandKey> = messages
+            .iter()
+            .filter_map(|m| m.decoded.as_ref().ok())
+            .map(|c| (c.source.as_str().to_owned(), c.id.as_str().to_owned()))
+            .filter(|k| !replay.outcomes.contains_key(k))
+            .collect();
+        let elsewhere =
+            store::outcomes_recorded_elsewhere(pool, topic, partition, &unknown).await?;
+        replay.outcomes.extend(elsewhere);
+        let plan = batch::plan(
+            registry,
+            options,
+            &messages,
+            &replay.outcomes,
+            &replay.aggregates,
+            parked,
         );
+        report.commands += plan.processed.len() as u64;
+        report.duplicates += plan.duplicates.len() as u64;
+        report.dead_letters += plan.dead_letters.len() as u64;
+        report.parked += plan.parked.len() as u64;
+        for p in plan.processed {
+            replay.outcomes.insert((p.source, p.command_id), p.outcome);
+        }
+        for w in plan.writes {
+            replay.aggregates.insert(
+                (w.aggregate_type, w.aggregate_id),
+                Loaded {
+                    version: w.new_version,
+                    state: w.state,
+                },
+            );
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// The consumer's position in the partition, when it has one.

@@ -1,5 +1,6 @@
 //! The worker: joins the consumer group and applies each owned partition's commands in
-//! offset order, in micro-batches, each one Postgres transaction.
+//! offset order, in micro-batches: one Postgres transaction per poll, covering every
+//! partition the poll brought.
 //!
 //! Ownership is taken in the rebalance callback: for every partition assigned, the worker
 //! increments the partition's epoch in Postgres (fencing any earlier owner) and assigns it
@@ -477,6 +478,18 @@ impl Worker {
             let elapsed = started.elapsed();
             match result {
                 Ok(results) => {
+                    // One transaction, however many partitions it carried.
+                    let messages: usize = results
+                        .iter()
+                        .filter_map(|(_, r)| r.as_ref().ok())
+                        .map(|r| r.messages)
+                        .sum();
+                    if messages > 0 {
+                        let m = &self.metrics;
+                        m.batches.inc();
+                        m.batch_size.observe(messages as f64);
+                        m.batch_apply_seconds.observe(elapsed.as_secs_f64());
+                    }
                     let mut committed = false;
                     for (partition, result) in results {
                         let messages = groups
@@ -485,9 +498,7 @@ impl Worker {
                             .map(|(_, m)| m.as_slice())
                             .unwrap_or_default();
                         committed |= self
-                            .partition_done(
-                                consumer, owned, registry, partition, messages, result, elapsed,
-                            )
+                            .partition_done(consumer, owned, registry, partition, messages, result)
                             .await;
                     }
                     if committed {
@@ -527,7 +538,6 @@ impl Worker {
     }
 
     /// Handles one partition's result of a batch. Returns whether it committed anything.
-    #[allow(clippy::too_many_arguments)]
     async fn partition_done(
         &self,
         consumer: &StreamConsumer<WorkerContext>,
@@ -536,12 +546,11 @@ impl Worker {
         partition: i32,
         messages: &[Incoming],
         result: store::Result<store::BatchResult>,
-        elapsed: Duration,
     ) -> bool {
         let cfg = &self.config;
         match result {
             Ok(r) => {
-                self.record_batch(registry, partition, messages, &r, elapsed);
+                self.record_batch(registry, partition, messages, &r);
                 for (aggregate_type, aggregate_id) in &r.newly_parked {
                     tracing::error!(
                         partition,
@@ -625,7 +634,8 @@ impl Worker {
 }
 
 impl Worker {
-    /// Feeds the metrics from a committed batch, and moves the partition's known position.
+    /// Feeds the per-partition metrics (outcomes, dead-letter kinds, end-to-end latency) from
+    /// a committed batch, and moves the partition's known position.
     ///
     /// `BatchResult` carries counts, not per-message outcomes, so what needs the messages
     /// (dead-letter kinds, end-to-end latency) is derived from those the batch committed:
@@ -636,7 +646,6 @@ impl Worker {
         partition: i32,
         messages: &[Incoming],
         r: &store::BatchResult,
-        elapsed: Duration,
     ) {
         // Only a partition still known as owned is tracked: one revoked meanwhile must not
         // come back into the lag monitor's set.
@@ -654,9 +663,6 @@ impl Worker {
             return;
         }
         let m = &self.metrics;
-        m.batches.inc();
-        m.batch_size.observe(r.messages as f64);
-        m.batch_apply_seconds.observe(elapsed.as_secs_f64());
         m.count_commands(outcome::APPLIED, r.applied);
         m.count_commands(outcome::REJECTED, r.rejected);
         m.count_commands(outcome::DUPLICATE, r.duplicates);
