@@ -194,9 +194,8 @@ auto.create.topics.enable=false
 group.min.session.timeout.ms=6000
 group.consumer.min.session.timeout.ms=6000
 
-# A relay that dies mid-transaction holds its partitions' relay positions until the
-# broker aborts the transaction (cmdproc's relays use a 10 s transaction timeout); look
-# for expired transactions every second rather than every 10 s.
+# Abort the open transaction of a relay that died as soon as its transaction timeout
+# has passed: look for expired transactions every second rather than every 10 s.
 transaction.abort.timed.out.transaction.cleanup.interval.ms=1000
 
 log.retention.hours=168

@@ -1240,8 +1240,6 @@ pub async fn outbox_backlog(pool: &PgPool, topic: &str) -> Result<Vec<Backlog>> 
 /// An outbox row read by the relay.
 #[derive(Debug, Clone)]
 pub struct OutboxMessage {
-    /// The commands partition whose outbox it is in.
-    pub partition: i32,
     /// Sequence within the commands partition.
     pub seq: i64,
     /// Destination topic.
@@ -1254,97 +1252,66 @@ pub struct OutboxMessage {
     pub headers: Vec<Header>,
 }
 
-/// Locks, for this transaction, the relay positions of those of `partitions` no other
-/// relay holds, and returns them with their last published sequence. With `epochs` (one
-/// per partition: the worker's fencing tokens), only partitions still at that epoch are
-/// taken, so the relay of a worker that lost a partition cannot publish it any more.
-pub async fn lock_relay_positions(
+/// Locks a partition's relay position for this transaction, or returns `None` when another
+/// relay holds it. Returns the last published sequence.
+pub async fn lock_relay_position(
     tx: &mut Transaction<'_, Postgres>,
     topic: &str,
-    partitions: &[i32],
-    epochs: Option<&[i64]>,
-) -> Result<Vec<(i32, i64)>> {
-    let rows = match epochs {
-        None => {
-            sqlx::query(
-                "SELECT partition, published_seq FROM relay_positions
-                 WHERE topic = $1 AND partition = ANY($2)
-                 ORDER BY partition FOR UPDATE SKIP LOCKED",
-            )
-            .bind(topic)
-            .bind(partitions)
-            .fetch_all(&mut **tx)
-            .await?
-        }
-        Some(epochs) => {
-            sqlx::query(
-                "SELECT r.partition, r.published_seq
-                 FROM relay_positions r
-                 JOIN UNNEST($2::int[], $3::bigint[]) AS k(partition, epoch) ON k.partition = r.partition
-                 JOIN partitions p ON p.topic = r.topic AND p.partition = r.partition AND p.epoch = k.epoch
-                 WHERE r.topic = $1
-                 ORDER BY r.partition FOR UPDATE OF r SKIP LOCKED",
-            )
-            .bind(topic)
-            .bind(partitions)
-            .bind(epochs)
-            .fetch_all(&mut **tx)
-            .await?
-        }
-    };
-    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    partition: i32,
+) -> Result<Option<i64>> {
+    let row = sqlx::query(
+        "SELECT published_seq FROM relay_positions WHERE topic = $1 AND partition = $2 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(topic)
+    .bind(partition)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(row.map(|r| r.get(0)))
 }
 
-/// The next unpublished outbox rows of each partition in `after` (partition, last
-/// published sequence), at most `limit` per partition, in partition and sequence order.
+/// The next unpublished outbox rows of a partition, in sequence order.
 pub async fn next_outbox_rows(
     tx: &mut Transaction<'_, Postgres>,
     topic: &str,
-    after: &[(i32, i64)],
+    partition: i32,
+    after: i64,
     limit: i64,
 ) -> Result<Vec<OutboxMessage>> {
     let rows = sqlx::query(
-        "SELECT o.partition, o.seq, o.topic, o.key, o.payload, o.headers
-         FROM UNNEST($2::int[], $3::bigint[]) AS k(partition, after)
-         CROSS JOIN LATERAL (
-           SELECT partition, seq, topic, key, payload, headers FROM outbox
-           WHERE commands_topic = $1 AND partition = k.partition AND seq > k.after
-           ORDER BY seq LIMIT $4) o
-         ORDER BY o.partition, o.seq",
+        "SELECT seq, topic, key, payload, headers FROM outbox
+         WHERE commands_topic = $4 AND partition = $1 AND seq > $2 ORDER BY seq LIMIT $3",
     )
-    .bind(topic)
-    .bind(after.iter().map(|(p, _)| *p).collect::<Vec<i32>>())
-    .bind(after.iter().map(|(_, s)| *s).collect::<Vec<i64>>())
+    .bind(partition)
+    .bind(after)
     .bind(limit)
+    .bind(topic)
     .fetch_all(&mut **tx)
     .await?;
     Ok(rows
         .into_iter()
         .map(|r| OutboxMessage {
-            partition: r.get(0),
-            seq: r.get(1),
-            topic: r.get(2),
-            key: r.get(3),
-            payload: r.get(4),
-            headers: batch::headers_from_json(&r.get::<Value, _>(5)),
+            seq: r.get(0),
+            topic: r.get(1),
+            key: r.get(2),
+            payload: r.get(3),
+            headers: batch::headers_from_json(&r.get::<Value, _>(4)),
         })
         .collect())
 }
 
-/// Records that each partition's outbox is published up to its sequence in `positions`.
+/// Records that a partition's outbox is published up to `seq`.
 pub async fn mark_published(
     tx: &mut Transaction<'_, Postgres>,
     topic: &str,
-    positions: &[(i32, i64)],
+    partition: i32,
+    seq: i64,
 ) -> Result<()> {
     sqlx::query(
-        "UPDATE relay_positions r SET published_seq = u.seq, published_at = now()
-         FROM UNNEST($2::int[], $3::bigint[]) AS u(partition, seq)
-         WHERE r.topic = $1 AND r.partition = u.partition",
+        "UPDATE relay_positions SET published_seq = $2, published_at = now() WHERE topic = $3 AND partition = $1",
     )
+    .bind(partition)
+    .bind(seq)
     .bind(topic)
-    .bind(positions.iter().map(|(p, _)| *p).collect::<Vec<i32>>())
-    .bind(positions.iter().map(|(_, s)| *s).collect::<Vec<i64>>())
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -22,11 +22,6 @@ pub struct RelayArgs {
     /// default port is taken the relay runs without the endpoint and says so.
     #[arg(long, env = "CMDPROC_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
-    /// Name of this relay, unique among the running relays of the topic (it names the
-    /// Kafka transactional id; a relay restarted with the same name aborts what its
-    /// predecessor left open at once) [default: relay-<host>-<pid>].
-    #[arg(long)]
-    pub name: Option<String>,
 }
 
 /// Runs the relay until SIGTERM or Ctrl-C.
@@ -39,10 +34,6 @@ pub async fn run(common: &Common, args: RelayArgs) -> anyhow::Result<()> {
         pool.clone(),
         &common.brokers,
         common.commands_topic.as_str(),
-        &args.name.clone().unwrap_or_else(|| {
-            let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
-            format!("relay-{}-{}", host.trim(), std::process::id())
-        }),
         args.batch_size,
         None,
     )?

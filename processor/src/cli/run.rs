@@ -139,7 +139,6 @@ pub async fn run(common: &Common, args: RunArgs) -> anyhow::Result<()> {
             pool.clone(),
             &common.brokers,
             common.commands_topic.as_str(),
-            &config.owner,
             1000,
             Some(owned.clone()),
         )?
