@@ -697,13 +697,23 @@ async fn write_group(
     options: &PlanOptions,
     cache: Option<&AggregateCache>,
 ) -> Result<Vec<(Plan, i64)>> {
-    let all = || work.iter().flat_map(|w| w.fresh.iter());
-    let mut known = load_outcomes(tx, all()).await?;
+    let mut known = load_outcomes(tx, work.iter().flat_map(|w| w.fresh.iter())).await?;
+    // A command with a recorded outcome is a duplicate whatever its aggregate's state, so
+    // only the others need their aggregates and parking (a replay needs neither).
+    let unknown: Vec<(&BatchTarget<'_>, &Incoming)> = work
+        .iter()
+        .flat_map(|w| w.fresh.iter().map(|m| (&w.batch.target, m)))
+        .filter(|(_, m)| match &m.decoded {
+            Ok(c) => {
+                known.is_empty() || !known.contains_key(&(c.source.to_string(), c.id.to_string()))
+            }
+            Err(_) => false,
+        })
+        .collect();
     let mut aggregates: HashMap<AggregateKey, Loaded> = HashMap::new();
     let mut missing: Vec<(&str, &str)> = Vec::new();
-    for w in work {
-        let t = &w.batch.target;
-        for c in w.fresh.iter().filter_map(|m| m.decoded.as_ref().ok()) {
+    for (t, m) in &unknown {
+        if let Ok(c) = &m.decoded {
             let key = (c.command_type.aggregate_type(), c.subject.as_str());
             let owned = (key.0.to_owned(), key.1.to_owned());
             if aggregates.contains_key(&owned) {
@@ -718,7 +728,7 @@ async fn write_group(
         }
     }
     aggregates.extend(load_aggregates(tx, missing).await?);
-    let parked = load_parked(tx, all()).await?;
+    let parked = load_parked(tx, unknown.iter().map(|(_, m)| *m)).await?;
     let mut plans = Vec::with_capacity(work.len());
     for w in work {
         let plan = batch::plan(registry, options, w.fresh, &known, &aggregates, &parked);
