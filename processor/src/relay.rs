@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -69,8 +70,10 @@ pub struct Relay {
     /// The last position this relay recorded per partition: a smaller one in Postgres
     /// means the database was restored from a backup.
     recorded: Mutex<HashMap<i32, i64>>,
-    positions: BaseConsumer,
-    group: ConsumerGroupMetadata,
+    positions: Arc<BaseConsumer>,
+    group: Arc<ConsumerGroupMetadata>,
+    /// Partitions published at the same time, each in its own Kafka transaction.
+    concurrency: usize,
     metrics: Arc<Metrics>,
     /// Partitions whose backlog gauge this relay has set, so it can zero those that drained.
     reported: Mutex<std::collections::HashSet<i32>>,
@@ -117,8 +120,9 @@ impl Relay {
             only,
             producers: Mutex::new(HashMap::new()),
             recorded: Mutex::new(HashMap::new()),
-            positions,
-            group,
+            positions: Arc::new(positions),
+            group: Arc::new(group),
+            concurrency: 4,
             metrics: Arc::new(Metrics::new()),
             reported: Mutex::default(),
         })
@@ -131,6 +135,13 @@ impl Relay {
         self
     }
 
+    /// Publishes up to `n` partitions at a time (default 4), each holding a database
+    /// connection while its Kafka transaction commits: keep it below the pool's size.
+    pub fn with_concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
     /// A handle that wakes the relay early, e.g. right after a worker commits a batch.
     pub fn waker(&self) -> Arc<Notify> {
         self.wake.clone()
@@ -139,9 +150,21 @@ impl Relay {
     /// Publishes what is waiting, one batch per partition with a backlog.
     pub async fn relay_once(&self) -> Result<RelayOutcome, RelayError> {
         let mut backlog = store::outbox_backlog(&self.pool, &self.commands_topic).await?;
+        let mut visit: Vec<i32> = backlog.iter().map(|b| b.partition).collect();
         if let Some(only) = &self.only {
             let only = only.lock().expect("owned map");
             backlog.retain(|b| only.contains_key(&b.partition));
+            visit.retain(|p| only.contains_key(p));
+            // A partition just taken gets its producer (and its position read back) now,
+            // not when its first event waits for that.
+            let producers = self.producers.lock().expect("producers");
+            let unprepared: Vec<i32> = only
+                .keys()
+                .filter(|p| !producers.contains_key(p) && !visit.contains(p))
+                .copied()
+                .collect();
+            visit.extend(unprepared);
+            drop(producers);
             // A partition that moved to another worker has another relay now, which fenced
             // this one's producer: close it, so a return starts fresh and recovers the
             // position from Kafka instead of failing once on the fenced producer.
@@ -155,20 +178,29 @@ impl Relay {
                 .retain(|p, _| only.contains_key(p));
         }
         self.report_backlog(&backlog);
+        // Partitions are independent (own row lock, own transactional producer), so their
+        // transactions overlap: an event waits for its own partition's commit, not for a
+        // round of every partition's.
+        let results: Vec<(i32, Result<usize, RelayError>)> = futures::stream::iter(visit)
+            .map(|partition| async move { (partition, self.relay_partition(partition).await) })
+            .buffer_unordered(self.concurrency)
+            .collect()
+            .await;
         let mut total = 0;
-        for b in backlog {
-            match self.relay_partition(b.partition).await {
+        let mut failed = None;
+        for (partition, result) in results {
+            match result {
                 Ok(n) => total += n,
                 Err(e) => {
                     // Start over with a fresh producer: it re-fences, aborts what is open,
                     // and recovers the position from Kafka.
-                    self.producers
-                        .lock()
-                        .expect("producers")
-                        .remove(&b.partition);
-                    return Err(e);
+                    self.producers.lock().expect("producers").remove(&partition);
+                    failed.get_or_insert(e);
                 }
             }
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         Ok(if total == 0 {
             RelayOutcome::Idle
@@ -197,7 +229,7 @@ impl Relay {
 
     /// The partition's transactional producer, created (fencing earlier relays) on first use.
     /// Returns whether it is new, in which case the position must be recovered from Kafka.
-    fn producer(&self, partition: i32) -> Result<(Arc<FutureProducer>, bool), RelayError> {
+    async fn producer(&self, partition: i32) -> Result<(Arc<FutureProducer>, bool), RelayError> {
         if let Some(p) = self.producers.lock().expect("producers").get(&partition) {
             return Ok((p.clone(), false));
         }
@@ -215,12 +247,20 @@ impl Relay {
             .set("message.timeout.ms", "30000")
             .create()
             .map_err(|e| RelayError::Kafka(e.to_string()))?;
-        tokio::task::block_in_place(|| producer.init_transactions(KAFKA_TIMEOUT)).map_err(|e| {
-            RelayError::Kafka(format!(
-                "taking over partition {partition}'s transactional id: {e}"
-            ))
-        })?;
         let producer = Arc::new(producer);
+        let init = producer.clone();
+        tokio::task::spawn_blocking(move || init.init_transactions(KAFKA_TIMEOUT))
+            .await
+            .map_err(|e| {
+                RelayError::Kafka(format!(
+                    "taking over partition {partition}'s transactional id: {e}"
+                ))
+            })?
+            .map_err(|e| {
+                RelayError::Kafka(format!(
+                    "taking over partition {partition}'s transactional id: {e}"
+                ))
+            })?;
         self.producers
             .lock()
             .expect("producers")
@@ -229,16 +269,20 @@ impl Relay {
     }
 
     /// The last outbox sequence Kafka committed for a partition, 0 if none.
-    fn kafka_position(&self, partition: i32) -> Result<i64, RelayError> {
+    async fn kafka_position(&self, partition: i32) -> Result<i64, RelayError> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.commands_topic, partition);
+        let positions = self.positions.clone();
+        let reading = |e: &dyn std::fmt::Display| {
+            RelayError::Kafka(format!(
+                "reading the relay position of partition {partition}: {e}"
+            ))
+        };
         let committed =
-            tokio::task::block_in_place(|| self.positions.committed_offsets(tpl, KAFKA_TIMEOUT))
-                .map_err(|e| {
-                    RelayError::Kafka(format!(
-                        "reading the relay position of partition {partition}: {e}"
-                    ))
-                })?;
+            tokio::task::spawn_blocking(move || positions.committed_offsets(tpl, KAFKA_TIMEOUT))
+                .await
+                .map_err(|e| reading(&e))?
+                .map_err(|e| reading(&e))?;
         Ok(committed
             .find_partition(&self.commands_topic, partition)
             .and_then(|e| match e.offset() {
@@ -256,7 +300,7 @@ impl Relay {
         else {
             return Ok(0);
         };
-        let (producer, fresh) = self.producer(partition)?;
+        let (producer, fresh) = self.producer(partition).await?;
         let restored = self
             .recorded
             .lock()
@@ -264,7 +308,7 @@ impl Relay {
             .get(&partition)
             .is_some_and(|r| published < *r);
         if fresh || restored {
-            let in_kafka = self.kafka_position(partition)?;
+            let in_kafka = self.kafka_position(partition).await?;
             if in_kafka > published {
                 tracing::info!(
                     partition,
@@ -297,7 +341,9 @@ impl Relay {
             .map_err(|e| RelayError::Kafka(e.to_string()))?;
         let published_batch = self.publish(&producer, &rows, partition, last).await;
         if let Err(e) = published_batch {
-            let _ = tokio::task::block_in_place(|| producer.abort_transaction(KAFKA_TIMEOUT));
+            let aborting = producer.clone();
+            let _ = tokio::task::spawn_blocking(move || aborting.abort_transaction(KAFKA_TIMEOUT))
+                .await;
             return Err(e);
         }
         self.metrics
@@ -331,7 +377,7 @@ impl Relay {
     /// Sends the rows and commits them with the position in one Kafka transaction.
     async fn publish(
         &self,
-        producer: &FutureProducer,
+        producer: &Arc<FutureProducer>,
         rows: &[store::OutboxMessage],
         partition: i32,
         last: i64,
@@ -380,10 +426,14 @@ impl Relay {
         position
             .add_partition_offset(&self.commands_topic, partition, Offset::Offset(last))
             .map_err(|e| RelayError::Kafka(e.to_string()))?;
-        tokio::task::block_in_place(|| {
-            producer.send_offsets_to_transaction(&position, &self.group, KAFKA_TIMEOUT)?;
+        // Off the runtime's threads, so the other partitions' transactions go on meanwhile.
+        let (producer, group) = (producer.clone(), self.group.clone());
+        tokio::task::spawn_blocking(move || {
+            producer.send_offsets_to_transaction(&position, &group, KAFKA_TIMEOUT)?;
             producer.commit_transaction(KAFKA_TIMEOUT)
         })
+        .await
+        .map_err(|e| RelayError::Kafka(format!("the Kafka commit did not finish: {e}")))?
         .map_err(|e| RelayError::Kafka(format!("committing the Kafka transaction: {e}")))
     }
 
