@@ -3,10 +3,16 @@
 //! a `read_committed` consumer of the events topic notes when each command's event
 //! becomes visible. Latency is that difference: produce, consume, apply, commit, relay,
 //! Kafka transaction commit, and the consumer's fetch, all included.
+//!
+//! Each sample is also split where the relay hands the event to Kafka (the event's
+//! timestamp, set by the relay's producer): before it, the worker's part (consume, apply,
+//! commit) and the relay's wait for the partition; after it, the Kafka transaction, its
+//! commit markers and the consumer's fetch. Both clocks are this machine's, at millisecond
+//! resolution.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use chrono::Utc;
@@ -21,13 +27,34 @@ use serde::Serialize;
 
 use crate::cli::demo::Namespace;
 
-/// Percentiles of the samples, in milliseconds.
+/// Percentiles of the samples, in milliseconds, end to end and split at the relay's send.
 #[derive(Debug, Clone, Serialize)]
 pub(super) struct Latency {
     /// Samples counted (events seen after the warm-up).
     pub(super) samples: usize,
     /// Commands sent during the warm-up and not counted.
     pub(super) warm_up: usize,
+    /// Produce call to event visible.
+    #[serde(flatten)]
+    pub(super) end_to_end: Percentiles,
+    /// Produce call to the relay handing the event to Kafka.
+    pub(super) to_relay_send: Percentiles,
+    /// The relay handing the event to Kafka to event visible.
+    pub(super) relay_send_to_visible: Percentiles,
+}
+
+/// One sample: the time from the produce call to the event's visibility, split at the
+/// relay's send.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    total: Duration,
+    to_relay_send: Duration,
+    relay_send_to_visible: Duration,
+}
+
+/// Nearest-rank percentiles, in milliseconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(super) struct Percentiles {
     /// Median.
     pub(super) p50_ms: f64,
     /// 95th percentile.
@@ -38,9 +65,9 @@ pub(super) struct Latency {
     pub(super) max_ms: f64,
 }
 
-impl Latency {
-    /// Percentiles of `samples` (any order), nearest-rank.
-    pub(super) fn of(mut samples: Vec<Duration>, warm_up: usize) -> Option<Self> {
+impl Percentiles {
+    /// Percentiles of `samples` (any order), nearest-rank; `None` without samples.
+    fn of(mut samples: Vec<Duration>) -> Option<Self> {
         if samples.is_empty() {
             return None;
         }
@@ -50,8 +77,6 @@ impl Latency {
             samples[rank - 1].as_secs_f64() * 1000.0
         };
         Some(Self {
-            samples: samples.len(),
-            warm_up,
             p50_ms: at(0.50),
             p95_ms: at(0.95),
             p99_ms: at(0.99),
@@ -60,10 +85,23 @@ impl Latency {
     }
 }
 
+impl Latency {
+    fn of(samples: &[Sample], warm_up: usize) -> Option<Self> {
+        let each = |f: fn(&Sample) -> Duration| Percentiles::of(samples.iter().map(f).collect());
+        Some(Self {
+            samples: samples.len(),
+            warm_up,
+            end_to_end: each(|s| s.total)?,
+            to_relay_send: each(|s| s.to_relay_send)?,
+            relay_send_to_visible: each(|s| s.relay_send_to_visible)?,
+        })
+    }
+}
+
 /// Produces `commands` at `rate` per second to the namespace's commands topic and measures
-/// each one's end-to-end latency to its event on the events topic. Commands sent in the first `warm_up` are not counted (the
-/// relay's transactional producers start on first use). Every command must emit exactly
-/// one event.
+/// each one's end-to-end latency to its event on the events topic. Commands sent in the
+/// first `warm_up` are not counted (connections, statement caches and the broker's code
+/// warm up then). Every command must emit exactly one event.
 pub(super) async fn measure(
     brokers: &str,
     ns: &Namespace,
@@ -73,7 +111,7 @@ pub(super) async fn measure(
     warm_up: Duration,
     progress: &indicatif::ProgressBar,
 ) -> anyhow::Result<Latency> {
-    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let sent: Arc<Mutex<HashMap<String, (Instant, SystemTime)>>> = Arc::default();
     let expected = commands.len();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
@@ -107,7 +145,7 @@ pub(super) async fn measure(
         c.time = Some(Utc::now());
         sent.lock()
             .expect("sent map")
-            .insert(c.id.to_string(), Instant::now());
+            .insert(c.id.to_string(), (Instant::now(), SystemTime::now()));
         let producer = &producer;
         let c: &Command = c;
         in_flight.push(async move { producer.send(c).await.map(|_| ()) });
@@ -127,24 +165,24 @@ pub(super) async fn measure(
         .iter()
         .map(|c| c.id.to_string())
         .collect();
-    let samples: Vec<Duration> = seen
+    let samples: Vec<Sample> = seen
         .into_iter()
         .filter(|(id, _)| !warm_up_ids.contains(id))
-        .map(|(_, d)| d)
+        .map(|(_, s)| s)
         .collect();
-    Latency::of(samples, warm_up_ids.len()).context("no event was seen")
+    Latency::of(&samples, warm_up_ids.len()).context("no event was seen")
 }
 
 /// Reads `topic` (read_committed) from the beginning until `expected` events are seen,
-/// returning each event's command id and the time from its send to its arrival.
+/// returning each event's command id and its sample.
 fn read_events(
     brokers: &str,
     topic: &str,
     partitions: i32,
     expected: usize,
-    sent: &Mutex<HashMap<String, Instant>>,
+    sent: &Mutex<HashMap<String, (Instant, SystemTime)>>,
     stop: &std::sync::atomic::AtomicBool,
-) -> anyhow::Result<Vec<(String, Duration)>> {
+) -> anyhow::Result<Vec<(String, Sample)>> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("{topic}-latency"))
@@ -164,7 +202,7 @@ fn read_events(
         let Some(m) = consumer.poll(Duration::from_millis(100)) else {
             continue;
         };
-        let arrived = Instant::now();
+        let (arrived, arrived_at) = (Instant::now(), SystemTime::now());
         let m = m?;
         let Some(command_id) = m
             .payload()
@@ -176,9 +214,30 @@ fn read_events(
         else {
             continue;
         };
-        if let Some(at) = sent.lock().expect("sent map").get(&command_id) {
-            out.push((command_id, arrived - *at));
-        }
+        let Some((at, at_wall)) = sent.lock().expect("sent map").get(&command_id).copied() else {
+            continue;
+        };
+        let total = arrived - at;
+        // The relay's send, as the producer stamped it; clamped into [sent, arrived] against
+        // the millisecond rounding.
+        let relay_send = m
+            .timestamp()
+            .to_millis()
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms))
+            .unwrap_or(arrived_at);
+        let to_relay_send = relay_send
+            .duration_since(at_wall)
+            .unwrap_or_default()
+            .min(total);
+        out.push((
+            command_id,
+            Sample {
+                total,
+                to_relay_send,
+                relay_send_to_visible: total - to_relay_send,
+            },
+        ));
     }
     Ok(out)
 }
@@ -190,11 +249,30 @@ mod tests {
     #[test]
     fn nearest_rank_percentiles() {
         let samples: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
-        let l = Latency::of(samples, 0).unwrap();
+        let l = Percentiles::of(samples).unwrap();
         assert_eq!(
             (l.p50_ms, l.p95_ms, l.p99_ms, l.max_ms),
             (50.0, 95.0, 99.0, 100.0)
         );
-        assert!(Latency::of(Vec::new(), 0).is_none());
+        assert!(Percentiles::of(Vec::new()).is_none());
+    }
+
+    #[test]
+    fn samples_split_at_the_relay_send() {
+        let samples: Vec<Sample> = (1..=10)
+            .map(|i| Sample {
+                total: Duration::from_millis(10 * i),
+                to_relay_send: Duration::from_millis(7 * i),
+                relay_send_to_visible: Duration::from_millis(3 * i),
+            })
+            .collect();
+        let l = Latency::of(&samples, 2).unwrap();
+        assert_eq!((l.samples, l.warm_up), (10, 2));
+        assert_eq!(l.end_to_end.p50_ms, 50.0);
+        assert_eq!(l.to_relay_send.p50_ms, 35.0);
+        assert_eq!(l.relay_send_to_visible.max_ms, 30.0);
+        let json = serde_json::to_value(&l).unwrap();
+        assert_eq!(json["p99_ms"], 100.0);
+        assert_eq!(json["to_relay_send"]["p99_ms"], 70.0);
     }
 }
