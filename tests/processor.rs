@@ -446,9 +446,13 @@ async fn a_standalone_relay_publishes_and_inspect_shows_the_aggregate() {
     let log =
         std::fs::File::create(std::env::temp_dir().join(format!("{}-relay.log", topics.group)))
             .unwrap();
+    // The worker announces its commits, so the relay publishes them without polling: at
+    // a 10-minute poll interval, only the announcements get the events out within the
+    // minute `wait_processed` allows.
     let mut relay = support::cmdproc()
         .args(["relay", "--brokers", BROKERS, "--database-url", &db.url])
         .args(["--commands-topic", topics.commands.as_str()])
+        .args(["--poll-interval", "10m"])
         .stderr(log)
         .spawn()
         .unwrap();

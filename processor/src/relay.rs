@@ -35,6 +35,10 @@ use crate::store::{self, StoreError};
 /// How long a Kafka transaction step may take before the relay gives up and retries.
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The Postgres notification channel on which workers without a relay of their own
+/// announce committed outbox rows; the payload is the commands topic.
+pub const OUTBOX_CHANNEL: &str = "cmdproc_outbox";
+
 /// Errors of the relay.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -74,6 +78,8 @@ pub struct Relay {
     group: Arc<ConsumerGroupMetadata>,
     /// Partitions published at the same time, each in its own Kafka transaction.
     concurrency: usize,
+    /// How long an idle relay waits for a wake-up before it looks anyway.
+    poll_interval: Duration,
     metrics: Arc<Metrics>,
     /// Partitions whose backlog gauge this relay has set, so it can zero those that drained.
     reported: Mutex<std::collections::HashSet<i32>>,
@@ -123,6 +129,7 @@ impl Relay {
             positions: Arc::new(positions),
             group: Arc::new(group),
             concurrency: 4,
+            poll_interval: Duration::from_millis(200),
             metrics: Arc::new(Metrics::new()),
             reported: Mutex::default(),
         })
@@ -139,6 +146,13 @@ impl Relay {
     /// connection while its Kafka transaction commits: keep it below the pool's size.
     pub fn with_concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.max(1);
+        self
+    }
+
+    /// How long the relay, idle and not woken, waits before it looks for outbox rows
+    /// anyway (default 200 ms).
+    pub fn with_poll_interval(mut self, every: Duration) -> Self {
+        self.poll_interval = every;
         self
     }
 
@@ -452,7 +466,7 @@ impl Relay {
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = self.wake.notified() => {}
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        _ = tokio::time::sleep(self.poll_interval) => {}
                     }
                 }
                 Err(e) => {
@@ -478,4 +492,63 @@ impl Relay {
             }
         }
     }
+}
+
+/// Tells relays in other processes (`cmdproc relay`) that `commands_topic` has new outbox
+/// rows. Called after the rows are committed; a lost notification only delays them until
+/// the relay's next poll.
+pub async fn notify(pool: &PgPool, commands_topic: &str) {
+    if let Err(e) = sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(OUTBOX_CHANNEL)
+        .bind(commands_topic)
+        .execute(pool)
+        .await
+    {
+        tracing::debug!(error = %e, "could not notify the relay; it finds the rows at its next poll");
+    }
+}
+
+/// Listens on [`OUTBOX_CHANNEL`] and wakes `wake` whenever a worker announces rows of
+/// `commands_topic`, until `shutdown`. Returns once listening, so rows committed after
+/// the return are announced to it; the listener reconnects by itself after losing the
+/// connection (the relay polls meanwhile).
+pub async fn wake_on_notify(
+    pool: &PgPool,
+    commands_topic: &str,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, RelayError> {
+    let mut listener = sqlx::postgres::PgListener::connect_with(pool)
+        .await
+        .map_err(StoreError::from)?;
+    listener
+        .listen(OUTBOX_CHANNEL)
+        .await
+        .map_err(StoreError::from)?;
+    let topic = commands_topic.to_owned();
+    Ok(tokio::spawn(async move {
+        loop {
+            let received = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = listener.try_recv() => r,
+            };
+            match received {
+                Ok(Some(n)) if n.payload() == topic => wake.notify_one(),
+                Ok(Some(_)) => {}
+                // The connection was lost; the next call reconnects. Anything announced
+                // meanwhile is found by polling, and by this pass.
+                Ok(None) => {
+                    tracing::warn!("lost the notification connection to Postgres; reconnecting");
+                    wake.notify_one();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for outbox notifications; retrying in 1 s");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+    }))
 }

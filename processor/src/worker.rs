@@ -502,8 +502,11 @@ impl Worker {
                             .await;
                     }
                     if committed {
-                        if let Some(w) = &self.relay_wake {
-                            w.notify_one();
+                        match &self.relay_wake {
+                            Some(w) => w.notify_one(),
+                            None => {
+                                crate::relay::notify(&self.pool, cfg.commands_topic.as_str()).await
+                            }
                         }
                     }
                     return;

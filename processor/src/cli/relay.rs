@@ -17,6 +17,15 @@ pub struct RelayArgs {
     /// Most outbox rows published per partition per step.
     #[arg(long, default_value_t = 1000)]
     pub batch_size: i64,
+    /// Partitions published at the same time, each in its own Kafka transaction (and
+    /// with its own database connection).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub concurrency: u32,
+    /// How long the relay waits before looking for outbox rows when no worker has
+    /// announced any. Workers started with `--no-relay` announce every commit (Postgres
+    /// NOTIFY on `cmdproc_outbox`), so this is only a safety net.
+    #[arg(long, default_value = "1s", value_parser = super::parse_duration)]
+    pub poll_interval: std::time::Duration,
     /// Where to serve `/metrics` (Prometheus), `/healthz` and `/readyz` [default:
     /// 127.0.0.1:9464]. An address given here that cannot be bound is an error; when the
     /// default port is taken the relay runs without the endpoint and says so.
@@ -26,7 +35,8 @@ pub struct RelayArgs {
 
 /// Runs the relay until SIGTERM or Ctrl-C.
 pub async fn run(common: &Common, args: RelayArgs) -> anyhow::Result<()> {
-    let pool = super::pool(common, 4).await?;
+    // One connection per concurrent partition, one for the backlog query, one to listen.
+    let pool = super::pool(common, args.concurrency + 2).await?;
     crate::store::migrate(&pool).await?;
     let listener = http::listen(args.metrics_addr).await?;
     let metrics = Arc::new(Metrics::new());
@@ -37,8 +47,19 @@ pub async fn run(common: &Common, args: RelayArgs) -> anyhow::Result<()> {
         args.batch_size,
         None,
     )?
-    .with_metrics(metrics.clone());
+    .with_metrics(metrics.clone())
+    .with_concurrency(args.concurrency as usize)
+    .with_poll_interval(args.poll_interval);
     let shutdown = CancellationToken::new();
+    // Listening before the first pass: a commit before it is found by that pass, a commit
+    // after it is announced.
+    let notifications = crate::relay::wake_on_notify(
+        &pool,
+        common.commands_topic.as_str(),
+        relay.waker(),
+        shutdown.clone(),
+    )
+    .await?;
     tokio::spawn(super::run::on_signal(shutdown.clone()));
     let http_stop = CancellationToken::new();
     let http_task = http::spawn(
@@ -56,6 +77,7 @@ pub async fn run(common: &Common, args: RelayArgs) -> anyhow::Result<()> {
         .run(shutdown, std::time::Duration::from_secs(10))
         .await;
     http_stop.cancel();
+    let _ = notifications.await;
     if let Some(task) = http_task {
         let _ = task.await;
     }

@@ -41,7 +41,8 @@ pub struct RunArgs {
     /// How many times a panicking handler is tried before its command counts as poison.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub poison_attempts: u32,
-    /// Do not run the outbox relay in this process (run `cmdproc relay` elsewhere).
+    /// Do not run the outbox relay in this process (run `cmdproc relay` elsewhere); the
+    /// worker then announces each commit to it (Postgres NOTIFY on `cmdproc_outbox`).
     #[arg(long)]
     pub no_relay: bool,
     /// How long processed commands are remembered: a duplicate arriving later than this is
