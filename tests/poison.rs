@@ -321,7 +321,7 @@ async fn a_relay_killed_between_publishing_and_recording_publishes_nothing_twice
     assert!(in_kafka > 0, "the batch is committed in Kafka");
 
     // The next relay recovers the position from Kafka and publishes the rest once.
-    let mut next = relay("");
+    let next = crate::support::KillOnDrop(relay(""));
     wait_processed(
         &db,
         &topics.commands,
@@ -330,8 +330,7 @@ async fn a_relay_killed_between_publishing_and_recording_publishes_nothing_twice
         &[&worker],
     )
     .await;
-    let _ = next.kill();
-    let _ = next.wait();
+    drop(next);
     assert_eq!(assert_events_published(&db, &topics, true).await, 0);
     let stored_events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(&db.pool)

@@ -449,13 +449,15 @@ async fn a_standalone_relay_publishes_and_inspect_shows_the_aggregate() {
     // The worker announces its commits, so the relay publishes them without polling: at
     // a 10-minute poll interval, only the announcements get the events out within the
     // minute `wait_processed` allows.
-    let mut relay = support::cmdproc()
-        .args(["relay", "--brokers", BROKERS, "--database-url", &db.url])
-        .args(["--commands-topic", topics.commands.as_str()])
-        .args(["--poll-interval", "10m"])
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let relay = support::KillOnDrop(
+        support::cmdproc()
+            .args(["relay", "--brokers", BROKERS, "--database-url", &db.url])
+            .args(["--commands-topic", topics.commands.as_str()])
+            .args(["--poll-interval", "10m"])
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
     let commands = vec![
         cmd("o", "account.Open", "acc-9", json!({"owner": "grace"})),
         cmd("d", "account.Deposit", "acc-9", json!({"amount": 70})),
@@ -516,8 +518,7 @@ async fn a_standalone_relay_publishes_and_inspect_shows_the_aggregate() {
         .unwrap();
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no account `nobody` has been seen"));
-    let _ = relay.kill();
-    let _ = relay.wait();
+    drop(relay);
     drop(worker);
     db.drop_db().await;
 }
