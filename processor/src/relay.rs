@@ -169,23 +169,20 @@ impl Relay {
             let only = only.lock().expect("owned map");
             backlog.retain(|b| only.contains_key(&b.partition));
             visit.retain(|p| only.contains_key(p));
+            // A partition that moved to another worker has another relay now, which fenced
+            // this one's producer: close it, so a return starts fresh and recovers the
+            // position from Kafka instead of failing once on the fenced producer.
+            let mut producers = self.producers.lock().expect("producers");
+            producers.retain(|p, _| only.contains_key(p));
             // A partition just taken gets its producer (and its position read back) now,
             // not when its first event waits for that.
-            let producers = self.producers.lock().expect("producers");
             let unprepared: Vec<i32> = only
                 .keys()
                 .filter(|p| !producers.contains_key(p) && !visit.contains(p))
                 .copied()
                 .collect();
-            visit.extend(unprepared);
             drop(producers);
-            // A partition that moved to another worker has another relay now, which fenced
-            // this one's producer: close it, so a return starts fresh and recovers the
-            // position from Kafka instead of failing once on the fenced producer.
-            self.producers
-                .lock()
-                .expect("producers")
-                .retain(|p, _| only.contains_key(p));
+            visit.extend(unprepared);
             self.recorded
                 .lock()
                 .expect("recorded positions")
@@ -263,13 +260,8 @@ impl Relay {
             .map_err(|e| RelayError::Kafka(e.to_string()))?;
         let producer = Arc::new(producer);
         let init = producer.clone();
-        tokio::task::spawn_blocking(move || init.init_transactions(KAFKA_TIMEOUT))
+        blocking(move || init.init_transactions(KAFKA_TIMEOUT))
             .await
-            .map_err(|e| {
-                RelayError::Kafka(format!(
-                    "taking over partition {partition}'s transactional id: {e}"
-                ))
-            })?
             .map_err(|e| {
                 RelayError::Kafka(format!(
                     "taking over partition {partition}'s transactional id: {e}"
@@ -287,16 +279,13 @@ impl Relay {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.commands_topic, partition);
         let positions = self.positions.clone();
-        let reading = |e: &dyn std::fmt::Display| {
-            RelayError::Kafka(format!(
-                "reading the relay position of partition {partition}: {e}"
-            ))
-        };
-        let committed =
-            tokio::task::spawn_blocking(move || positions.committed_offsets(tpl, KAFKA_TIMEOUT))
-                .await
-                .map_err(|e| reading(&e))?
-                .map_err(|e| reading(&e))?;
+        let committed = blocking(move || positions.committed_offsets(tpl, KAFKA_TIMEOUT))
+            .await
+            .map_err(|e| {
+                RelayError::Kafka(format!(
+                    "reading the relay position of partition {partition}: {e}"
+                ))
+            })?;
         Ok(committed
             .find_partition(&self.commands_topic, partition)
             .and_then(|e| match e.offset() {
@@ -356,8 +345,7 @@ impl Relay {
         let published_batch = self.publish(&producer, &rows, partition, last).await;
         if let Err(e) = published_batch {
             let aborting = producer.clone();
-            let _ = tokio::task::spawn_blocking(move || aborting.abort_transaction(KAFKA_TIMEOUT))
-                .await;
+            let _ = blocking(move || aborting.abort_transaction(KAFKA_TIMEOUT)).await;
             return Err(e);
         }
         self.metrics
@@ -374,11 +362,11 @@ impl Relay {
             .inc_by((rows.len() - dead_letters) as u64);
         crate::failpoint::crash_if("relay-crash-after-publish");
         store::mark_published(&mut tx, &self.commands_topic, partition, last).await?;
+        tx.commit().await.map_err(StoreError::from)?;
         self.recorded
             .lock()
             .expect("recorded positions")
             .insert(partition, last);
-        tx.commit().await.map_err(StoreError::from)?;
         tracing::debug!(
             partition,
             published = rows.len(),
@@ -440,14 +428,12 @@ impl Relay {
         position
             .add_partition_offset(&self.commands_topic, partition, Offset::Offset(last))
             .map_err(|e| RelayError::Kafka(e.to_string()))?;
-        // Off the runtime's threads, so the other partitions' transactions go on meanwhile.
         let (producer, group) = (producer.clone(), self.group.clone());
-        tokio::task::spawn_blocking(move || {
+        blocking(move || {
             producer.send_offsets_to_transaction(&position, &group, KAFKA_TIMEOUT)?;
             producer.commit_transaction(KAFKA_TIMEOUT)
         })
         .await
-        .map_err(|e| RelayError::Kafka(format!("the Kafka commit did not finish: {e}")))?
         .map_err(|e| RelayError::Kafka(format!("committing the Kafka transaction: {e}")))
     }
 
@@ -551,4 +537,16 @@ pub async fn wake_on_notify(
             }
         }
     }))
+}
+
+/// Runs a blocking librdkafka call on Tokio's blocking pool, so the runtime's threads (and
+/// the other partitions' transactions) go on meanwhile. A panic in `f` resumes here.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, KafkaError> + Send + 'static,
+) -> Result<T, KafkaError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(KafkaError::Canceled),
+    }
 }

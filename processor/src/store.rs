@@ -700,16 +700,21 @@ async fn write_group(
     let mut known = load_outcomes(tx, work.iter().flat_map(|w| w.fresh.iter())).await?;
     // A command with a recorded outcome is a duplicate whatever its aggregate's state, so
     // only the others need their aggregates and parking (a replay needs neither).
+    // Looked up without allocating a key per command.
+    let recorded: HashSet<(&str, &str)> = known
+        .keys()
+        .map(|(s, i)| (s.as_str(), i.as_str()))
+        .collect();
     let unknown: Vec<(&BatchTarget<'_>, &Incoming)> = work
         .iter()
         .flat_map(|w| w.fresh.iter().map(|m| (&w.batch.target, m)))
-        .filter(|(_, m)| match &m.decoded {
-            Ok(c) => {
-                known.is_empty() || !known.contains_key(&(c.source.to_string(), c.id.to_string()))
-            }
-            Err(_) => false,
+        .filter(|(_, m)| {
+            m.decoded
+                .as_ref()
+                .is_ok_and(|c| !recorded.contains(&(c.source.as_str(), c.id.as_str())))
         })
         .collect();
+    drop(recorded);
     let mut aggregates: HashMap<AggregateKey, Loaded> = HashMap::new();
     let mut missing: Vec<(&str, &str)> = Vec::new();
     for (t, m) in &unknown {

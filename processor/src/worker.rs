@@ -504,8 +504,13 @@ impl Worker {
                     if committed {
                         match &self.relay_wake {
                             Some(w) => w.notify_one(),
+                            // Off the batch loop: the next batch need not wait for it.
                             None => {
-                                crate::relay::notify(&self.pool, cfg.commands_topic.as_str()).await
+                                let (pool, topic) =
+                                    (self.pool.clone(), cfg.commands_topic.to_string());
+                                tokio::spawn(
+                                    async move { crate::relay::notify(&pool, &topic).await },
+                                );
                             }
                         }
                     }
