@@ -111,7 +111,7 @@ async fn parked_aggregates_are_listed_skipped_and_released_in_order() {
     );
     assert!(ok, "{out}");
     let (ok, out) = dlq(&db, &topics, &["skip", &d20, "--why", "again"]);
-    assert!(!ok && out.contains("no waiting parked command"), "{out}");
+    assert!(!ok && out.contains("was skipped already"), "{out}");
 
     // Handler fixed: a worker without the failpoint takes over, then the release.
     drop(poisoned);
@@ -153,11 +153,22 @@ async fn parked_aggregates_are_listed_skipped_and_released_in_order() {
         "released events first, in order, each once"
     );
 
-    // Submitting the misrouted dead letter again applies it; a second time is a duplicate.
-    for _ in 0..2 {
-        let (ok, out) = dlq(&db, &topics, &["redrive", "--reason", "misrouted"]);
-        assert!(ok && out.contains("submitted 1 dead letter(s)"), "{out}");
-    }
+    // Submitting the misrouted dead letter again applies it; a second redrive leaves it
+    // out, and forced with --again it is a duplicate.
+    let (ok, out) = dlq(&db, &topics, &["redrive", "--reason", "misrouted"]);
+    assert!(ok && out.contains("submitted 1 dead letter(s)"), "{out}");
+    let (ok, out) = dlq(&db, &topics, &["redrive", "--reason", "misrouted"]);
+    assert!(
+        ok && out.contains("left out 1 dead letter(s)")
+            && out.contains("no dead letters to submit"),
+        "{out}"
+    );
+    let (ok, out) = dlq(
+        &db,
+        &topics,
+        &["redrive", "--reason", "misrouted", "--again"],
+    );
+    assert!(ok && out.contains("submitted 1 dead letter(s)"), "{out}");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let dups: i64 = sqlx::query_scalar(
@@ -185,6 +196,246 @@ async fn parked_aggregates_are_listed_skipped_and_released_in_order() {
         ok && listed.contains("0 parked aggregate(s)") && listed.contains("(redriven"),
         "{listed}"
     );
+    drop(worker);
+    db.drop_db().await;
+}
+
+/// Balance of an account, `None` while it does not exist.
+async fn balance(db: &TestDb, id: &str) -> Option<i64> {
+    state(db, id).await.and_then(|(_, s)| s["balance"].as_i64())
+}
+
+/// Waits until `command_id` was delivered again `times` times in all (duplicates recorded).
+async fn wait_duplicates(db: &TestDb, command_id: &str, times: i64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM duplicate_deliveries WHERE command_id = $1")
+                .bind(command_id)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        if n >= times {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{command_id} was not delivered again {times} time(s) (seen {n})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_skip_sticks_through_release_redrive_replay_and_verify() {
+    let db = TestDb::new().await;
+    let topics = TestTopics::new(2).await;
+    let producer = topics.producer();
+
+    // The account holds 100.
+    let worker = WorkerProcess::spawn(&db, &topics, "w1", &[]);
+    let opened = produce_all(
+        &producer,
+        &[
+            cmd("open", "account.Open", "acc-s", json!({"owner": "s"})),
+            cmd("d100", "account.Deposit", "acc-s", json!({"amount": 100})),
+        ],
+    )
+    .await;
+    wait_processed(
+        &db,
+        &topics.commands,
+        &ends(&opened),
+        Duration::from_secs(60),
+        &[&worker],
+    )
+    .await;
+    drop(worker);
+
+    // Its handler breaks: a withdrawal parks it, and two deposits wait behind it, one of
+    // them charged twice upstream.
+    let poisoned = WorkerProcess::spawn_with_env(
+        &db,
+        &topics,
+        "w2",
+        &[],
+        &[("CMDPROC_FAILPOINT", "handler-panic:acc-s")],
+    );
+    let parked = produce_all(
+        &producer,
+        &[
+            cmd("w50", "account.Withdraw", "acc-s", json!({"amount": 50})),
+            cmd("d7", "account.Deposit", "acc-s", json!({"amount": 7})),
+            cmd("d1000", "account.Deposit", "acc-s", json!({"amount": 1000})),
+        ],
+    )
+    .await;
+    wait_processed(
+        &db,
+        &topics.commands,
+        &ends(&parked),
+        Duration::from_secs(60),
+        &[&poisoned],
+    )
+    .await;
+    drop(poisoned);
+
+    // The operator skips the withdrawal (the poison command) and the doubled deposit.
+    for (d, why) in [
+        (&parked[0], "not ours"),
+        (&parked[2], "charged twice upstream"),
+    ] {
+        let id = format!("{}:{}", d.partition, d.offset);
+        let (ok, out) = dlq(&db, &topics, &["skip", &id, "--why", why]);
+        assert!(ok && out.contains("recorded as skipped"), "{out}");
+    }
+    let skipped: Vec<(String, String)> = sqlx::query_as(
+        "SELECT command_id, reason FROM processed_commands WHERE outcome = 'skipped' ORDER BY command_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        skipped,
+        [
+            ("d1000".to_owned(), "charged twice upstream".to_owned()),
+            ("w50".to_owned(), "not ours".to_owned())
+        ]
+    );
+
+    // Handler fixed: the release applies only the deposit of 7.
+    let worker = WorkerProcess::spawn(&db, &topics, "w3", &[]);
+    let (ok, out) = dlq(&db, &topics, &["redrive", "--aggregate", "account/acc-s"]);
+    assert!(
+        ok && out.contains("released; 1 applied, 0 rejected, 0 duplicate(s), 2 skipped"),
+        "{out}"
+    );
+    assert_eq!(balance(&db, "acc-s").await, Some(107));
+
+    // A redrive by reason leaves out the skipped poison command; forced, it is a duplicate.
+    let (ok, out) = dlq(&db, &topics, &["redrive", "--reason", "handler_panic"]);
+    assert!(
+        ok && out.contains("left out 1 dead letter(s)")
+            && out.contains("no dead letters to submit"),
+        "{out}"
+    );
+    let (ok, out) = dlq(
+        &db,
+        &topics,
+        &["redrive", "--reason", "handler_panic", "--again"],
+    );
+    assert!(ok && out.contains("submitted 1 dead letter(s)"), "{out}");
+    wait_duplicates(&db, "w50", 1).await;
+    assert_eq!(
+        balance(&db, "acc-s").await,
+        Some(107),
+        "the skipped withdrawal took effect"
+    );
+
+    // A replay of everything: the skipped commands come back as duplicates.
+    let (ok, out) = crate::support::cmdproc_on(
+        &db,
+        &topics,
+        "replay",
+        &["--partitions", "all", "--from-offset", "0"],
+    );
+    assert!(ok, "{out}");
+    wait_duplicates(&db, "d1000", 1).await;
+    wait_duplicates(&db, "w50", 2).await;
+    assert_eq!(
+        balance(&db, "acc-s").await,
+        Some(107),
+        "a replay applied a skipped command"
+    );
+
+    // verify re-executes the log the same way.
+    let (ok, out) = crate::support::cmdproc_on(&db, &topics, "verify", &[]);
+    assert!(ok && out.contains("0 differences"), "{out}");
+    drop(worker);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_publishes_no_dead_letter_twice() {
+    let db = TestDb::new().await;
+    let topics = TestTopics::new(2).await;
+    let worker = WorkerProcess::spawn_with_env(
+        &db,
+        &topics,
+        "w1",
+        &[],
+        &[("CMDPROC_FAILPOINT", "handler-panic:acc-p")],
+    );
+    let producer = topics.producer();
+    let mut all = produce_all(
+        &producer,
+        &[
+            cmd("open-a", "account.Open", "acc-a", json!({"owner": "a"})),
+            cmd(
+                "bad-a",
+                "account.Deposit",
+                "acc-a",
+                json!({"amount": "ten"}),
+            ),
+            cmd("d-a", "account.Deposit", "acc-a", json!({"amount": 10})),
+            cmd("open-p", "account.Open", "acc-p", json!({"owner": "p"})),
+            cmd("d-p", "account.Deposit", "acc-p", json!({"amount": 5})),
+        ],
+    )
+    .await;
+    for garbage in [&b"not json"[..], &b"{\"specversion\":\"1.0\"}"[..]] {
+        let d = producer
+            .send_raw(Some(b"acc-a"), Some(garbage), None)
+            .await
+            .unwrap();
+        all.push(d);
+    }
+    wait_processed(
+        &db,
+        &topics.commands,
+        &ends(&all),
+        Duration::from_secs(60),
+        &[&worker],
+    )
+    .await;
+    // One schema violation, two malformed messages, a poison command and the command
+    // parked behind it.
+    let dead_before = read_topic(&topics.dead_letters).len();
+    assert_eq!(dead_before, 5);
+    let events_before = read_topic(&topics.events).len();
+
+    let (ok, out) = crate::support::cmdproc_on(
+        &db,
+        &topics,
+        "replay",
+        &["--partitions", "all", "--from-offset", "0"],
+    );
+    assert!(ok, "{out}");
+    wait_duplicates(&db, "d-a", 1).await;
+    wait_processed(
+        &db,
+        &topics.commands,
+        &ends(&all),
+        Duration::from_secs(60),
+        &[&worker],
+    )
+    .await;
+
+    assert_eq!(
+        read_topic(&topics.dead_letters).len(),
+        dead_before,
+        "dead letters published again"
+    );
+    assert_eq!(
+        read_topic(&topics.events).len(),
+        events_before,
+        "events published again"
+    );
+    let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM parked_commands")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(parked, 2);
     drop(worker);
     db.drop_db().await;
 }

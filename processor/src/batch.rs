@@ -44,13 +44,16 @@ pub struct Outcome {
     pub event_ids: Vec<Uuid>,
 }
 
-/// Applied or rejected.
+/// Applied, rejected, or skipped by an operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutcomeKind {
     /// The command's events were stored.
     Applied,
     /// The aggregate refused the command.
     Rejected,
+    /// An operator dropped the command (`cmdproc dlq skip`): it never takes effect, and a
+    /// later delivery of it is a duplicate.
+    Skipped,
 }
 
 impl OutcomeKind {
@@ -59,6 +62,16 @@ impl OutcomeKind {
         match self {
             Self::Applied => "applied",
             Self::Rejected => "rejected",
+            Self::Skipped => "skipped",
+        }
+    }
+
+    /// The stored form read back; anything unknown is taken as a rejection (no effect).
+    pub fn parse(stored: &str) -> Self {
+        match stored {
+            "applied" => Self::Applied,
+            "skipped" => Self::Skipped,
+            _ => Self::Rejected,
         }
     }
 }

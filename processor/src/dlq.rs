@@ -44,8 +44,17 @@ pub struct DeadLetter {
     pub headers: Vec<batch::Header>,
     /// When it was recorded.
     pub created_at: DateTime<Utc>,
-    /// When it was last submitted again.
+    /// When it was last submitted again, or re-applied by releasing its aggregate.
     pub redriven_at: Option<DateTime<Utc>>,
+    /// When an operator skipped it, and why.
+    pub skipped: Option<(DateTime<Utc>, String)>,
+}
+
+impl DeadLetter {
+    /// Whether it was redriven or skipped before: a redrive leaves it out unless asked.
+    pub fn handled(&self) -> bool {
+        self.redriven_at.is_some() || self.skipped.is_some()
+    }
 }
 
 /// A parked aggregate and its commands waiting.
@@ -78,15 +87,18 @@ pub async fn list(
 ) -> store::Result<Vec<DeadLetter>> {
     let (parts, offs): (Vec<i32>, Vec<i64>) = filter.ids.iter().copied().unzip();
     let rows = sqlx::query(
-        "SELECT partition, \"offset\", kind, message, aggregate_type, aggregate_id, key, value, headers,
-                created_at, redriven_at
-         FROM dead_letters
-         WHERE topic = $1
-           AND ($2::text IS NULL OR kind = $2)
-           AND ($3::text IS NULL OR (aggregate_type = $3 AND aggregate_id = $4))
+        "SELECT d.partition, d.\"offset\", d.kind, d.message, d.aggregate_type, d.aggregate_id, d.key,
+                d.value, d.headers, d.created_at, COALESCE(d.redriven_at, c.redriven_at),
+                COALESCE(d.skipped_at, c.skipped_at), COALESCE(d.skip_reason, c.skip_reason)
+         FROM dead_letters d
+         LEFT JOIN parked_commands c
+           ON c.topic = d.topic AND c.partition = d.partition AND c.\"offset\" = d.\"offset\"
+         WHERE d.topic = $1
+           AND ($2::text IS NULL OR d.kind = $2)
+           AND ($3::text IS NULL OR (d.aggregate_type = $3 AND d.aggregate_id = $4))
            AND (cardinality($5::int[]) = 0
-                OR (partition, \"offset\") IN (SELECT * FROM UNNEST($5::int[], $6::bigint[])))
-         ORDER BY created_at, partition, \"offset\"
+                OR (d.partition, d.\"offset\") IN (SELECT * FROM UNNEST($5::int[], $6::bigint[])))
+         ORDER BY d.created_at, d.partition, d.\"offset\"
          LIMIT $7",
     )
     .bind(topic)
@@ -114,6 +126,9 @@ pub async fn list(
                 headers: headers_from_json(&r.get::<serde_json::Value, _>(8)),
                 created_at: r.get(9),
                 redriven_at: r.get(10),
+                skipped: r
+                    .get::<Option<DateTime<Utc>>, _>(11)
+                    .map(|at| (at, r.get::<Option<String>, _>(12).unwrap_or_default())),
             }
         })
         .collect())
@@ -347,32 +362,151 @@ pub async fn release(
     Ok(Some(released))
 }
 
-/// Drops one waiting command of a parked aggregate, with the reason recorded; a later
-/// release leaves it out. Fails unless the command is parked and still waiting.
+/// What `skip` recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// The skipped command's aggregate, when the message names one.
+    pub aggregate: Option<(String, String)>,
+    /// The command's `(source, id)`, recorded with outcome `skipped`; `None` when the message
+    /// cannot be decoded into a command (then only the dead letter is marked).
+    pub command: Option<(String, String)>,
+    /// Whether it was a waiting command of a parked aggregate (a release leaves it out).
+    pub was_parked: bool,
+}
+
+/// Skips the dead letter at `partition`:`offset` of `topic` (a waiting command of a parked
+/// aggregate, or any other dead letter), with the operator's reason. The command's
+/// `(source, id)` gets the recorded outcome `skipped`, so every later delivery of it (a
+/// replay, a redrive, a client's retry) is a duplicate without effect, and `verify` leaves
+/// it out; the dead letter is marked, so a redrive leaves it out unless asked. One
+/// transaction; refused when there is no such dead letter, when it was skipped or
+/// re-applied before, or when the command already has an outcome.
 pub async fn skip(
     pool: &PgPool,
     topic: &str,
     partition: i32,
     offset: i64,
     why: &str,
-) -> anyhow::Result<(String, String)> {
-    let row = sqlx::query(
-        "UPDATE parked_commands SET skipped_at = now(), skip_reason = $4
-         WHERE topic = $1 AND partition = $2 AND \"offset\" = $3 AND redriven_at IS NULL AND skipped_at IS NULL
-         RETURNING aggregate_type, aggregate_id",
+) -> anyhow::Result<Skipped> {
+    let mut tx = pool.begin().await.map_err(StoreError::from)?;
+    let Some(letter) = sqlx::query(
+        "SELECT d.key, d.value, d.headers, d.skipped_at IS NOT NULL OR c.skipped_at IS NOT NULL,
+                c.\"offset\" IS NOT NULL, c.redriven_at IS NOT NULL, c.source, c.command_id,
+                c.aggregate_type, c.aggregate_id, d.aggregate_type, d.aggregate_id
+         FROM dead_letters d
+         LEFT JOIN parked_commands c
+           ON c.topic = d.topic AND c.partition = d.partition AND c.\"offset\" = d.\"offset\"
+         WHERE d.topic = $1 AND d.partition = $2 AND d.\"offset\" = $3
+         FOR UPDATE OF d",
     )
     .bind(topic)
     .bind(partition)
     .bind(offset)
-    .bind(why)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *tx)
     .await
-    .map_err(StoreError::from)?;
-    match row {
-        Some(r) => Ok((r.get(0), r.get(1))),
-        None => anyhow::bail!(
-            "no waiting parked command at partition {partition} offset {offset} of {topic}; \
-             `cmdproc dlq list` shows the parked aggregates and their commands"
-        ),
+    .map_err(StoreError::from)?
+    else {
+        anyhow::bail!(
+            "no dead letter at partition {partition} offset {offset} of {topic}; \
+             `cmdproc dlq list` shows the dead letters and parked aggregates"
+        );
+    };
+    if letter.get::<bool, _>(3) {
+        anyhow::bail!("partition {partition} offset {offset} of {topic} was skipped already");
     }
+    let was_parked: bool = letter.get(4);
+    if letter.get::<bool, _>(5) {
+        anyhow::bail!(
+            "partition {partition} offset {offset} of {topic} was re-applied when its aggregate \
+             was released; there is nothing left to skip"
+        );
+    }
+    let key: Option<Vec<u8>> = letter.get(0);
+    let value: Option<Vec<u8>> = letter.get(1);
+    let headers = headers_from_json(&letter.get::<serde_json::Value, _>(2));
+    let hs: Vec<(&str, Option<&[u8]>)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_deref()))
+        .collect();
+    let decoded = Command::decode(key.as_deref(), &hs, value.as_deref(), Schemas::builtin()).ok();
+    // A parked command decoded when it was parked; its row names it even if the schemas
+    // changed since. Another dead letter names its command only if it decodes.
+    let command: Option<(String, String, String, String, String)> = match &decoded {
+        Some(c) => Some((
+            c.source.to_string(),
+            c.id.to_string(),
+            c.command_type.aggregate_type().to_owned(),
+            c.subject.to_string(),
+            c.command_type.to_string(),
+        )),
+        None if was_parked => Some((
+            letter.get(6),
+            letter.get(7),
+            letter.get(8),
+            letter.get(9),
+            String::from("unknown"),
+        )),
+        None => None,
+    };
+    if let Some((source, id, aggregate_type, aggregate_id, command_type)) = &command {
+        let existing: Option<String> = sqlx::query_scalar(
+            "SELECT outcome FROM processed_commands WHERE source = $1 AND command_id = $2",
+        )
+        .bind(source)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(StoreError::from)?;
+        if let Some(outcome) = existing {
+            anyhow::bail!(
+                "command {id} from {source} already has the outcome `{outcome}`; skipping it now would change nothing"
+            );
+        }
+        sqlx::query(
+            "INSERT INTO processed_commands
+               (source, command_id, aggregate_type, aggregate_id, command_type, outcome, reason, version,
+                event_ids, topic, partition, \"offset\")
+             VALUES ($1, $2, $3, $4, $5, 'skipped', $6, 0, '{}', $7, $8, $9)",
+        )
+        .bind(source)
+        .bind(id)
+        .bind(aggregate_type)
+        .bind(aggregate_id)
+        .bind(command_type)
+        .bind(why)
+        .bind(topic)
+        .bind(partition)
+        .bind(offset)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from)?;
+    }
+    let mark = [
+        "UPDATE dead_letters SET skipped_at = now(), skip_reason = $4
+         WHERE topic = $1 AND partition = $2 AND \"offset\" = $3",
+        "UPDATE parked_commands SET skipped_at = now(), skip_reason = $4
+         WHERE topic = $1 AND partition = $2 AND \"offset\" = $3",
+    ];
+    for sql in mark {
+        sqlx::query(sql)
+            .bind(topic)
+            .bind(partition)
+            .bind(offset)
+            .bind(why)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from)?;
+    }
+    tx.commit().await.map_err(StoreError::from)?;
+    let named: Option<(String, String)> = letter
+        .get::<Option<String>, _>(10)
+        .zip(letter.get::<Option<String>, _>(11));
+    Ok(Skipped {
+        aggregate: command
+            .as_ref()
+            .map(|(_, _, t, i, _)| (t.clone(), i.clone()))
+            .or(named),
+        command: command.map(|(s, i, _, _, _)| (s, i)),
+        was_parked,
+    })
 }

@@ -792,13 +792,8 @@ fn loaded_row(r: &sqlx::postgres::PgRow) -> (AggregateKey, Loaded) {
 
 /// A recorded outcome from a row of `source, command_id, outcome, reason, version, event_ids`.
 fn outcome_row(r: &sqlx::postgres::PgRow) -> (CommandKey, Outcome) {
-    let outcome = if r.get::<&str, _>(2) == "applied" {
-        OutcomeKind::Applied
-    } else {
-        OutcomeKind::Rejected
-    };
     let recorded = Outcome {
-        outcome,
+        outcome: OutcomeKind::parse(r.get::<&str, _>(2)),
         reason: r.get(3),
         version: r.get(4),
         event_ids: r.get(5),
@@ -1088,15 +1083,19 @@ async fn write_plans(
         .iter()
         .flat_map(|(t, p, _)| p.dead_letters.iter().map(|r| (t.partition, r)))
         .collect();
+    // A dead letter is published when it is first recorded: a replay (or a restore) that
+    // meets the same message again finds its row and publishes nothing.
+    let mut new_dead_letters: HashSet<(i32, i64)> = HashSet::new();
     if !dead_letters.is_empty() {
         let d = &dead_letters;
-        sqlx::query(
+        let recorded = sqlx::query(
             "INSERT INTO dead_letters (topic, partition, \"offset\", kind, message, key, value, headers,
                                        aggregate_type, aggregate_id)
              SELECT $1, part, off, k, m, key, val, h, t, i
              FROM UNNEST($2::int[], $3::bigint[], $4::text[], $5::text[], $6::bytea[], $7::bytea[], $8::jsonb[],
                          $9::text[], $10::text[]) AS u(part, off, k, m, key, val, h, t, i)
-             ON CONFLICT DO NOTHING",
+             ON CONFLICT DO NOTHING
+             RETURNING partition, \"offset\"",
         )
         .bind(topic)
         .bind(d.iter().map(|(part, _)| *part).collect::<Vec<_>>())
@@ -1108,8 +1107,9 @@ async fn write_plans(
         .bind(d.iter().map(|(_, r)| headers_to_json(&r.headers)).collect::<Vec<_>>())
         .bind(d.iter().map(|(_, r)| r.aggregate.as_ref().map(|a| a.0.as_str())).collect::<Vec<_>>())
         .bind(d.iter().map(|(_, r)| r.aggregate.as_ref().map(|a| a.1.as_str())).collect::<Vec<_>>())
-        .execute(&mut **tx)
+        .fetch_all(&mut **tx)
         .await?;
+        new_dead_letters.extend(recorded.iter().map(|r| (r.get(0), r.get(1))));
     }
 
     // Each partition's outbox rows, numbered in offset order (a command's events keep their
@@ -1129,6 +1129,7 @@ async fn write_plans(
         pending.extend(
             plan.dead_letters
                 .iter()
+                .filter(|d| new_dead_letters.contains(&(target.partition, d.offset)))
                 .map(|d| (d.offset, Pending::DeadLetter(d))),
         );
         pending.sort_by_key(|(offset, _)| *offset);
@@ -1376,9 +1377,9 @@ pub async fn parked_since(pool: &PgPool, topic: &str) -> Result<Vec<ParkedSince>
 }
 
 /// The recorded outcomes of `keys` whose first delivery was processed somewhere other than
-/// `topic`/`partition`. Deduplication is global, so a command first processed on another
-/// partition (or topic) is a duplicate here, whatever a re-execution of this partition
-/// alone would think.
+/// `topic`/`partition`, and those an operator skipped. Deduplication is global, so a command
+/// first processed on another partition (or topic) is a duplicate here, whatever a
+/// re-execution of this partition alone would think; a skipped command never takes effect.
 pub async fn outcomes_recorded_elsewhere(
     pool: &PgPool,
     topic: &str,
@@ -1395,7 +1396,7 @@ pub async fn outcomes_recorded_elsewhere(
          FROM processed_commands p
          JOIN UNNEST($1::text[], $2::text[]) AS k(source, command_id)
            ON p.source = k.source AND p.command_id = k.command_id
-         WHERE p.topic <> $3 OR p.partition <> $4",
+         WHERE p.topic <> $3 OR p.partition <> $4 OR p.outcome = 'skipped'",
     )
     .bind(&sources)
     .bind(&ids)

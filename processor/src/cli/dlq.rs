@@ -19,7 +19,9 @@ pub enum DlqCommand {
     /// aggregates by re-applying their commands in their original order. Command ids are
     /// kept, so redriving twice is harmless.
     Redrive(RedriveArgs),
-    /// Drop one waiting command of a parked aggregate, with the reason recorded.
+    /// Drop one dead letter for good (a waiting command of a parked aggregate, or any other
+    /// dead letter), with the reason recorded. The command gets the outcome `skipped`: a
+    /// replay, a redrive or a client's retry of it later has no effect.
     Skip(SkipArgs),
 }
 
@@ -65,12 +67,16 @@ pub struct RedriveArgs {
     /// Which dead letters and parked aggregates.
     #[command(flatten)]
     pub selection: Selection,
+    /// Also submit dead letters that were redriven or skipped before (left out by default;
+    /// a skipped command stays without effect either way).
+    #[arg(long)]
+    pub again: bool,
 }
 
 /// Arguments of `dlq skip`.
 #[derive(Debug, Args)]
 pub struct SkipArgs {
-    /// The parked command, as PARTITION:OFFSET.
+    /// The dead letter, as PARTITION:OFFSET (see `dlq list`).
     #[arg(value_parser = parse_position)]
     pub id: (i32, i64),
     /// Why it is dropped (recorded).
@@ -109,9 +115,11 @@ pub async fn run(common: &Common, cmd: DlqCommand) -> anyhow::Result<()> {
                     .aggregate
                     .as_ref()
                     .map_or("-".to_owned(), |(t, i)| format!("{t}/{i}"));
-                let redriven = d.redriven_at.map_or(String::new(), |t| {
-                    format!("  (redriven {})", t.format("%F %T"))
-                });
+                let redriven = match (&d.skipped, d.redriven_at) {
+                    (Some((at, why)), _) => format!("  (skipped {}: {why})", at.format("%F %T")),
+                    (None, Some(t)) => format!("  (redriven {})", t.format("%F %T")),
+                    (None, None) => String::new(),
+                };
                 println!(
                     "{}:{}  {:<13} {}  {}{redriven}",
                     d.partition, d.offset, d.kind, aggregate, d.message
@@ -144,17 +152,24 @@ pub async fn run(common: &Common, cmd: DlqCommand) -> anyhow::Result<()> {
                 .iter()
                 .map(|p| (p.aggregate_type.clone(), p.aggregate_id.clone()))
                 .collect();
-            let letters: Vec<dlq::DeadLetter> = dlq::list(&pool, topic, &filter, i64::MAX)
-                .await?
-                .into_iter()
-                .filter(|d| {
-                    d.kind != "parked"
-                        && !d
-                            .aggregate
-                            .as_ref()
-                            .is_some_and(|a| parked_keys.contains(a))
-                })
-                .collect();
+            let (letters, handled): (Vec<dlq::DeadLetter>, Vec<dlq::DeadLetter>) =
+                dlq::list(&pool, topic, &filter, i64::MAX)
+                    .await?
+                    .into_iter()
+                    .filter(|d| {
+                        d.kind != "parked"
+                            && !d
+                                .aggregate
+                                .as_ref()
+                                .is_some_and(|a| parked_keys.contains(a))
+                    })
+                    .partition(|d| args.again || !d.handled());
+            if !handled.is_empty() {
+                println!(
+                    "left out {} dead letter(s) redriven or skipped before (--again to submit them too)",
+                    handled.len()
+                );
+            }
             let releasing: Vec<&(String, String)> = parked_keys
                 .iter()
                 .filter(|_| match &filter.reason {
@@ -204,8 +219,23 @@ pub async fn run(common: &Common, cmd: DlqCommand) -> anyhow::Result<()> {
         }
         DlqCommand::Skip(args) => {
             let (partition, offset) = args.id;
-            let (t, i) = dlq::skip(&pool, topic, partition, offset, &args.why).await?;
-            println!("skipped {partition}:{offset} of {t}/{i}: {}", args.why);
+            let skipped = dlq::skip(&pool, topic, partition, offset, &args.why).await?;
+            let aggregate = skipped
+                .aggregate
+                .map_or("-".to_owned(), |(t, i)| format!("{t}/{i}"));
+            match &skipped.command {
+                Some((source, id)) => println!(
+                    "skipped {partition}:{offset} of {aggregate} (command {id} from {source}, recorded as skipped): {}",
+                    args.why
+                ),
+                None => println!(
+                    "skipped {partition}:{offset} of {aggregate} (not a decodable command; the dead letter is marked): {}",
+                    args.why
+                ),
+            }
+            if skipped.was_parked {
+                println!("a release of the aggregate leaves it out");
+            }
             Ok(())
         }
     }
