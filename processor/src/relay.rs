@@ -756,11 +756,11 @@ impl Relay {
                 .contains(&(partition, row.seq));
             loop {
                 let shrunk;
-                let (payload, headers) = if whole && self.fits(row, &relay) {
-                    (row.payload.as_deref(), row.headers.as_slice())
+                let (payload, headers, sent_whole) = if whole && self.fits(row, &relay) {
+                    (row.payload.as_deref(), row.headers.as_slice(), true)
                 } else {
                     shrunk = shrink(row);
-                    (Some(shrunk.0.as_slice()), shrunk.1.as_slice())
+                    (Some(shrunk.0.as_slice()), shrunk.1.as_slice(), false)
                 };
                 let mut owned = OwnedHeaders::new_with_capacity(headers.len() + 2);
                 for (k, v) in headers {
@@ -799,7 +799,13 @@ impl Relay {
                 };
                 match sent {
                     Ok(f) => {
-                        pending.push((row.seq, f));
+                        // What a refusal is blamed on: the largest row sent whole.
+                        let sent = if sent_whole {
+                            message_size(row, &relay)
+                        } else {
+                            0
+                        };
+                        pending.push((row.seq, sent, f));
                         break;
                     }
                     Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge))
@@ -818,15 +824,11 @@ impl Relay {
         }
         let mut too_large: Option<(usize, i64)> = None;
         let mut failed = None;
-        for (seq, f) in pending {
+        for (seq, size, f) in pending {
             match f.await {
                 Ok(Ok(_)) => {}
                 Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _))) => {
-                    let size = rows
-                        .iter()
-                        .find(|r| r.seq == seq)
-                        .map_or(0, |r| message_size(r, ""));
-                    if too_large.is_none_or(|(s, _)| size > s) {
+                    if size > 0 && too_large.is_none_or(|(s, _)| size > s) {
                         too_large = Some((size, seq));
                     }
                     failed.get_or_insert_with(|| {
