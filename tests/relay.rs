@@ -154,6 +154,38 @@ fn relay_groups(topics: &TestTopics) -> Vec<String> {
         .collect()
 }
 
+/// The offsets and metadata `group` committed on `topic`'s partitions.
+fn committed(group: &str, topic: &Topic) -> Vec<(i32, i64, String)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", BROKERS)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_range(topic.as_str(), 0, 1);
+    consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap()
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            rdkafka::Offset::Offset(o) => Some((e.partition(), o, e.metadata().to_owned())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The database's deployment id.
+async fn deployment(db: &TestDb) -> String {
+    sqlx::query_scalar::<_, uuid::Uuid>("SELECT deployment FROM relay_identity")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+        .to_string()
+}
+
 /// A custom-format backup of the test's database.
 fn backup(db: &TestDb) -> PathBuf {
     let dump = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{}.dump", db.name));
@@ -270,6 +302,18 @@ async fn a_relay_group_reset_to_latest_loses_nothing() {
     wait_consumed(&db, &topics.commands, &ends(&all)).await;
     let groups = relay_groups(&topics);
     assert!(!groups.is_empty(), "the relay committed its positions");
+    // The positions it committed in its Kafka transactions name its deployment.
+    for g in &groups {
+        let positions = committed(g, &topics.commands);
+        assert!(!positions.is_empty(), "{g} has positions");
+        for (partition, offset, metadata) in positions {
+            assert_eq!(
+                metadata,
+                format!("cmdproc:{}:{offset}", deployment(&db).await),
+                "partition {partition}"
+            );
+        }
+    }
     for g in &groups {
         kafka_tool(&[
             "consumer-groups",
