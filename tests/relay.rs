@@ -56,8 +56,8 @@ fn spawn_relay(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> (KillOnDrop, PathBuf) {
-    let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("{}-{name}.log", topics.group));
+    let log =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{}-{name}.log", topics.group));
     let child = cmdproc()
         .args(["relay", "--brokers", BROKERS, "--database-url", &db.url])
         .args([
@@ -344,7 +344,12 @@ async fn a_relay_group_reset_to_latest_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert_events_published(&db, &topics, true).await;
-    assert_eq!(read_topic(&topics.events).len(), 40, "{}", std::fs::read_to_string(&log).unwrap_or_default());
+    assert_eq!(
+        read_topic(&topics.events).len(),
+        40,
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     drop(worker);
     db.drop_db().await;
 }
@@ -528,12 +533,7 @@ async fn oversized_dead_letters_do_not_block_their_partition() {
         "--add-config",
         "max.message.bytes=100000",
     ]);
-    let worker = WorkerProcess::spawn(
-        &db,
-        &topics,
-        "w1",
-        &["--max-command-bytes", "500000"],
-    );
+    let worker = WorkerProcess::spawn(&db, &topics, "w1", &["--max-command-bytes", "500000"]);
     // A librdkafka client at its defaults sends a command of 999,850 bytes, then one of
     // 150,000 bytes that is not JSON.
     let plain: FutureProducer = ClientConfig::new()

@@ -315,13 +315,14 @@ impl Relay {
         // Partitions are independent (own row lock, own transactional producer), so their
         // transactions overlap: an event waits for its own partition's commit, not for a
         // round of every partition's.
-        let results: Vec<(i32, Result<usize, RelayError>)> = futures::stream::iter(visit)
-            .map(|partition| async move {
-                (partition, self.relay_partition(partition, identity).await)
-            })
-            .buffer_unordered(self.concurrency)
-            .collect()
-            .await;
+        let results: Vec<(i32, Result<usize, RelayError>)> =
+            futures::stream::iter(visit)
+                .map(|partition| async move {
+                    (partition, self.relay_partition(partition, identity).await)
+                })
+                .buffer_unordered(self.concurrency)
+                .collect()
+                .await;
         let mut total = 0;
         for (partition, result) in results {
             match result {
@@ -704,9 +705,8 @@ impl Relay {
                 topics.push(t);
             }
         }
-        let since = published_at.map(|t| {
-            t.timestamp_millis() - RECONCILE_MARGIN.as_millis() as i64
-        });
+        let since =
+            published_at.map(|t| t.timestamp_millis() - RECONCILE_MARGIN.as_millis() as i64);
         let scan = Scan {
             brokers: self.brokers.clone(),
             topics,
@@ -748,12 +748,17 @@ impl Relay {
         // Enqueue every message in order before awaiting any: the producer keeps that order
         // per Kafka partition, retries included.
         let mut pending = Vec::with_capacity(rows.len());
+        // Rows the broker refused before (rare): looked up once per batch.
+        let refused: HashSet<i64> = {
+            let shrink = self.shrink.lock().expect("rows to shrink");
+            shrink
+                .iter()
+                .filter(|(p, _)| *p == partition)
+                .map(|(_, seq)| *seq)
+                .collect()
+        };
         for row in rows {
-            let mut whole = !self
-                .shrink
-                .lock()
-                .expect("rows to shrink")
-                .contains(&(partition, row.seq));
+            let mut whole = refused.is_empty() || !refused.contains(&row.seq);
             loop {
                 let shrunk;
                 let (payload, headers, sent_whole) = if whole && self.fits(row, &relay) {
@@ -827,7 +832,10 @@ impl Relay {
         for (seq, size, f) in pending {
             match f.await {
                 Ok(Ok(_)) => {}
-                Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _))) => {
+                Ok(Err((
+                    KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+                    _,
+                ))) => {
                     if size > 0 && too_large.is_none_or(|(s, _)| size > s) {
                         too_large = Some((size, seq));
                     }
