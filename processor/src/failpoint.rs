@@ -8,6 +8,7 @@
 //! - `relay-crash-after-publish`: abort the process right after a relay batch is committed
 //!   in Kafka and before its position is recorded in Postgres.
 //! - `handler-panic:<aggregate id>`: every command for that aggregate panics in its handler.
+//! - `relay-fail-partition:<partition>`: every relay step of that commands partition fails.
 
 use std::sync::OnceLock;
 
@@ -46,4 +47,15 @@ pub fn crash_if(name: &str) {
         eprintln!("failpoint {name}: aborting");
         std::process::abort();
     }
+}
+
+/// Fails when `relay-fail-partition:<partition>` is set for this partition.
+pub fn fail_relay_partition(partition: i32) -> Result<(), String> {
+    if points()
+        .iter()
+        .any(|p| p.strip_prefix("relay-fail-partition:") == Some(partition.to_string().as_str()))
+    {
+        return Err(format!("failpoint relay-fail-partition:{partition}"));
+    }
+    Ok(())
 }

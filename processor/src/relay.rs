@@ -1,20 +1,38 @@
 //! The outbox relay: publishes outbox rows in sequence order per commands partition,
 //! exactly once.
 //!
-//! Two locks make one relay at a time work a partition, in order:
+//! The relay's identity is the deployment (`relay_identity`, a random id generated when the
+//! database is migrated, kept by a restore), the commands topic and the partition. Two locks
+//! make one relay at a time work a partition, in order:
 //! - in Postgres, the partition's `relay_positions` row, held (`FOR UPDATE SKIP LOCKED`) for
 //!   the transaction in which the relay publishes and then records its position;
 //! - in Kafka, a transactional producer per partition (`transactional.id` =
-//!   `cmdproc-relay.<commands topic>.<partition>`): taking it over fences any earlier relay
-//!   of that partition, and aborts whatever it left open.
+//!   `cmdproc-relay.<deployment>.<commands topic>.<partition>`): taking it over fences any
+//!   earlier relay of that partition, and aborts whatever it left open.
 //!
 //! Each batch is one Kafka transaction that also commits the batch's last outbox sequence
-//! as the offset of group `cmdproc-relay.<commands topic>` on the commands partition. If a
-//! relay dies after Kafka committed but before Postgres recorded the position, the next
-//! relay to take the partition reads that offset back and skips what was published, so no
-//! event appears twice to a `read_committed` consumer.
+//! as the offset of group `cmdproc-relay.<deployment>.<commands topic>` on the commands
+//! partition, with metadata `cmdproc:<deployment>:<sequence>`. Every message carries its
+//! row's stable identity (`cmdproc-message-id`: the event id, or the dead letter's place in
+//! the commands log) and the relay's (`cmdproc-relay`).
+//!
+//! A relay taking a partition trusts the Kafka position only if its metadata names this
+//! deployment and the same sequence. When that position is exactly the recorded one, it
+//! goes on. Otherwise (a relay died between the Kafka commit and the Postgres update; the
+//! database was restored from a backup, and the rows it re-derives may be numbered
+//! differently; the group's offsets expired, were reset or deleted) it reconciles: it reads
+//! the destination topics (`read_committed`) from a little before the recorded position's
+//! time, collects the identities this relay identity published for the partition, stores
+//! them in `relay_published`, and from then on skips the outbox rows with those identities
+//! (still advancing the position). So no row is published twice or skipped on the strength
+//! of a Kafka position alone.
+//!
+//! A row too large for Kafka (`max_message_bytes`, or refused by the broker) is published
+//! with its payload replaced by a reference (`cmdproc-payload-omitted: too_large`); it stays
+//! whole in Postgres. A partition whose step fails is retried with its own backoff while
+//! the others go on.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,12 +40,13 @@ use futures::StreamExt;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OnceCell};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::metrics::Metrics;
 use crate::store::{self, StoreError};
@@ -38,6 +57,28 @@ const KAFKA_TIMEOUT: Duration = Duration::from_secs(15);
 /// The Postgres notification channel on which workers without a relay of their own
 /// announce committed outbox rows; the payload is the commands topic.
 pub const OUTBOX_CHANNEL: &str = "cmdproc_outbox";
+
+/// The header holding an outbox row's stable identity.
+pub const MESSAGE_ID_HEADER: &str = "cmdproc-message-id";
+/// The header naming the relay that published a message: `<deployment>/<commands
+/// topic>/<partition>`.
+pub const RELAY_HEADER: &str = "cmdproc-relay";
+/// The header saying a message's payload was replaced by a reference, and why.
+pub const PAYLOAD_OMITTED_HEADER: &str = "cmdproc-payload-omitted";
+/// The header giving the size in bytes of a payload that was left out.
+pub const PAYLOAD_SIZE_HEADER: &str = "cmdproc-payload-size";
+
+/// Default of [`Relay::with_max_message_bytes`]: a little below librdkafka's and the
+/// broker's default `message.max.bytes` (1,000,000 and 1,048,588), so headers and framing
+/// fit.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 990_000;
+
+/// How far before the recorded position's time a reconciliation starts reading, for
+/// clocks that disagree and batches committed just before it.
+const RECONCILE_MARGIN: Duration = Duration::from_secs(300);
+
+/// How long a reconciliation may see no progress before it gives up (and is retried).
+const RECONCILE_STALL: Duration = Duration::from_secs(120);
 
 /// Errors of the relay.
 #[derive(Debug, thiserror::Error)]
@@ -55,12 +96,26 @@ pub enum RelayError {
 pub enum RelayOutcome {
     /// Published this many messages.
     Relayed(usize),
-    /// Nothing was waiting (or every waiting partition is held by another relay).
+    /// Nothing was waiting (or every waiting partition is held by another relay, or
+    /// waiting out its backoff).
     Idle,
 }
 
 /// The partitions a relay may publish: all of them, or those its worker owns.
 pub type Owned = Arc<Mutex<HashMap<i32, i64>>>;
+
+/// Who this relay is in Kafka: read from the database at its first step.
+struct Identity {
+    deployment: Uuid,
+    positions: Arc<BaseConsumer>,
+    group: Arc<ConsumerGroupMetadata>,
+}
+
+/// A partition whose last step failed, retried on its own schedule.
+struct Failing {
+    backoff: crate::retry::Backoff,
+    not_before: Instant,
+}
 
 /// Publishes the outbox of one commands topic.
 pub struct Relay {
@@ -74,15 +129,26 @@ pub struct Relay {
     /// The last position this relay recorded per partition: a smaller one in Postgres
     /// means the database was restored from a backup.
     recorded: Mutex<HashMap<i32, i64>>,
-    positions: Arc<BaseConsumer>,
-    group: Arc<ConsumerGroupMetadata>,
+    identity: OnceCell<Identity>,
     /// Partitions published at the same time, each in its own Kafka transaction.
     concurrency: usize,
     /// How long an idle relay waits for a wake-up before it looks anyway.
     poll_interval: Duration,
     metrics: Arc<Metrics>,
     /// Partitions whose backlog gauge this relay has set, so it can zero those that drained.
-    reported: Mutex<std::collections::HashSet<i32>>,
+    reported: Mutex<HashSet<i32>>,
+    /// Topics a reconciliation reads besides those the outbox names (the events topic).
+    destinations: Vec<String>,
+    /// Largest message (key, payload and headers) sent whole.
+    max_message_bytes: usize,
+    /// Partitions backing off after a failed step.
+    failing: Mutex<HashMap<i32, Failing>>,
+    /// Rows (partition, sequence) the broker refused as too large: sent with their payload
+    /// left out from now on.
+    shrink: Mutex<HashSet<(i32, i64)>>,
+    /// Per partition, identities of rows already on their topic (`relay_published`):
+    /// skipped when their turn comes. Usually empty.
+    skip: Mutex<HashMap<i32, HashSet<String>>>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -93,9 +159,20 @@ impl std::fmt::Debug for Relay {
     }
 }
 
-/// The consumer group whose offsets hold each partition's last published outbox sequence.
-pub fn relay_group(commands_topic: &str) -> String {
-    format!("cmdproc-relay.{commands_topic}")
+/// The consumer group whose offsets hold each partition's last published outbox sequence,
+/// for the deployment (`relay_identity`) of the database.
+pub fn relay_group(deployment: &Uuid, commands_topic: &str) -> String {
+    format!("cmdproc-relay.{deployment}.{commands_topic}")
+}
+
+/// The metadata committed with a relay position: who wrote it, and which sequence.
+fn position_metadata(deployment: &Uuid, seq: i64) -> String {
+    format!("cmdproc:{deployment}:{seq}")
+}
+
+/// The `cmdproc-relay` header of the messages of one commands partition.
+fn relay_header(deployment: &Uuid, commands_topic: &str, partition: i32) -> String {
+    format!("{deployment}/{commands_topic}/{partition}")
 }
 
 impl Relay {
@@ -108,15 +185,6 @@ impl Relay {
         batch_size: i64,
         only: Option<Owned>,
     ) -> Result<Self, RelayError> {
-        let positions: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("group.id", relay_group(commands_topic))
-            .set("enable.auto.commit", "false")
-            .create()
-            .map_err(|e| RelayError::Kafka(e.to_string()))?;
-        let group = positions.group_metadata().ok_or_else(|| {
-            RelayError::Kafka("no consumer group metadata for the relay group".into())
-        })?;
         Ok(Self {
             pool,
             brokers: brokers.to_owned(),
@@ -126,12 +194,16 @@ impl Relay {
             only,
             producers: Mutex::new(HashMap::new()),
             recorded: Mutex::new(HashMap::new()),
-            positions: Arc::new(positions),
-            group: Arc::new(group),
+            identity: OnceCell::new(),
             concurrency: 4,
             poll_interval: Duration::from_millis(200),
             metrics: Arc::new(Metrics::new()),
             reported: Mutex::default(),
+            destinations: Vec::new(),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            failing: Mutex::default(),
+            shrink: Mutex::default(),
+            skip: Mutex::default(),
         })
     }
 
@@ -156,13 +228,55 @@ impl Relay {
         self
     }
 
+    /// Topics a reconciliation reads besides the dead-letter topic and those the outbox
+    /// names: the events topic, whose rows a restored database may not hold yet.
+    pub fn with_destinations(mut self, topics: &[&str]) -> Self {
+        self.destinations = topics.iter().map(|t| (*t).to_owned()).collect();
+        self
+    }
+
+    /// Largest message (key, payload and headers) published whole (default
+    /// [`DEFAULT_MAX_MESSAGE_BYTES`]); a larger row is published with its payload replaced
+    /// by a reference. The producer's `message.max.bytes` is raised to fit it if needed.
+    pub fn with_max_message_bytes(mut self, bytes: usize) -> Self {
+        self.max_message_bytes = bytes.max(1024);
+        self
+    }
+
     /// A handle that wakes the relay early, e.g. right after a worker commits a batch.
     pub fn waker(&self) -> Arc<Notify> {
         self.wake.clone()
     }
 
-    /// Publishes what is waiting, one batch per partition with a backlog.
+    /// The relay's identity, read from the database at the first step.
+    async fn identity(&self) -> Result<&Identity, RelayError> {
+        self.identity
+            .get_or_try_init(|| async {
+                let deployment = store::relay_deployment(&self.pool).await?;
+                let positions: BaseConsumer = ClientConfig::new()
+                    .set("bootstrap.servers", &self.brokers)
+                    .set("group.id", relay_group(&deployment, &self.commands_topic))
+                    .set("enable.auto.commit", "false")
+                    .create()
+                    .map_err(|e| RelayError::Kafka(e.to_string()))?;
+                let group = positions.group_metadata().ok_or_else(|| {
+                    RelayError::Kafka("no consumer group metadata for the relay group".into())
+                })?;
+                tracing::info!(%deployment, topic = %self.commands_topic, "relay identity");
+                Ok(Identity {
+                    deployment,
+                    positions: Arc::new(positions),
+                    group: Arc::new(group),
+                })
+            })
+            .await
+    }
+
+    /// Publishes what is waiting, one batch per partition with a backlog. A partition
+    /// whose step fails backs off on its own (and is left out until then); the error is
+    /// returned only when the relay could not look at the outbox at all.
     pub async fn relay_once(&self) -> Result<RelayOutcome, RelayError> {
+        let identity = self.identity().await?;
         let mut backlog = store::outbox_backlog(&self.pool, &self.commands_topic).await?;
         let mut visit: Vec<i32> = backlog.iter().map(|b| b.partition).collect();
         if let Some(only) = &self.only {
@@ -187,37 +301,78 @@ impl Relay {
                 .lock()
                 .expect("recorded positions")
                 .retain(|p, _| only.contains_key(p));
+            self.failing
+                .lock()
+                .expect("failing partitions")
+                .retain(|p, _| only.contains_key(p));
         }
         self.report_backlog(&backlog);
+        {
+            let now = Instant::now();
+            let failing = self.failing.lock().expect("failing partitions");
+            visit.retain(|p| failing.get(p).is_none_or(|f| f.not_before <= now));
+        }
         // Partitions are independent (own row lock, own transactional producer), so their
         // transactions overlap: an event waits for its own partition's commit, not for a
         // round of every partition's.
-        let results: Vec<(i32, Result<usize, RelayError>)> = futures::stream::iter(visit)
-            .map(|partition| async move { (partition, self.relay_partition(partition).await) })
-            .buffer_unordered(self.concurrency)
-            .collect()
-            .await;
+        let results: Vec<(i32, Result<usize, RelayError>)> =
+            futures::stream::iter(visit)
+                .map(|partition| async move {
+                    (partition, self.relay_partition(partition, identity).await)
+                })
+                .buffer_unordered(self.concurrency)
+                .collect()
+                .await;
         let mut total = 0;
-        let mut failed = None;
         for (partition, result) in results {
             match result {
-                Ok(n) => total += n,
+                Ok(n) => {
+                    total += n;
+                    self.failing
+                        .lock()
+                        .expect("failing partitions")
+                        .remove(&partition);
+                }
                 Err(e) => {
                     // Start over with a fresh producer: it re-fences, aborts what is open,
                     // and recovers the position from Kafka.
                     self.producers.lock().expect("producers").remove(&partition);
-                    failed.get_or_insert(e);
+                    let mut failing = self.failing.lock().expect("failing partitions");
+                    let f = failing.entry(partition).or_insert_with(|| Failing {
+                        backoff: crate::retry::Backoff::new(
+                            Duration::from_millis(100),
+                            Duration::from_secs(5),
+                        ),
+                        not_before: Instant::now(),
+                    });
+                    let delay = f.backoff.next_delay();
+                    f.not_before = Instant::now() + delay;
+                    tracing::warn!(
+                        partition,
+                        error = %e,
+                        attempts = f.backoff.attempts,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "relay step failed; retrying this partition, the others go on"
+                    );
                 }
             }
-        }
-        if let Some(e) = failed {
-            return Err(e);
         }
         Ok(if total == 0 {
             RelayOutcome::Idle
         } else {
             RelayOutcome::Relayed(total)
         })
+    }
+
+    /// How long until the next failing partition may be tried again, if any is waiting.
+    fn next_retry_in(&self) -> Option<Duration> {
+        let now = Instant::now();
+        self.failing
+            .lock()
+            .expect("failing partitions")
+            .values()
+            .map(|f| f.not_before.saturating_duration_since(now))
+            .min()
     }
 
     /// Sets the backlog gauge of the partitions this relay serves; the query returns only
@@ -240,7 +395,11 @@ impl Relay {
 
     /// The partition's transactional producer, created (fencing earlier relays) on first use.
     /// Returns whether it is new, in which case the position must be recovered from Kafka.
-    async fn producer(&self, partition: i32) -> Result<(Arc<FutureProducer>, bool), RelayError> {
+    async fn producer(
+        &self,
+        partition: i32,
+        identity: &Identity,
+    ) -> Result<(Arc<FutureProducer>, bool), RelayError> {
         if let Some(p) = self.producers.lock().expect("producers").get(&partition) {
             return Ok((p.clone(), false));
         }
@@ -248,7 +407,10 @@ impl Relay {
             .set("bootstrap.servers", &self.brokers)
             .set(
                 "transactional.id",
-                format!("{}.{partition}", relay_group(&self.commands_topic)),
+                format!(
+                    "{}.{partition}",
+                    relay_group(&identity.deployment, &self.commands_topic)
+                ),
             )
             .set("transaction.timeout.ms", "60000")
             .set("enable.idempotence", "true")
@@ -256,6 +418,10 @@ impl Relay {
             .set("partitioner", "murmur2_random")
             .set("linger.ms", "2")
             .set("message.timeout.ms", "30000")
+            .set(
+                "message.max.bytes",
+                (self.max_message_bytes + 10_000).max(1_000_000).to_string(),
+            )
             .create()
             .map_err(|e| RelayError::Kafka(e.to_string()))?;
         let producer = Arc::new(producer);
@@ -274,11 +440,17 @@ impl Relay {
         Ok((producer, true))
     }
 
-    /// The last outbox sequence Kafka committed for a partition, 0 if none.
-    async fn kafka_position(&self, partition: i32) -> Result<i64, RelayError> {
+    /// The last outbox sequence Kafka committed for a partition, if this deployment wrote
+    /// it: `None` when there is none, or it carries no metadata of this deployment or
+    /// metadata naming another sequence (reset, written by another tool or deployment).
+    async fn kafka_position(
+        &self,
+        partition: i32,
+        identity: &Identity,
+    ) -> Result<Option<i64>, RelayError> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.commands_topic, partition);
-        let positions = self.positions.clone();
+        let positions = identity.positions.clone();
         let committed = blocking(move || positions.committed_offsets(tpl, KAFKA_TIMEOUT))
             .await
             .map_err(|e| {
@@ -286,24 +458,44 @@ impl Relay {
                     "reading the relay position of partition {partition}: {e}"
                 ))
             })?;
-        Ok(committed
-            .find_partition(&self.commands_topic, partition)
-            .and_then(|e| match e.offset() {
-                Offset::Offset(n) => Some(n),
-                _ => None,
-            })
-            .unwrap_or(0))
+        let Some(elem) = committed.find_partition(&self.commands_topic, partition) else {
+            return Ok(None);
+        };
+        let Offset::Offset(n) = elem.offset() else {
+            return Ok(None);
+        };
+        // rdkafka panics on metadata that is not UTF-8, which another tool may have written.
+        let metadata =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| elem.metadata().to_owned()))
+                .unwrap_or_default();
+        if metadata == position_metadata(&identity.deployment, n) {
+            Ok(Some(n))
+        } else {
+            tracing::warn!(
+                partition,
+                in_kafka = n,
+                metadata = %metadata,
+                "the relay group's committed position was not written by this deployment at that sequence; not trusting it"
+            );
+            Ok(None)
+        }
     }
 
     #[tracing::instrument(skip_all, fields(partition))]
-    async fn relay_partition(&self, partition: i32) -> Result<usize, RelayError> {
+    async fn relay_partition(
+        &self,
+        partition: i32,
+        identity: &Identity,
+    ) -> Result<usize, RelayError> {
+        crate::failpoint::fail_relay_partition(partition)
+            .map_err(|e| RelayError::Kafka(e.to_string()))?;
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
-        let Some(mut published) =
+        let Some(published) =
             store::lock_relay_position(&mut tx, &self.commands_topic, partition).await?
         else {
             return Ok(0);
         };
-        let (producer, fresh) = self.producer(partition).await?;
+        let (producer, fresh) = self.producer(partition, identity).await?;
         let restored = self
             .recorded
             .lock()
@@ -311,16 +503,27 @@ impl Relay {
             .get(&partition)
             .is_some_and(|r| published < *r);
         if fresh || restored {
-            let in_kafka = self.kafka_position(partition).await?;
-            if in_kafka > published {
-                tracing::info!(
-                    partition,
-                    recorded = published,
-                    in_kafka,
-                    "a previous relay published past its recorded position; resuming after what Kafka committed"
-                );
-                store::mark_published(&mut tx, &self.commands_topic, partition, in_kafka).await?;
-                published = in_kafka;
+            // Taking the partition: decide, without the row lock (reading the topics can
+            // take long), whether what is on the topics agrees with the recorded position.
+            // The producer already fenced earlier relays of this partition.
+            tx.rollback().await.map_err(StoreError::from)?;
+            if let Err(e) = self
+                .take_over(partition, published, restored, identity)
+                .await
+            {
+                self.producers.lock().expect("producers").remove(&partition);
+                return Err(e);
+            }
+            tx = self.pool.begin().await.map_err(StoreError::from)?;
+            let Some(now) =
+                store::lock_relay_position(&mut tx, &self.commands_topic, partition).await?
+            else {
+                return Ok(0);
+            };
+            if now != published {
+                // Another relay moved it meanwhile (and fenced this one): start over.
+                self.producers.lock().expect("producers").remove(&partition);
+                return Ok(0);
             }
         }
         // Publish latency runs from this read to the Kafka commit: what an event waits once
@@ -338,11 +541,32 @@ impl Relay {
             tx.commit().await.map_err(StoreError::from)?;
             return Ok(0);
         };
+        // Rows found already on their topic when the partition was taken are not sent
+        // again; the position still moves past them.
+        let mut skipped: Vec<String> = Vec::new();
+        let rows: Vec<store::OutboxMessage> = {
+            let skip = self.skip.lock().expect("skipped identities");
+            match skip.get(&partition) {
+                Some(ids) if !ids.is_empty() => rows
+                    .into_iter()
+                    .filter(|r| match &r.message_id {
+                        Some(id) if ids.contains(id) => {
+                            skipped.push(id.clone());
+                            false
+                        }
+                        _ => true,
+                    })
+                    .collect(),
+                _ => rows,
+            }
+        };
 
         producer
             .begin_transaction()
             .map_err(|e| RelayError::Kafka(e.to_string()))?;
-        let published_batch = self.publish(&producer, &rows, partition, last).await;
+        let published_batch = self
+            .publish(&producer, &rows, partition, last, identity)
+            .await;
         if let Err(e) = published_batch {
             let aborting = producer.clone();
             let _ = blocking(move || aborting.abort_transaction(KAFKA_TIMEOUT)).await;
@@ -362,11 +586,39 @@ impl Relay {
             .inc_by((rows.len() - dead_letters) as u64);
         crate::failpoint::crash_if("relay-crash-after-publish");
         store::mark_published(&mut tx, &self.commands_topic, partition, last).await?;
+        if !skipped.is_empty() {
+            store::forget_found_published(&mut tx, &self.commands_topic, partition, &skipped)
+                .await?;
+        }
         tx.commit().await.map_err(StoreError::from)?;
         self.recorded
             .lock()
             .expect("recorded positions")
             .insert(partition, last);
+        if !skipped.is_empty() {
+            if let Some(ids) = self
+                .skip
+                .lock()
+                .expect("skipped identities")
+                .get_mut(&partition)
+            {
+                for id in &skipped {
+                    ids.remove(id);
+                }
+            }
+            tracing::info!(
+                partition,
+                skipped = skipped.len(),
+                up_to = last,
+                "skipped outbox rows already on their topic"
+            );
+        }
+        {
+            let mut shrink = self.shrink.lock().expect("rows to shrink");
+            if !shrink.is_empty() {
+                shrink.retain(|(p, seq)| *p != partition || *seq > last);
+            }
+        }
         tracing::debug!(
             partition,
             published = rows.len(),
@@ -376,6 +628,113 @@ impl Relay {
         Ok(rows.len())
     }
 
+    /// Takes a partition: compares the trusted Kafka position with the recorded one,
+    /// reconciles with the destination topics when they differ, and loads the identities
+    /// to skip.
+    async fn take_over(
+        &self,
+        partition: i32,
+        published: i64,
+        restored: bool,
+        identity: &Identity,
+    ) -> Result<(), RelayError> {
+        let in_kafka = self.kafka_position(partition, identity).await?;
+        if in_kafka != Some(published) {
+            let published_at =
+                store::relay_published_at(&self.pool, &self.commands_topic, partition).await?;
+            if in_kafka.is_none() && published_at.is_none() && !restored {
+                // Nothing was ever recorded or committed: nothing can be on the topics.
+            } else {
+                match in_kafka {
+                    Some(k) if k > published => tracing::info!(
+                        partition,
+                        recorded = published,
+                        in_kafka = k,
+                        "a previous relay published past its recorded position; reading the topics back to skip what it published, then resuming after what Kafka committed"
+                    ),
+                    _ => tracing::warn!(
+                        partition,
+                        recorded = published,
+                        in_kafka = ?in_kafka,
+                        restored,
+                        "the Kafka position is not the recorded one (a restore, or offsets expired, reset or deleted); reading the topics back to publish nothing twice"
+                    ),
+                }
+                self.reconcile(partition, published, published_at, identity)
+                    .await?;
+            }
+        }
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let found = store::found_published(&mut tx, &self.commands_topic, partition).await?;
+        tx.commit().await.map_err(StoreError::from)?;
+        if !found.is_empty() {
+            tracing::info!(
+                partition,
+                identities = found.len(),
+                "outbox rows already on their topic will be skipped"
+            );
+        }
+        self.skip
+            .lock()
+            .expect("skipped identities")
+            .insert(partition, found);
+        self.recorded
+            .lock()
+            .expect("recorded positions")
+            .insert(partition, published);
+        Ok(())
+    }
+
+    /// Reads the destination topics from a little before the recorded position's time and
+    /// stores the identities this relay identity published for the partition.
+    async fn reconcile(
+        &self,
+        partition: i32,
+        published: i64,
+        published_at: Option<chrono::DateTime<chrono::Utc>>,
+        identity: &Identity,
+    ) -> Result<(), RelayError> {
+        let mut topics = store::outbox_topics(&self.pool, &self.commands_topic, partition).await?;
+        for t in self
+            .destinations
+            .iter()
+            .cloned()
+            .chain([format!("{}.dlq", self.commands_topic)])
+        {
+            if !topics.contains(&t) {
+                topics.push(t);
+            }
+        }
+        let since =
+            published_at.map(|t| t.timestamp_millis() - RECONCILE_MARGIN.as_millis() as i64);
+        let scan = Scan {
+            brokers: self.brokers.clone(),
+            topics,
+            since_ms: since,
+            relay: relay_header(&identity.deployment, &self.commands_topic, partition),
+            partition,
+        };
+        let found = tokio::task::spawn_blocking(move || scan.run())
+            .await
+            .map_err(|e| RelayError::Kafka(format!("reading the topics back: {e}")))??;
+        let stored = store::record_found_published(
+            &self.pool,
+            &self.commands_topic,
+            partition,
+            published,
+            &found.ids,
+        )
+        .await?;
+        tracing::info!(
+            partition,
+            scanned = found.scanned,
+            found = found.ids.len(),
+            to_skip = stored,
+            "read the topics back"
+        );
+        Ok(())
+    }
+
     /// Sends the rows and commits them with the position in one Kafka transaction.
     async fn publish(
         &self,
@@ -383,58 +742,153 @@ impl Relay {
         rows: &[store::OutboxMessage],
         partition: i32,
         last: i64,
+        identity: &Identity,
     ) -> Result<(), RelayError> {
+        let relay = relay_header(&identity.deployment, &self.commands_topic, partition);
         // Enqueue every message in order before awaiting any: the producer keeps that order
         // per Kafka partition, retries included.
         let mut pending = Vec::with_capacity(rows.len());
+        // Rows the broker refused before (rare): looked up once per batch.
+        let refused: HashSet<i64> = {
+            let shrink = self.shrink.lock().expect("rows to shrink");
+            shrink
+                .iter()
+                .filter(|(p, _)| *p == partition)
+                .map(|(_, seq)| *seq)
+                .collect()
+        };
         for row in rows {
-            let mut headers = OwnedHeaders::new_with_capacity(row.headers.len());
-            for (k, v) in &row.headers {
-                headers = headers.insert(Header {
-                    key: k,
-                    value: v.as_deref(),
-                });
-            }
-            let mut record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(&row.topic).headers(headers);
-            if let Some(k) = &row.key {
-                record = record.key(k);
-            }
-            if let Some(p) = &row.payload {
-                record = record.payload(p);
-            }
+            let mut whole = refused.is_empty() || !refused.contains(&row.seq);
             loop {
-                match producer.send_result(record) {
+                let shrunk;
+                let (payload, headers, sent_whole) = if whole && self.fits(row, &relay) {
+                    (row.payload.as_deref(), row.headers.as_slice(), true)
+                } else {
+                    shrunk = shrink(row);
+                    (Some(shrunk.0.as_slice()), shrunk.1.as_slice(), false)
+                };
+                let mut owned = OwnedHeaders::new_with_capacity(headers.len() + 2);
+                for (k, v) in headers {
+                    owned = owned.insert(Header {
+                        key: k,
+                        value: v.as_deref(),
+                    });
+                }
+                if let Some(id) = &row.message_id {
+                    owned = owned.insert(Header {
+                        key: MESSAGE_ID_HEADER,
+                        value: Some(id.as_bytes()),
+                    });
+                }
+                owned = owned.insert(Header {
+                    key: RELAY_HEADER,
+                    value: Some(relay.as_bytes()),
+                });
+                let mut record: FutureRecord<'_, [u8], [u8]> =
+                    FutureRecord::to(&row.topic).headers(owned);
+                if let Some(k) = &row.key {
+                    record = record.key(k);
+                }
+                if let Some(p) = payload {
+                    record = record.payload(p);
+                }
+                let sent = loop {
+                    match producer.send_result(record) {
+                        Ok(f) => break Ok(f),
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                            record = r;
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                        Err((e, _)) => break Err(e),
+                    }
+                };
+                match sent {
                     Ok(f) => {
-                        pending.push(f);
+                        // What a refusal is blamed on: the largest row sent whole.
+                        let sent = if sent_whole {
+                            message_size(row, &relay)
+                        } else {
+                            0
+                        };
+                        pending.push((row.seq, sent, f));
                         break;
                     }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                        record = r;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge))
+                        if whole =>
+                    {
+                        tracing::warn!(
+                            partition,
+                            seq = row.seq,
+                            "the producer refused an outbox row as too large; publishing it with its payload left out"
+                        );
+                        whole = false;
                     }
-                    Err((e, _)) => return Err(RelayError::Kafka(e.to_string())),
+                    Err(e) => return Err(RelayError::Kafka(e.to_string())),
                 }
             }
         }
-        for f in pending {
+        let mut too_large: Option<(usize, i64)> = None;
+        let mut failed = None;
+        for (seq, size, f) in pending {
             match f.await {
                 Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(RelayError::Kafka(e.to_string())),
-                Err(_) => return Err(RelayError::Kafka("delivery was cancelled".into())),
+                Ok(Err((
+                    KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+                    _,
+                ))) => {
+                    if size > 0 && too_large.is_none_or(|(s, _)| size > s) {
+                        too_large = Some((size, seq));
+                    }
+                    failed.get_or_insert_with(|| {
+                        RelayError::Kafka(format!(
+                            "the broker refused outbox row {seq} of partition {partition} as too large"
+                        ))
+                    });
+                }
+                Ok(Err((e, _))) => {
+                    failed.get_or_insert(RelayError::Kafka(e.to_string()));
+                }
+                Err(_) => {
+                    failed.get_or_insert(RelayError::Kafka("delivery was cancelled".into()));
+                }
             }
+        }
+        if let Some((_, seq)) = too_large {
+            // The broker (the topic's `max.message.bytes`) refused it: the largest refused
+            // row goes out without its payload at the next attempt. One at a time, since a
+            // refused batch fails every message in it.
+            tracing::warn!(
+                partition,
+                seq,
+                "the broker refused an outbox row as too large; it will be published with its payload left out"
+            );
+            self.shrink
+                .lock()
+                .expect("rows to shrink")
+                .insert((partition, seq));
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         let mut position = TopicPartitionList::new();
         position
-            .add_partition_offset(&self.commands_topic, partition, Offset::Offset(last))
+            .add_partition(&self.commands_topic, partition)
+            .set_metadata(position_metadata(&identity.deployment, last));
+        position
+            .set_partition_offset(&self.commands_topic, partition, Offset::Offset(last))
             .map_err(|e| RelayError::Kafka(e.to_string()))?;
-        let (producer, group) = (producer.clone(), self.group.clone());
+        let (producer, group) = (producer.clone(), identity.group.clone());
         blocking(move || {
             producer.send_offsets_to_transaction(&position, &group, KAFKA_TIMEOUT)?;
             producer.commit_transaction(KAFKA_TIMEOUT)
         })
         .await
         .map_err(|e| RelayError::Kafka(format!("committing the Kafka transaction: {e}")))
+    }
+
+    /// Whether a row fits in one message with the headers the relay adds.
+    fn fits(&self, row: &store::OutboxMessage, relay: &str) -> bool {
+        message_size(row, relay) <= self.max_message_bytes
     }
 
     /// Runs until `shutdown`, then drains what is waiting for at most `drain`.
@@ -449,10 +903,14 @@ impl Relay {
                 Ok(RelayOutcome::Relayed(_)) => backoff.reset(),
                 Ok(RelayOutcome::Idle) => {
                     backoff.reset();
+                    // A failing partition is retried when its own backoff ends.
+                    let wait = self
+                        .next_retry_in()
+                        .map_or(self.poll_interval, |d| d.min(self.poll_interval));
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = self.wake.notified() => {}
-                        _ = tokio::time::sleep(self.poll_interval) => {}
+                        _ = tokio::time::sleep(wait) => {}
                     }
                 }
                 Err(e) => {
@@ -477,6 +935,252 @@ impl Relay {
                 Err(_) => break,
             }
         }
+    }
+}
+
+/// The bytes a row takes in a message: key, payload and headers, with the two headers the
+/// relay adds (`relay` is the `cmdproc-relay` value) and a little for framing.
+fn message_size(row: &store::OutboxMessage, relay: &str) -> usize {
+    let headers: usize = row
+        .headers
+        .iter()
+        .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len) + 8)
+        .sum();
+    row.key.as_ref().map_or(0, Vec::len)
+        + row.payload.as_ref().map_or(0, Vec::len)
+        + headers
+        + MESSAGE_ID_HEADER.len()
+        + row.message_id.as_ref().map_or(0, String::len)
+        + RELAY_HEADER.len()
+        + relay.len()
+        + 64
+}
+
+/// A row's payload replaced by a small reference, and its headers saying so. An event
+/// keeps its CloudEvent attributes (its id among them) without `data`; a dead letter
+/// names its `dead_letters` row; anything else its identity. When even the original
+/// headers are too many, only the `cmdproc-` ones are kept.
+fn shrink(row: &store::OutboxMessage) -> (Vec<u8>, Vec<crate::batch::Header>) {
+    let size = row.payload.as_ref().map_or(0, Vec::len);
+    let header = |name: &str| {
+        row.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.as_deref())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    let reference = if let Some(topic) = header("cmdproc-original-topic") {
+        let number = |name: &str| header(name).and_then(|v| v.parse::<i64>().ok());
+        serde_json::json!({
+            "omitted": "too_large",
+            "size": size,
+            "dead_letter": {
+                "topic": topic,
+                "partition": number("cmdproc-original-partition"),
+                "offset": number("cmdproc-original-offset"),
+            },
+        })
+    } else {
+        let envelope = row
+            .payload
+            .as_deref()
+            .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
+            .filter(serde_json::Value::is_object)
+            .map(|mut e| {
+                if let Some(o) = e.as_object_mut() {
+                    o.remove("data");
+                    o.remove("data_base64");
+                }
+                e
+            })
+            .filter(|e| serde_json::to_vec(e).map_or(0, |v| v.len()) < 64 * 1024);
+        envelope.unwrap_or_else(|| {
+            serde_json::json!({
+                "omitted": "too_large",
+                "size": size,
+                "id": row.message_id,
+            })
+        })
+    };
+    let original: usize = row
+        .headers
+        .iter()
+        .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+        .sum();
+    let mut headers: Vec<crate::batch::Header> = row
+        .headers
+        .iter()
+        .filter(|(k, _)| original < 64 * 1024 || k.starts_with("cmdproc-"))
+        .filter(|(k, _)| k != "content-length")
+        .cloned()
+        .collect();
+    headers.push((
+        PAYLOAD_OMITTED_HEADER.to_owned(),
+        Some(b"too_large".to_vec()),
+    ));
+    headers.push((
+        PAYLOAD_SIZE_HEADER.to_owned(),
+        Some(size.to_string().into_bytes()),
+    ));
+    (
+        serde_json::to_vec(&reference).expect("JSON serializes"),
+        headers,
+    )
+}
+
+/// What a reconciliation found.
+struct Found {
+    ids: Vec<String>,
+    scanned: u64,
+}
+
+/// A read of the destination topics for the identities one relay identity published.
+struct Scan {
+    brokers: String,
+    topics: Vec<String>,
+    /// Where to start, in milliseconds since the epoch; from the beginning when `None`.
+    since_ms: Option<i64>,
+    /// The `cmdproc-relay` header to look for.
+    relay: String,
+    partition: i32,
+}
+
+impl Scan {
+    /// Reads every partition of the topics, `read_committed`, from the start time to the
+    /// end it had when the read began. Blocking.
+    fn run(self) -> Result<Found, RelayError> {
+        let kafka = |e: KafkaError| RelayError::Kafka(format!("reading the topics back: {e}"));
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", "cmdproc-relay-reconcile")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .create()
+            .map_err(kafka)?;
+        let mut ends: HashMap<(String, i32), i64> = HashMap::new();
+        let mut starts = TopicPartitionList::new();
+        for topic in &self.topics {
+            let md = consumer
+                .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
+                .map_err(kafka)?;
+            let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+                continue;
+            };
+            if t.error().is_some() {
+                // No such topic: nothing was published to it.
+                continue;
+            }
+            for p in t.partitions() {
+                let (low, high) = consumer
+                    .fetch_watermarks(topic, p.id(), KAFKA_TIMEOUT)
+                    .map_err(kafka)?;
+                if high <= low {
+                    continue;
+                }
+                ends.insert((topic.clone(), p.id()), high);
+                let start = match self.since_ms {
+                    Some(ms) => Offset::Offset(ms.max(0)),
+                    None => Offset::Beginning,
+                };
+                starts
+                    .add_partition_offset(topic, p.id(), start)
+                    .map_err(kafka)?;
+            }
+        }
+        if self.since_ms.is_some() && starts.count() > 0 {
+            let resolved = consumer
+                .offsets_for_times(starts, KAFKA_TIMEOUT)
+                .map_err(kafka)?;
+            starts = TopicPartitionList::new();
+            for e in resolved.elements() {
+                let key = (e.topic().to_owned(), e.partition());
+                match e.offset() {
+                    Offset::Offset(o) if o < ends[&key] => {
+                        starts
+                            .add_partition_offset(e.topic(), e.partition(), Offset::Offset(o))
+                            .map_err(kafka)?;
+                    }
+                    // Nothing as recent as the start time.
+                    _ => {
+                        ends.remove(&key);
+                    }
+                }
+            }
+        }
+        let mut found = Found {
+            ids: Vec::new(),
+            scanned: 0,
+        };
+        if ends.is_empty() {
+            return Ok(found);
+        }
+        consumer.assign(&starts).map_err(kafka)?;
+        let mut done: HashSet<(String, i32)> = HashSet::new();
+        let mut last_progress = Instant::now();
+        let mut last_report = Instant::now();
+        while done.len() < ends.len() {
+            match consumer.poll(Duration::from_millis(500)) {
+                Some(Ok(m)) => {
+                    last_progress = Instant::now();
+                    found.scanned += 1;
+                    if let Some(headers) = m.headers() {
+                        let mut relay = false;
+                        let mut id = None;
+                        for h in headers.iter() {
+                            if h.key == RELAY_HEADER {
+                                relay = h.value == Some(self.relay.as_bytes());
+                            } else if h.key == MESSAGE_ID_HEADER {
+                                id = h.value;
+                            }
+                        }
+                        if let (true, Some(id)) = (relay, id) {
+                            found.ids.push(String::from_utf8_lossy(id).into_owned());
+                        }
+                    }
+                    let key = (m.topic().to_owned(), m.partition());
+                    if ends.get(&key).is_some_and(|end| m.offset() + 1 >= *end) {
+                        done.insert(key);
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) | None => {
+                    // Transaction markers and aborted messages take offsets no message is
+                    // read at: look at the positions.
+                    let positions = consumer.position().map_err(kafka)?;
+                    for e in positions.elements() {
+                        let key = (e.topic().to_owned(), e.partition());
+                        if let (Offset::Offset(o), Some(end)) = (e.offset(), ends.get(&key)) {
+                            if o >= *end && done.insert(key) {
+                                last_progress = Instant::now();
+                            }
+                        }
+                    }
+                }
+                Some(Err(e)) => return Err(kafka(e)),
+            }
+            if last_progress.elapsed() > RECONCILE_STALL {
+                return Err(RelayError::Kafka(format!(
+                    "reading the topics back for partition {}: no progress for {:?} ({} of {} topic partitions read)",
+                    self.partition,
+                    RECONCILE_STALL,
+                    done.len(),
+                    ends.len()
+                )));
+            }
+            if last_report.elapsed() > Duration::from_secs(5) {
+                last_report = Instant::now();
+                tracing::info!(
+                    partition = self.partition,
+                    scanned = found.scanned,
+                    found = found.ids.len(),
+                    read = done.len(),
+                    of = ends.len(),
+                    "reading the topics back"
+                );
+            }
+        }
+        Ok(found)
     }
 }
 

@@ -307,8 +307,11 @@ pub async fn prune(pool: &PgPool, window: Duration) -> Result<Pruned> {
            SELECT o.ctid FROM outbox o JOIN relay_positions r
              ON r.topic = o.commands_topic AND r.partition = o.partition
            WHERE o.seq <= r.published_seq AND o.created_at < $1 LIMIT 5000))",
+        // Identities the relay found on a topic, whose rows were never re-derived.
+        "DELETE FROM relay_published WHERE ctid = ANY(ARRAY(
+           SELECT ctid FROM relay_published WHERE found_at < $1 LIMIT 5000))",
     ];
-    let mut counts = [0u64; 3];
+    let mut counts = [0u64; 4];
     for (i, sql) in statements.iter().enumerate() {
         loop {
             let n = sqlx::query(sql)
@@ -325,7 +328,7 @@ pub async fn prune(pool: &PgPool, window: Duration) -> Result<Pruned> {
     Ok(Pruned {
         outcomes: counts[0],
         duplicates: counts[1],
-        outbox: counts[2],
+        outbox: counts[2] + counts[3],
     })
 }
 
@@ -924,6 +927,8 @@ enum Pending<'p> {
 /// An outbox row to insert.
 struct OutboxRow<'t> {
     topic: &'t str,
+    /// The row's stable identity (see [`OutboxMessage::message_id`]).
+    message_id: String,
     key: Option<Vec<u8>>,
     payload: Option<Vec<u8>>,
     headers: Value,
@@ -1142,10 +1147,10 @@ async fn write_plans(
     }
     if !outbox.is_empty() {
         sqlx::query(
-            "INSERT INTO outbox (commands_topic, partition, seq, topic, key, payload, headers)
-             SELECT $1, part, s, t, k, p, h
-             FROM UNNEST($2::int[], $3::bigint[], $4::text[], $5::bytea[], $6::bytea[], $7::jsonb[])
-               AS u(part, s, t, k, p, h)",
+            "INSERT INTO outbox (commands_topic, partition, seq, topic, key, payload, headers, message_id)
+             SELECT $1, part, s, t, k, p, h, m
+             FROM UNNEST($2::int[], $3::bigint[], $4::text[], $5::bytea[], $6::bytea[], $7::jsonb[], $8::text[])
+               AS u(part, s, t, k, p, h, m)",
         )
         .bind(topic)
         .bind(outbox.iter().map(|(part, _, _)| *part).collect::<Vec<_>>())
@@ -1169,6 +1174,12 @@ async fn write_plans(
                 .map(|(_, _, o)| &o.headers)
                 .collect::<Vec<_>>(),
         )
+        .bind(
+            outbox
+                .iter()
+                .map(|(_, _, o)| o.message_id.as_str())
+                .collect::<Vec<_>>(),
+        )
         .execute(&mut **tx)
         .await?;
     }
@@ -1185,6 +1196,7 @@ fn outbox_row<'t>(target: &BatchTarget<'t>, pending: Pending<'_>, seq: i64) -> O
             envelope.sequence = seq as u64;
             OutboxRow {
                 topic: target.events_topic,
+                message_id: envelope.id.to_string(),
                 key: Some(envelope.subject.clone().into_bytes()),
                 payload: Some(serde_json::to_vec(&envelope.to_json()).expect("JSON serializes")),
                 headers: headers_to_json(&[(
@@ -1203,12 +1215,18 @@ fn outbox_row<'t>(target: &BatchTarget<'t>, pending: Pending<'_>, seq: i64) -> O
             add("cmdproc-original-offset", dl.offset.to_string());
             OutboxRow {
                 topic: target.dead_letter_topic,
+                message_id: dead_letter_message_id(target.topic, target.partition, dl.offset),
                 key: dl.key.clone(),
                 payload: dl.value.clone(),
                 headers: headers_to_json(&headers),
             }
         }
     }
+}
+
+/// The stable identity of a dead letter's outbox row: its place in the commands log.
+pub fn dead_letter_message_id(topic: &str, partition: i32, offset: i64) -> String {
+    format!("dead-letter/{topic}/{partition}/{offset}")
 }
 
 fn join_ids(ids: &[Uuid]) -> Option<String> {
@@ -1258,6 +1276,10 @@ pub async fn outbox_backlog(pool: &PgPool, topic: &str) -> Result<Vec<Backlog>> 
 pub struct OutboxMessage {
     /// Sequence within the commands partition.
     pub seq: i64,
+    /// The row's stable identity, the same however the row is re-derived: the event id of
+    /// an event, `dead-letter/<topic>/<partition>/<offset>` of a dead letter. `None` for
+    /// rows written before identities existed.
+    pub message_id: Option<String>,
     /// Destination topic.
     pub topic: String,
     /// Message key.
@@ -1294,7 +1316,7 @@ pub async fn next_outbox_rows(
     limit: i64,
 ) -> Result<Vec<OutboxMessage>> {
     let rows = sqlx::query(
-        "SELECT seq, topic, key, payload, headers FROM outbox
+        "SELECT seq, topic, key, payload, headers, message_id FROM outbox
          WHERE commands_topic = $4 AND partition = $1 AND seq > $2 ORDER BY seq LIMIT $3",
     )
     .bind(partition)
@@ -1311,6 +1333,7 @@ pub async fn next_outbox_rows(
             key: r.get(2),
             payload: r.get(3),
             headers: batch::headers_from_json(&r.get::<Value, _>(4)),
+            message_id: r.get(5),
         })
         .collect())
 }
@@ -1328,6 +1351,110 @@ pub async fn mark_published(
     .bind(partition)
     .bind(seq)
     .bind(topic)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// This database's deployment id (`relay_identity`), which names the relay's Kafka
+/// transactional ids and offsets group.
+pub async fn relay_deployment(pool: &PgPool) -> Result<Uuid> {
+    Ok(
+        sqlx::query_scalar("SELECT deployment FROM relay_identity WHERE singleton")
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+/// When a partition's relay position was last recorded, `None` if never.
+pub async fn relay_published_at(
+    pool: &PgPool,
+    topic: &str,
+    partition: i32,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+    Ok(sqlx::query_scalar(
+        "SELECT published_at FROM relay_positions WHERE topic = $1 AND partition = $2",
+    )
+    .bind(topic)
+    .bind(partition)
+    .fetch_optional(pool)
+    .await?
+    .flatten())
+}
+
+/// Stores identities found on the destination topics for a partition, leaving out those of
+/// outbox rows already recorded as published (at or below `published`): only rows still to
+/// come are skipped. Returns how many were stored.
+pub async fn record_found_published(
+    pool: &PgPool,
+    topic: &str,
+    partition: i32,
+    published: i64,
+    ids: &[String],
+) -> Result<u64> {
+    let mut stored = 0;
+    for chunk in ids.chunks(10_000) {
+        stored += sqlx::query(
+            "INSERT INTO relay_published (commands_topic, partition, message_id)
+             SELECT $1, $2, m FROM (
+               SELECT unnest($4::text[]) AS m
+               EXCEPT SELECT message_id FROM outbox
+                 WHERE commands_topic = $1 AND partition = $2 AND seq <= $3 AND message_id IS NOT NULL
+             ) f
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(topic)
+        .bind(partition)
+        .bind(published)
+        .bind(chunk)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    }
+    Ok(stored)
+}
+
+/// The destination topics of a partition's outbox rows.
+pub async fn outbox_topics(pool: &PgPool, topic: &str, partition: i32) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT DISTINCT topic FROM outbox WHERE commands_topic = $1 AND partition = $2",
+    )
+    .bind(topic)
+    .bind(partition)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// The identities of a partition's outbox rows known to be on their topic already.
+pub async fn found_published(
+    tx: &mut Transaction<'_, Postgres>,
+    topic: &str,
+    partition: i32,
+) -> Result<HashSet<String>> {
+    let ids: Vec<String> = sqlx::query_scalar(
+        "SELECT message_id FROM relay_published WHERE commands_topic = $1 AND partition = $2",
+    )
+    .bind(topic)
+    .bind(partition)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(ids.into_iter().collect())
+}
+
+/// Forgets identities whose outbox rows were skipped: a later row with the same identity
+/// (a replay of deleted effects) is published again.
+pub async fn forget_found_published(
+    tx: &mut Transaction<'_, Postgres>,
+    topic: &str,
+    partition: i32,
+    ids: &[String],
+) -> Result<()> {
+    sqlx::query(
+        "DELETE FROM relay_published WHERE commands_topic = $1 AND partition = $2 AND message_id = ANY($3)",
+    )
+    .bind(topic)
+    .bind(partition)
+    .bind(ids)
     .execute(&mut **tx)
     .await?;
     Ok(())

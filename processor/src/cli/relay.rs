@@ -31,6 +31,13 @@ pub struct RelayArgs {
     /// default port is taken the relay runs without the endpoint and says so.
     #[arg(long, env = "CMDPROC_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Largest message (key, value and headers) published whole. A larger outbox row (a
+    /// dead letter of an oversized command, a huge event) is published with its value
+    /// replaced by a small JSON reference (the dead letter's `dead_letters` row, or the
+    /// event without its `data`) and the header `cmdproc-payload-omitted: too_large`; so is
+    /// a row the broker refuses as too large. Postgres keeps the row whole.
+    #[arg(long, default_value_t = crate::relay::DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
 }
 
 /// Runs the relay until SIGTERM or Ctrl-C.
@@ -49,7 +56,9 @@ pub async fn run(common: &Common, args: RelayArgs) -> anyhow::Result<()> {
     )?
     .with_metrics(metrics.clone())
     .with_concurrency(args.concurrency as usize)
-    .with_poll_interval(args.poll_interval);
+    .with_poll_interval(args.poll_interval)
+    .with_max_message_bytes(args.max_message_bytes)
+    .with_destinations(&[common.events_topic.as_str()]);
     let shutdown = CancellationToken::new();
     // Listening before the first pass: a commit before it is found by that pass, a commit
     // after it is announced.

@@ -143,7 +143,8 @@ pub async fn run(common: &Common, args: RunArgs) -> anyhow::Result<()> {
             1000,
             Some(owned.clone()),
         )?
-        .with_metrics(metrics.clone());
+        .with_metrics(metrics.clone())
+        .with_destinations(&[common.events_topic.as_str()]);
         let wake = relay.waker();
         let token = relay_shutdown.clone();
         let drain = args.shutdown_timeout / 2;
