@@ -717,8 +717,8 @@ impl Worker {
         }
         let mut committed = false;
         for (partition, result) in results {
-            if result.is_ok() {
-                self.clear_set_aside(partition);
+            if let Ok(r) = &result {
+                self.clear_set_aside(partition, r.next_offset);
             }
             let messages = slices
                 .iter()
@@ -751,10 +751,14 @@ impl Worker {
     }
 
     /// Forgets that `partition` was set aside: it committed again.
-    fn clear_set_aside(&self, partition: i32) {
+    fn clear_set_aside(&self, partition: i32, next_offset: i64) {
         let mut set_aside = self.set_aside.lock().expect("set-aside partitions");
         if !set_aside.is_empty() && set_aside.remove(&partition).is_some() {
-            tracing::info!(partition, "partition set aside earlier commits again");
+            tracing::info!(
+                partition,
+                next_offset,
+                "partition set aside earlier commits again"
+            );
         }
     }
 
