@@ -219,6 +219,8 @@ pub struct Worker {
     /// Partitions whose batch kept failing, set aside (paused) while the others go on, and
     /// tried again from their stored offset with a backoff of their own.
     set_aside: Mutex<HashMap<i32, SetAside>>,
+    /// Partitions whose transactions timed out recently, with the size that passed.
+    split_limits: Mutex<HashMap<i32, SplitLimit>>,
     /// The dead-letter topic of the commands topic.
     dead_letter_topic: Topic,
     /// Partitions dropped as fenced, and since when: taken back if Kafka still assigns them
@@ -232,6 +234,18 @@ const WHOLE_CONFLICT_RETRIES: u32 = 3;
 /// First and longest wait before a partition set aside is tried again.
 const SET_ASIDE_FIRST_RETRY: Duration = Duration::from_secs(1);
 const SET_ASIDE_LONGEST_RETRY: Duration = Duration::from_secs(60);
+
+/// After how many transactions of a remembered split size passed the size doubles.
+const SPLIT_GROWS_AFTER: u32 = 8;
+
+/// The transaction size that passed for a partition whose transactions timed out.
+#[derive(Debug, Clone, Copy)]
+struct SplitLimit {
+    /// Most commands per transaction.
+    per_transaction: usize,
+    /// Transactions of that size that passed since it was set.
+    passed: u32,
+}
 
 /// A partition set aside after its batch kept failing.
 #[derive(Debug)]
@@ -281,6 +295,7 @@ impl Worker {
             relay: None,
             halted: Mutex::default(),
             set_aside: Mutex::default(),
+            split_limits: Mutex::default(),
             dead_letter_topic: config.commands_topic.dead_letter(),
             dropped: Mutex::default(),
             metrics: Arc::new(Metrics::new()),
@@ -463,6 +478,28 @@ impl Worker {
         for (partition, messages) in groups {
             trace_commands(*partition, messages);
         }
+        // A partition whose transactions timed out recently is applied in transactions no
+        // larger than those that passed, rather than timing out whole again first.
+        let limited: HashMap<i32, usize> = {
+            let limits = self.split_limits.lock().expect("split limits");
+            if limits.is_empty() {
+                HashMap::new()
+            } else {
+                groups
+                    .iter()
+                    .filter_map(|(p, _)| limits.get(p).map(|l| (*p, l.per_transaction)))
+                    .collect()
+            }
+        };
+        for (partition, messages) in groups {
+            if let Some(limit) = limited.get(partition) {
+                self.apply_partition(
+                    consumer, owned, registry, *partition, messages, cache, shutdown, None,
+                    *limit,
+                )
+                .await;
+            }
+        }
         loop {
             {
                 let owned = owned.lock().expect("owned map");
@@ -470,6 +507,7 @@ impl Worker {
             }
             let batches: Vec<PartitionBatch<'_>> = groups
                 .iter()
+                .filter(|(partition, _)| !limited.contains_key(partition))
                 .filter_map(|(partition, messages)| self.partition_batch(owned, *partition, messages))
                 .collect();
             if batches.is_empty() {
@@ -529,12 +567,22 @@ impl Worker {
                         if shutdown.is_cancelled() {
                             return;
                         }
+                        if limited.contains_key(partition) {
+                            continue;
+                        }
                         // With one partition in the poll, the attempt that failed was
                         // already its own transaction.
                         let failed = alone.then_some(&e);
                         self.apply_partition(
-                            consumer, owned, registry, *partition, messages, cache, shutdown,
+                            consumer,
+                            owned,
+                            registry,
+                            *partition,
+                            messages,
+                            cache,
+                            shutdown,
                             failed,
+                            messages.len(),
                         )
                         .await;
                     }
@@ -583,12 +631,15 @@ impl Worker {
         })
     }
 
-    /// Applies one partition's messages of a poll in transactions of its own, after the
-    /// poll failed as a whole (`failed` is that failure when the poll held only this
-    /// partition). A transaction that times out is split: half the commands per
-    /// transaction, then half again, down to one command. A partition that still fails (a
-    /// single command timing out, a persistent conflict, any other database error) is set
-    /// aside ([`Worker::set_aside`]) and tried again later, while the others go on. Only an
+    /// Applies one partition's messages of a poll in transactions of its own, at most
+    /// `per_transaction` commands each, after the poll failed as a whole (`failed` is that
+    /// failure when the poll held only this partition) or because the partition's
+    /// transactions timed out recently. A transaction that times out is split: half the
+    /// commands per transaction, then half again, down to one command; the size that passes
+    /// is remembered for the partition's next polls and doubled again after
+    /// [`SPLIT_GROWS_AFTER`] transactions pass. A partition that still fails (a single
+    /// command timing out, a persistent conflict, any other database error) is set aside
+    /// ([`Worker::set_aside`]) and tried again later, while the others go on. Only an
     /// unavailable database is waited for, as always.
     #[allow(clippy::too_many_arguments)]
     async fn apply_partition(
@@ -601,9 +652,10 @@ impl Worker {
         cache: &mut AggregateCache,
         shutdown: &CancellationToken,
         failed: Option<&StoreError>,
+        per_transaction: usize,
     ) {
         let cfg = &self.config;
-        let mut per_transaction = messages.len();
+        let mut per_transaction = per_transaction.clamp(1, messages.len().max(1));
         match failed {
             Some(StoreError::Timeout(_)) if messages.len() > 1 => {
                 per_transaction = messages.len() / 2;
@@ -647,6 +699,7 @@ impl Worker {
                     if !go_on {
                         return;
                     }
+                    self.split_passed(partition);
                     start = end;
                     backoff.reset();
                     conflicts = 0;
@@ -664,6 +717,7 @@ impl Worker {
                     per_transaction = (end - start) / 2;
                     self.log_split(partition, &messages[start..], per_transaction);
                 }
+
                 Err(StoreError::Conflict(reason)) if conflicts < WHOLE_CONFLICT_RETRIES => {
                     self.metrics.version_conflicts.inc();
                     conflicts += 1;
@@ -682,6 +736,13 @@ impl Worker {
     }
 
     fn log_split(&self, partition: i32, messages: &[Incoming], per_transaction: usize) {
+        self.split_limits.lock().expect("split limits").insert(
+            partition,
+            SplitLimit {
+                per_transaction,
+                passed: 0,
+            },
+        );
         tracing::warn!(
             partition,
             first_offset = messages.first().map(|m| m.offset),
@@ -689,6 +750,27 @@ impl Worker {
             per_transaction,
             "batch timed out (statement timeout); splitting it into smaller transactions"
         );
+    }
+
+    /// Counts a transaction that passed for a partition with a
+    /// remembered split size; after [`SPLIT_GROWS_AFTER`] of them the size doubles, and once
+    /// it reaches the batch size the partition is applied with the others again.
+    fn split_passed(&self, partition: i32) {
+        let mut limits = self.split_limits.lock().expect("split limits");
+        if limits.is_empty() {
+            return;
+        }
+        let Some(limit) = limits.get_mut(&partition) else {
+            return;
+        };
+        limit.passed += 1;
+        if limit.passed >= SPLIT_GROWS_AFTER {
+            limit.per_transaction *= 2;
+            limit.passed = 0;
+            if limit.per_transaction >= self.config.batch_size {
+                limits.remove(&partition);
+            }
+        }
     }
 
     /// Feeds the metrics and handles each partition's result of a committed transaction
