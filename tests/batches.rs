@@ -376,12 +376,18 @@ async fn replay_past_the_prune_horizon_needs_force_and_applies_nothing_twice() {
         &db,
         &topics,
         "replay",
-        &["--partitions", "all", "--from-offset", "0", "--timeout", "60s"],
+        &[
+            "--partitions",
+            "all",
+            "--from-offset",
+            "0",
+            "--timeout",
+            "60s",
+        ],
     );
     assert!(!ok, "refused without --force:\n{out}");
     assert!(
-        out.contains("refusing to replay past the dedupe window")
-            && out.contains("prune horizon"),
+        out.contains("refusing to replay past the dedupe window") && out.contains("prune horizon"),
         "the refusal names the recorded horizon:\n{out}"
     );
     assert_state_matches(&db, &model).await;

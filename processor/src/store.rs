@@ -623,7 +623,16 @@ async fn process_deduped(
     options: &PlanOptions,
     mut cache: Option<&mut AggregateCache>,
 ) -> Result<Vec<(i32, Result<BatchResult>)>> {
-    match process_group(pool, batches, registry, options, cache.as_deref_mut(), false).await {
+    match process_group(
+        pool,
+        batches,
+        registry,
+        options,
+        cache.as_deref_mut(),
+        false,
+    )
+    .await
+    {
         Err(StoreError::EventExists(reason)) => {
             tracing::warn!(
                 %reason,

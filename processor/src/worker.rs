@@ -494,8 +494,7 @@ impl Worker {
         for (partition, messages) in groups {
             if let Some(limit) = limited.get(partition) {
                 self.apply_partition(
-                    consumer, owned, registry, *partition, messages, cache, shutdown, None,
-                    *limit,
+                    consumer, owned, registry, *partition, messages, cache, shutdown, None, *limit,
                 )
                 .await;
             }
@@ -508,7 +507,9 @@ impl Worker {
             let batches: Vec<PartitionBatch<'_>> = groups
                 .iter()
                 .filter(|(partition, _)| !limited.contains_key(partition))
-                .filter_map(|(partition, messages)| self.partition_batch(owned, *partition, messages))
+                .filter_map(|(partition, messages)| {
+                    self.partition_batch(owned, *partition, messages)
+                })
                 .collect();
             if batches.is_empty() {
                 return;
@@ -536,7 +537,9 @@ impl Worker {
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }
-                Err(StoreError::Conflict(reason)) if conflict_backoff.attempts < WHOLE_CONFLICT_RETRIES => {
+                Err(StoreError::Conflict(reason))
+                    if conflict_backoff.attempts < WHOLE_CONFLICT_RETRIES =>
+                {
                     // Another writer existed (or a concurrent duplicate on another
                     // partition): reload and retry, soon but not in a tight loop, since a
                     // conflict that keeps coming back must not burn the CPU or block shutdown.

@@ -266,7 +266,10 @@ mod tests {
     #[test]
     fn default_worker_names_differ_within_one_process() {
         let (a, b) = (default_worker_name(), default_worker_name());
-        assert_ne!(a, b, "two workers with the same host and pid get different names");
+        assert_ne!(
+            a, b,
+            "two workers with the same host and pid get different names"
+        );
         let pid = format!("-{}-", std::process::id());
         assert!(a.contains(&pid), "{a} names the pid");
         let suffix = a.rsplit('-').next().unwrap();
