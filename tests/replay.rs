@@ -325,7 +325,8 @@ async fn outcomes_older_than_the_dedupe_window_are_forgotten() {
         "the worker logs its pruning"
     );
 
-    // Replaying that far back could now apply commands twice: refused without --force.
+    // Replaying that far back would evaluate rejected commands again (applied ones are still
+    // known by their events): refused without --force.
     let (ok, out) = replay(
         &db,
         &topics,

@@ -9,6 +9,11 @@
 //!   in Kafka and before its position is recorded in Postgres.
 //! - `handler-panic:<aggregate id>`: every command for that aggregate panics in its handler.
 //! - `relay-fail-partition:<partition>`: every relay step of that commands partition fails.
+//! - `slow-batch-over:<n>`: a batch transaction carrying more than `n` commands runs a
+//!   statement longer than any statement timeout (`pg_sleep(60)`), as a batch too heavy
+//!   for its transaction would.
+//! - `rewind-hold-lock`: `cmdproc replay` sleeps for a minute while it holds a partition's
+//!   row lock, as an operator process suspended at that moment would.
 
 use std::sync::OnceLock;
 
@@ -58,4 +63,22 @@ pub fn fail_relay_partition(partition: i32) -> Result<(), String> {
         return Err(format!("failpoint relay-fail-partition:{partition}"));
     }
     Ok(())
+}
+
+/// Whether a batch transaction of `commands` commands must be slow
+/// (`slow-batch-over:<n>` with `commands > n`).
+pub fn slow_batch(commands: usize) -> bool {
+    points().iter().any(|p| {
+        p.strip_prefix("slow-batch-over:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .is_some_and(|n| commands > n)
+    })
+}
+
+/// Sleeps for a minute when the named failpoint is set.
+pub async fn sleep_if(name: &str) {
+    if is_set(name) {
+        eprintln!("failpoint {name}: sleeping");
+        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+    }
 }

@@ -43,6 +43,9 @@ pub const PUBLISH_SECONDS: &str = "cmdproc_publish_latency_seconds";
 pub const EVENTS_PUBLISHED_TOTAL: &str = "cmdproc_events_published_total";
 /// Dead letters the relay published to the dead-letter topic.
 pub const DEAD_LETTERS_PUBLISHED_TOTAL: &str = "cmdproc_dead_letters_published_total";
+/// Times a partition was set aside (paused, tried again later) because its batch kept
+/// failing in a transaction of its own, so that the worker's other partitions went on.
+pub const PARTITIONS_SET_ASIDE_TOTAL: &str = "cmdproc_partitions_set_aside_total";
 
 /// Values of the `outcome` label of [`COMMANDS_TOTAL`].
 pub mod outcome {
@@ -104,6 +107,8 @@ pub struct Metrics {
     pub events_published: IntCounter,
     /// [`DEAD_LETTERS_PUBLISHED_TOTAL`].
     pub dead_letters_published: IntCounter,
+    /// [`PARTITIONS_SET_ASIDE_TOTAL`].
+    pub partitions_set_aside: IntCounter,
 }
 
 impl Default for Metrics {
@@ -208,6 +213,10 @@ impl Metrics {
             dead_letters_published: counter(
                 DEAD_LETTERS_PUBLISHED_TOTAL,
                 "Dead letters published by the relay.",
+            ),
+            partitions_set_aside: counter(
+                PARTITIONS_SET_ASIDE_TOTAL,
+                "Partitions set aside because their batch kept failing.",
             ),
             registry,
         }

@@ -48,6 +48,16 @@ pub enum StoreError {
     /// A versioned write found another version: another writer existed.
     #[error("version conflict: {0}")]
     Conflict(String),
+    /// An event id the batch derived is stored already: a command re-delivered after its
+    /// recorded outcome was pruned, whose effects are still in the database. Not a conflict
+    /// between writers: [`process_batches`] retries the batch at once looking the commands'
+    /// events up, and only returns this when that did not resolve it.
+    #[error("events of a command in the batch are stored already: {0}")]
+    EventExists(String),
+    /// A statement ran past `statement_timeout` (SQLSTATE 57014): the batch may be too
+    /// heavy for one transaction, so the worker splits it rather than retrying it as is.
+    #[error("statement timed out: {0}")]
+    Timeout(String),
     /// The database cannot be reached or dropped the connection.
     #[error("database unavailable: {0}")]
     Unavailable(String),
@@ -64,7 +74,13 @@ impl From<sqlx::Error> for StoreError {
         match &e {
             sqlx::Error::Database(db) => {
                 let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
-                if code == "23505" || code == "40001" || code == "40P01" {
+                if code == "23505" && db.constraint() == Some("events_pkey") {
+                    StoreError::EventExists(db.message().to_owned())
+                } else if code == "57014" {
+                    // query_canceled: the statement timeout (or an operator's
+                    // pg_cancel_backend). Other class 57 codes are the server going away.
+                    StoreError::Timeout(db.message().to_owned())
+                } else if code == "23505" || code == "40001" || code == "40P01" {
                     StoreError::Conflict(db.message().to_owned())
                 } else if code.starts_with("08") || code.starts_with("57") || code == "53300" {
                     StoreError::Unavailable(db.message().to_owned())
@@ -86,7 +102,7 @@ impl From<sqlx::Error> for StoreError {
 /// Opens a pool, failing within `timeout` with a message naming the server when it cannot
 /// be reached.
 pub async fn connect(url: &str, max_connections: u32, timeout: Duration) -> Result<PgPool> {
-    connect_with(url, max_connections, timeout, None).await
+    connect_limited(url, max_connections, timeout, None).await
 }
 
 /// Like [`connect`], for a worker whose consumer-group session lasts `session_timeout`:
@@ -95,12 +111,61 @@ pub async fn connect(url: &str, max_connections: u32, timeout: Duration) -> Resu
 ///   middle of a batch (SIGSTOP, a stuck VM) would otherwise hold its partition's row lock,
 ///   and so block the epoch bump of the worker taking over, until it woke up.
 /// - `statement_timeout` = half of it. A batch stuck behind a slow write aborts (and is
-///   retried) well before the group gives its partition away, instead of overrunning.
+///   split and retried) well before the group gives its partition away, instead of
+///   overrunning.
 pub async fn connect_with(
     url: &str,
     max_connections: u32,
     timeout: Duration,
     session_timeout: Option<Duration>,
+) -> Result<PgPool> {
+    let limits = session_timeout.map(|session| SessionLimits {
+        idle_in_transaction: session,
+        statement: session / 2,
+        lock: None,
+    });
+    connect_limited(url, max_connections, timeout, limits).await
+}
+
+/// How long an operator command's session may sit idle inside a transaction, and wait for
+/// a lock, before Postgres ends it (see [`connect_operator`]).
+pub const OPERATOR_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one statement of an operator command may run.
+pub const OPERATOR_STATEMENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Like [`connect`], for the operator commands that lock partition rows (`cmdproc replay`'s
+/// rewind, `cmdproc dlq`'s release): a partition row locked by an operator process is a
+/// partition its owner cannot commit to. So the session is ended by Postgres when it sits
+/// idle inside a transaction for [`OPERATOR_IDLE_TIMEOUT`] (an operator process suspended
+/// with SIGSTOP or a laptop's lid closed), a lock wait gives up after as long (a waiting
+/// lock request would queue the owner's next batch behind it), and a statement after
+/// [`OPERATOR_STATEMENT_TIMEOUT`]. The operator's transaction then rolls back whole.
+pub async fn connect_operator(
+    url: &str,
+    max_connections: u32,
+    timeout: Duration,
+) -> Result<PgPool> {
+    let limits = SessionLimits {
+        idle_in_transaction: OPERATOR_IDLE_TIMEOUT,
+        statement: OPERATOR_STATEMENT_TIMEOUT,
+        lock: Some(OPERATOR_IDLE_TIMEOUT),
+    };
+    connect_limited(url, max_connections, timeout, Some(limits)).await
+}
+
+/// Server-side limits of every session of a pool.
+#[derive(Debug, Clone, Copy)]
+struct SessionLimits {
+    idle_in_transaction: Duration,
+    statement: Duration,
+    lock: Option<Duration>,
+}
+
+async fn connect_limited(
+    url: &str,
+    max_connections: u32,
+    timeout: Duration,
+    limits: Option<SessionLimits>,
 ) -> Result<PgPool> {
     let mut options: PgConnectOptions = url
         .parse()
@@ -115,17 +180,18 @@ pub async fn connect_with(
         ("enable_hashjoin", "off"),
         ("enable_mergejoin", "off"),
     ]);
-    if let Some(session) = session_timeout {
+    let ms = |d: Duration| format!("{}ms", d.as_millis().max(1));
+    if let Some(limits) = limits {
         options = options.options([
             (
                 "idle_in_transaction_session_timeout",
-                format!("{}ms", session.as_millis().max(1)),
+                ms(limits.idle_in_transaction),
             ),
-            (
-                "statement_timeout",
-                format!("{}ms", (session.as_millis() / 2).max(1)),
-            ),
+            ("statement_timeout", ms(limits.statement)),
         ]);
+        if let Some(lock) = limits.lock {
+            options = options.options([("lock_timeout", ms(lock))]);
+        }
     }
     let target = format!(
         "{}:{}/{}",
@@ -257,6 +323,7 @@ pub async fn rewind_partition(
     .bind(partition)
     .fetch_optional(&mut *tx)
     .await?;
+    crate::failpoint::sleep_if("rewind-hold-lock").await;
     if before.is_some() {
         sqlx::query(
             "UPDATE partitions SET next_offset = LEAST(next_offset, $3),
@@ -293,29 +360,47 @@ impl Pruned {
 }
 
 /// Deletes, in slices small enough for the worker's statement timeout, the outcomes and
-/// duplicate deliveries recorded before `window` ago, and the outbox rows published before
-/// then. Event rows, aggregates and dead letters are kept.
-pub async fn prune(pool: &PgPool, window: Duration) -> Result<Pruned> {
+/// duplicate deliveries of commands of `topic` recorded before `window` ago, and the outbox
+/// rows of `topic` published before then. Event rows, aggregates, dead letters and skips
+/// (outcome `skipped`: an operator's decision, honoured however late the command comes
+/// back) are kept. Other commands topics sharing the database keep theirs: each is pruned by its own
+/// workers, with their own window.
+///
+/// The horizon is recorded first (in `prune_horizons`, never moved back), so `cmdproc
+/// replay` knows from where on outcomes may be missing even while the deletes run.
+pub async fn prune(pool: &PgPool, topic: &str, window: Duration) -> Result<Pruned> {
     let horizon = chrono::Utc::now()
         - chrono::Duration::from_std(window).map_err(|e| StoreError::Database(e.to_string()))?;
+    sqlx::query(
+        "INSERT INTO prune_horizons (topic, pruned_before) VALUES ($1, $2)
+         ON CONFLICT (topic) DO UPDATE
+           SET pruned_before = GREATEST(prune_horizons.pruned_before, EXCLUDED.pruned_before),
+               updated_at = now()",
+    )
+    .bind(topic)
+    .bind(horizon)
+    .execute(pool)
+    .await?;
     let statements = [
         "DELETE FROM processed_commands WHERE ctid = ANY(ARRAY(
-           SELECT ctid FROM processed_commands WHERE processed_at < $1 LIMIT 5000))",
+           SELECT ctid FROM processed_commands
+           WHERE topic = $2 AND processed_at < $1 AND outcome <> 'skipped' LIMIT 5000))",
         "DELETE FROM duplicate_deliveries WHERE ctid = ANY(ARRAY(
-           SELECT ctid FROM duplicate_deliveries WHERE seen_at < $1 LIMIT 5000))",
+           SELECT ctid FROM duplicate_deliveries WHERE topic = $2 AND seen_at < $1 LIMIT 5000))",
         "DELETE FROM outbox WHERE ctid = ANY(ARRAY(
            SELECT o.ctid FROM outbox o JOIN relay_positions r
              ON r.topic = o.commands_topic AND r.partition = o.partition
-           WHERE o.seq <= r.published_seq AND o.created_at < $1 LIMIT 5000))",
+           WHERE o.commands_topic = $2 AND o.seq <= r.published_seq AND o.created_at < $1 LIMIT 5000))",
         // Identities the relay found on a topic, whose rows were never re-derived.
         "DELETE FROM relay_published WHERE ctid = ANY(ARRAY(
-           SELECT ctid FROM relay_published WHERE found_at < $1 LIMIT 5000))",
+           SELECT ctid FROM relay_published WHERE commands_topic = $2 AND found_at < $1 LIMIT 5000))",
     ];
     let mut counts = [0u64; 4];
     for (i, sql) in statements.iter().enumerate() {
         loop {
             let n = sqlx::query(sql)
                 .bind(horizon)
+                .bind(topic)
                 .execute(pool)
                 .await?
                 .rows_affected();
@@ -330,6 +415,20 @@ pub async fn prune(pool: &PgPool, window: Duration) -> Result<Pruned> {
         duplicates: counts[1],
         outbox: counts[2] + counts[3],
     })
+}
+
+/// The time before which outcomes of `topic` may have been pruned (the latest horizon any
+/// of its workers pruned with), or `None` if none ever pruned.
+pub async fn prune_horizon(
+    pool: &PgPool,
+    topic: &str,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+    Ok(
+        sqlx::query_scalar("SELECT pruned_before FROM prune_horizons WHERE topic = $1")
+            .bind(topic)
+            .fetch_optional(pool)
+            .await?,
+    )
 }
 
 /// What a committed batch did.
@@ -505,11 +604,52 @@ pub async fn process_batches(
         let mut out = Vec::with_capacity(batches.len());
         for b in batches {
             let one = std::slice::from_ref(b);
-            out.extend(process_group(pool, one, registry, options, cache.as_deref_mut()).await?);
+            out.extend(process_deduped(pool, one, registry, options, cache.as_deref_mut()).await?);
         }
         return Ok(out);
     }
-    process_group(pool, batches, registry, options, cache).await
+    process_deduped(pool, batches, registry, options, cache).await
+}
+
+/// Runs [`process_group`]; when that fails because an event id it derived is stored
+/// already, runs it once more at once, this time also looking up the stored events of the
+/// commands without a recorded outcome.
+///
+/// That happens when a command is delivered again after its recorded outcome was pruned
+/// (a client retry older than the dedupe window, `replay --force`, a dead letter redriven
+/// again much later): the plan applies it again and its deterministic first event id hits
+/// the primary key of `events`. Its events say what it did, so the second pass rebuilds
+/// its outcome from them and the delivery is a duplicate, without a second effect. The
+/// lookup is only made after such a failure, so ordinary batches pay nothing for it.
+async fn process_deduped(
+    pool: &PgPool,
+    batches: &[PartitionBatch<'_>],
+    registry: &Registry,
+    options: &PlanOptions,
+    mut cache: Option<&mut AggregateCache>,
+) -> Result<Vec<(i32, Result<BatchResult>)>> {
+    match process_group(
+        pool,
+        batches,
+        registry,
+        options,
+        cache.as_deref_mut(),
+        false,
+    )
+    .await
+    {
+        Err(StoreError::EventExists(reason)) => {
+            tracing::warn!(
+                %reason,
+                partitions = ?batches.iter().map(|b| b.target.partition).collect::<Vec<_>>(),
+                "a command's events are stored but its outcome is not (delivered again after \
+                 its outcome was pruned); applying the batch again with its commands' events \
+                 looked up"
+            );
+            process_group(pool, batches, registry, options, cache, true).await
+        }
+        other => other,
+    }
 }
 
 fn share_aggregates(batches: &[PartitionBatch<'_>]) -> bool {
@@ -532,12 +672,15 @@ struct Work<'b, 'a> {
     outbox_seq: i64,
 }
 
+/// One transaction over `batches`. With `look_up_events`, commands without a recorded
+/// outcome whose events are stored count as duplicates (see [`process_deduped`]).
 async fn process_group(
     pool: &PgPool,
     batches: &[PartitionBatch<'_>],
     registry: &Registry,
     options: &PlanOptions,
     cache: Option<&mut AggregateCache>,
+    look_up_events: bool,
 ) -> Result<Vec<(i32, Result<BatchResult>)>> {
     let Some(first) = batches.first() else {
         return Ok(Vec::new());
@@ -625,7 +768,19 @@ async fn process_group(
     // dropped): the offsets stay, the caller retries, and the cache forgets the partitions,
     // whose entries may hold states this transaction computed.
     let written = async {
-        let plans = write_group(&mut tx, &work, registry, options, cache.as_deref()).await?;
+        let commands: usize = work.iter().map(|w| w.fresh.len()).sum();
+        if crate::failpoint::slow_batch(commands) {
+            sqlx::query("SELECT pg_sleep(60)").execute(&mut *tx).await?;
+        }
+        let plans = write_group(
+            &mut tx,
+            &work,
+            registry,
+            options,
+            cache.as_deref(),
+            look_up_events,
+        )
+        .await?;
         let updated = sqlx::query(
             "UPDATE partitions p SET next_offset = u.next_offset, outbox_seq = u.outbox_seq, updated_at = now()
              FROM UNNEST($2::int[], $3::bigint[], $4::bigint[], $5::bigint[]) AS u(partition, next_offset, outbox_seq, epoch)
@@ -692,15 +847,34 @@ async fn process_group(
 /// Loads what the partitions' fresh messages need (aggregates from `cache` where it has
 /// them), plans each partition in turn, and writes all plans. A command planned in an
 /// earlier partition of the group counts as known in the later ones. Returns each plan with
-/// its partition's last outbox sequence.
+/// its partition's last outbox sequence. With `look_up_events`, the outcome of a command
+/// that has none recorded but whose events are stored is rebuilt from those events.
 async fn write_group(
     tx: &mut Transaction<'_, Postgres>,
     work: &[Work<'_, '_>],
     registry: &Registry,
     options: &PlanOptions,
     cache: Option<&AggregateCache>,
+    look_up_events: bool,
 ) -> Result<Vec<(Plan, i64)>> {
     let mut known = load_outcomes(tx, work.iter().flat_map(|w| w.fresh.iter())).await?;
+    if look_up_events {
+        let without: Vec<&commands::Command> = work
+            .iter()
+            .flat_map(|w| w.fresh.iter())
+            .filter_map(|m| m.decoded.as_ref().ok())
+            .filter(|c| !known.contains_key(&(c.source.to_string(), c.id.to_string())))
+            .collect();
+        let found = load_outcomes_from_events(tx, &without).await?;
+        if !found.is_empty() {
+            tracing::warn!(
+                commands = found.len(),
+                "commands delivered again after their outcome was pruned: their events are \
+                 stored, so they are duplicates"
+            );
+        }
+        known.extend(found);
+    }
     // A command with a recorded outcome is a duplicate whatever its aggregate's state, so
     // only the others need their aggregates and parking (a replay needs neither).
     // Looked up without allocating a key per command.
@@ -778,7 +952,9 @@ pub(crate) async fn plan_and_write(
         fresh: messages,
         outbox_seq,
     }];
-    let mut written = write_group(tx, &work, registry, options, None).await?;
+    // An operator's release is rare and small: it always looks events up, so a command
+    // whose outcome was pruned is never applied twice through it.
+    let mut written = write_group(tx, &work, registry, options, None, true).await?;
     Ok(written.pop().expect("one plan"))
 }
 
@@ -826,6 +1002,66 @@ async fn load_outcomes<'m>(
     .fetch_all(&mut **tx)
     .await?;
     Ok(rows.iter().map(outcome_row).collect())
+}
+
+/// The outcomes of `without_outcome` rebuilt from their stored events: for each command whose
+/// first event (its id is derived from the command's identity) is stored, `applied` at the
+/// version of its last event, with the ids of its events. A command's events have
+/// consecutive versions of one aggregate, so they are found by walking the unique
+/// `(aggregate_type, aggregate_id, version)` index from the first one.
+async fn load_outcomes_from_events(
+    tx: &mut Transaction<'_, Postgres>,
+    without_outcome: &[&commands::Command],
+) -> Result<HashMap<CommandKey, Outcome>> {
+    let mut keys: Vec<(Uuid, &str, &str)> = without_outcome
+        .iter()
+        .map(|c| {
+            (
+                commands::envelope::event_id(&c.source, &c.id, 0),
+                c.source.as_str(),
+                c.id.as_str(),
+            )
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows = sqlx::query(
+        "WITH RECURSIVE wanted AS (
+           SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[]) AS k(first_event_id, source, command_id)
+         ), command_events AS (
+           SELECT w.source, w.command_id, e.aggregate_type, e.aggregate_id, e.version, e.event_id
+           FROM wanted w JOIN events e ON e.event_id = w.first_event_id
+           WHERE e.source = w.source AND e.command_id = w.command_id
+           UNION ALL
+           SELECT c.source, c.command_id, e.aggregate_type, e.aggregate_id, e.version, e.event_id
+           FROM command_events c
+           JOIN events e ON e.aggregate_type = c.aggregate_type AND e.aggregate_id = c.aggregate_id
+                        AND e.version = c.version + 1
+           WHERE e.source = c.source AND e.command_id = c.command_id
+         )
+         SELECT source, command_id, version, event_id FROM command_events
+         ORDER BY source, command_id, version",
+    )
+    .bind(keys.iter().map(|k| k.0).collect::<Vec<_>>())
+    .bind(keys.iter().map(|k| k.1).collect::<Vec<_>>())
+    .bind(keys.iter().map(|k| k.2).collect::<Vec<_>>())
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut out: HashMap<CommandKey, Outcome> = HashMap::new();
+    for r in rows {
+        let outcome = out.entry((r.get(0), r.get(1))).or_insert_with(|| Outcome {
+            outcome: OutcomeKind::Applied,
+            reason: None,
+            version: 0,
+            event_ids: Vec::new(),
+        });
+        outcome.version = r.get(2);
+        outcome.event_ids.push(r.get(3));
+    }
+    Ok(out)
 }
 
 async fn load_aggregates(

@@ -102,7 +102,10 @@ fn parse_position(s: &str) -> Result<(i32, i64), String> {
 
 /// Runs a dead-letter subcommand.
 pub async fn run(common: &Common, cmd: DlqCommand) -> anyhow::Result<()> {
-    let pool = super::pool(common, 2).await?;
+    // Releasing holds a partition's row lock: sessions with timeouts, so that a suspended
+    // `dlq` process cannot keep the partition's owner from committing.
+    let pool =
+        crate::store::connect_operator(&common.database_url, 2, common.connect_timeout).await?;
     crate::store::migrate(&pool).await?;
     let topic = common.commands_topic.as_str();
     match cmd {

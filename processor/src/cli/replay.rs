@@ -31,11 +31,14 @@ pub struct ReplayArgs {
     /// processed, or invalid; change nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// How long processed commands are remembered for deduplication; replaying commands
-    /// older than this could apply them twice, so it is refused without --force.
-    #[arg(long, env = "CMDPROC_DEDUPE_WINDOW", default_value = "7d", value_parser = parse_duration)]
-    pub dedupe_window: Duration,
-    /// Replay even past the dedupe window.
+    /// Also refuse (without --force) a range older than this. Whatever it says, a range is
+    /// refused when its first message is older than the prune horizon the workers of the
+    /// topic recorded in the database (outcomes processed before it may be deleted).
+    #[arg(long, env = "CMDPROC_DEDUPE_WINDOW", value_parser = parse_duration)]
+    pub dedupe_window: Option<Duration>,
+    /// Replay even past the prune horizon (or --dedupe-window). Commands applied before it
+    /// are still recognised by their stored events and have no second effect; a command
+    /// rejected before it is evaluated again, against the aggregate's current state.
     #[arg(long)]
     pub force: bool,
     /// Larger messages count as invalid in the dry run, as in `cmdproc run`.
@@ -73,30 +76,43 @@ pub async fn run(common: &Common, args: ReplayArgs) -> anyhow::Result<()> {
     .await
     .context("resolving offsets")??;
 
-    // The dedupe window: a command older than it may have been forgotten, and would then be
-    // applied a second time.
-    let horizon = Utc::now() - chrono::Duration::from_std(args.dedupe_window)?;
+    // Sessions with timeouts: the rewind holds partition row locks, and a suspended replay
+    // process must not keep the partitions' owners from committing.
+    let pool =
+        crate::store::connect_operator(&common.database_url, 4, common.connect_timeout).await?;
+    crate::store::migrate(&pool).await?;
+
+    // The prune horizon: outcomes of commands processed before it may be deleted, so such a
+    // command is no longer recognised as a duplicate from its outcome. The workers record
+    // it as they prune; `--dedupe-window` can only make the check stricter.
+    let pruned_before = crate::store::prune_horizon(&pool, topic).await?;
+    let window_start = match args.dedupe_window {
+        Some(w) => Some(Utc::now() - chrono::Duration::from_std(w)?),
+        None => None,
+    };
+    let horizon = pruned_before.max(window_start);
     let too_old: Vec<&Range> = ranges
         .iter()
-        .filter(|r| r.start_time.is_some_and(|t| t < horizon))
+        .filter(|r| r.start_time.zip(horizon).is_some_and(|(t, h)| t < h))
         .collect();
     if !too_old.is_empty() && !args.force && !args.dry_run {
         for r in &too_old {
             eprintln!(
-                "partition {}: offset {} was written at {}, before the dedupe window ({} ago)",
+                "partition {}: offset {} was written at {}, before {}",
                 r.partition,
                 r.start,
                 r.start_time.map(|t| t.to_rfc3339()).unwrap_or_default(),
-                humantime(args.dedupe_window)
+                describe_horizon(pruned_before, args.dedupe_window, horizon)
             );
         }
         anyhow::bail!(
-            "refusing to replay past the dedupe window: commands that old may no longer be recognised as \
-             duplicates and could be applied twice; pass --force to replay anyway"
+            "refusing to replay past the dedupe window: {}; commands that old may have lost their \
+             recorded outcomes (one that was applied is still recognised by its stored events, but \
+             one that was rejected would be evaluated again); pass --force to replay anyway",
+            describe_horizon(pruned_before, args.dedupe_window, horizon)
         );
     }
 
-    let pool = super::pool(common, 4).await?;
     if args.dry_run {
         let total: u64 = ranges.iter().map(|r| (r.end - r.start) as u64).sum();
         let bar = bar(total, "reading");
@@ -135,8 +151,9 @@ pub async fn run(common: &Common, args: ReplayArgs) -> anyhow::Result<()> {
         );
         if !too_old.is_empty() {
             println!(
-                "note: {} partition(s) reach past the dedupe window; a real replay needs --force",
-                too_old.len()
+                "note: {} partition(s) reach past the dedupe window ({}); a real replay needs --force",
+                too_old.len(),
+                describe_horizon(pruned_before, args.dedupe_window, horizon)
             );
         }
         return Ok(());
@@ -200,6 +217,27 @@ pub async fn run(common: &Common, args: ReplayArgs) -> anyhow::Result<()> {
         waits.len()
     );
     Ok(())
+}
+
+/// Names what `horizon` (the later of the recorded prune horizon and `--dedupe-window`)
+/// comes from.
+fn describe_horizon(
+    pruned_before: Option<DateTime<Utc>>,
+    window: Option<Duration>,
+    horizon: Option<DateTime<Utc>>,
+) -> String {
+    match (pruned_before, window, horizon) {
+        (Some(p), _, Some(h)) if p == h => format!(
+            "the prune horizon {} recorded by the workers (outcomes processed before it may be deleted)",
+            p.to_rfc3339()
+        ),
+        (_, Some(w), Some(h)) => format!(
+            "the --dedupe-window of {} given ({})",
+            humantime(w),
+            h.to_rfc3339()
+        ),
+        _ => "no horizon".to_owned(),
+    }
 }
 
 fn bar(total: u64, what: &str) -> ProgressBar {

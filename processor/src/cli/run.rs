@@ -45,9 +45,10 @@ pub struct RunArgs {
     /// worker then announces each commit to it (Postgres NOTIFY on `cmdproc_outbox`).
     #[arg(long)]
     pub no_relay: bool,
-    /// How long processed commands are remembered: a duplicate arriving later than this is
-    /// no longer recognised. Keep it longer than any replay you may need (`cmdproc replay`
-    /// refuses to go further back without --force).
+    /// How long processed commands' outcomes are kept. A command delivered again later than
+    /// this has no second effect if it was applied (its stored events identify it), but one
+    /// that was rejected is evaluated again. `cmdproc replay` refuses, without --force, to
+    /// reach back past the horizon the workers pruned.
     #[arg(long, env = "CMDPROC_DEDUPE_WINDOW", default_value = "7d", value_parser = parse_duration)]
     pub dedupe_window: Duration,
     /// How often to forget outcomes past the dedupe window and published outbox rows.
@@ -59,7 +60,8 @@ pub struct RunArgs {
     /// Database connections of this worker.
     #[arg(long, default_value_t = 8)]
     pub db_connections: u32,
-    /// Name of this worker in logs and in the database (default: host and pid).
+    /// Name of this worker in logs and in the database [default: host, pid and a short
+    /// random suffix, so that two containers both running as pid 1 differ].
     #[arg(long)]
     pub name: Option<String>,
     /// Where to serve `/metrics` (Prometheus), `/healthz` and `/readyz` [default:
@@ -94,10 +96,7 @@ pub async fn run(common: &Common, args: RunArgs) -> anyhow::Result<()> {
     crate::store::migrate(&pool).await?;
     // Bound before joining the group, so a configuration error is reported at once.
     let listener = http::listen(args.metrics_addr).await?;
-    let owner = args.name.clone().unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
-        format!("{}-{}", host.trim(), std::process::id())
-    });
+    let owner = args.name.clone().unwrap_or_else(default_worker_name);
     let config = WorkerConfig {
         brokers: common.brokers.clone(),
         group: common.group.clone(),
@@ -153,6 +152,7 @@ pub async fn run(common: &Common, args: RunArgs) -> anyhow::Result<()> {
     };
     tokio::spawn(prune(
         pool.clone(),
+        common.commands_topic.to_string(),
         args.dedupe_window,
         args.prune_every,
         shutdown.clone(),
@@ -205,16 +205,37 @@ pub async fn run(common: &Common, args: RunArgs) -> anyhow::Result<()> {
     result
 }
 
-/// Forgets, every `every`, what is older than the dedupe window: recorded outcomes,
-/// duplicate deliveries, and outbox rows already published. Every worker does it; the
-/// deletes are idempotent.
-async fn prune(pool: sqlx::PgPool, window: Duration, every: Duration, shutdown: CancellationToken) {
+/// The default worker name: `<hostname>-<pid>-<6 random hex digits>`. Host and pid alone
+/// collide in containers (every container's worker is pid 1, and hostnames can repeat),
+/// which would make fencing logs and `partitions.owner` name two workers as one.
+pub fn default_worker_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "cmdproc".to_owned());
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}-{}", std::process::id(), &suffix[..6])
+}
+
+/// Forgets, every `every`, what of `topic` is older than the dedupe window: recorded
+/// outcomes, duplicate deliveries, and outbox rows already published; and records the
+/// horizon for `cmdproc replay`. Every worker of the topic does it; the deletes are
+/// idempotent.
+async fn prune(
+    pool: sqlx::PgPool,
+    topic: String,
+    window: Duration,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        match crate::store::prune(&pool, window).await {
+        match crate::store::prune(&pool, &topic, window).await {
             Ok(p) if p.total() > 0 => tracing::info!(
                 outcomes = p.outcomes,
                 duplicates = p.duplicates,
@@ -237,4 +258,23 @@ pub async fn on_signal(token: CancellationToken) {
     }
     tracing::info!("shutdown requested");
     token.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_worker_names_differ_within_one_process() {
+        let (a, b) = (default_worker_name(), default_worker_name());
+        assert_ne!(
+            a, b,
+            "two workers with the same host and pid get different names"
+        );
+        let pid = format!("-{}-", std::process::id());
+        assert!(a.contains(&pid), "{a} names the pid");
+        let suffix = a.rsplit('-').next().unwrap();
+        assert_eq!(suffix.len(), 6, "{a} ends with a short random suffix");
+        assert!(!a.starts_with('-'), "{a} names the host");
+    }
 }
