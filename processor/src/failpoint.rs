@@ -8,7 +8,10 @@
 //! - `relay-crash-after-publish`: abort the process right after a relay batch is committed
 //!   in Kafka and before its position is recorded in Postgres.
 //! - `handler-panic:<aggregate id>`: every command for that aggregate panics in its handler.
+//! - `seek-fails-once`: the first seek of a partition back to its stored position (a worker
+//!   taking a partition again) reports failure without seeking.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 fn points() -> &'static Vec<String> {
@@ -46,4 +49,11 @@ pub fn crash_if(name: &str) {
         eprintln!("failpoint {name}: aborting");
         std::process::abort();
     }
+}
+
+/// Whether the named failpoint is set and has not fired yet; it fires once per process.
+/// Only `seek-fails-once` uses it, so one flag is enough.
+pub fn once(name: &str) -> bool {
+    static FIRED: AtomicBool = AtomicBool::new(false);
+    is_set(name) && !FIRED.swap(true, Ordering::SeqCst)
 }
