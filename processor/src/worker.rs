@@ -25,6 +25,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
 };
 use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use sqlx::PgPool;
@@ -339,6 +340,10 @@ impl Worker {
             // deleted by retention) is a consumer error, and the worker halts the partition.
             .set("auto.offset.reset", "error")
             .set("partition.assignment.strategy", "cooperative-sticky")
+            // Partitions added to the topic join the group's assignment within this (the
+            // default is 5 minutes); the worker halts the topic until the new count is
+            // accepted, and then consumes them.
+            .set("topic.metadata.refresh.interval.ms", "10000")
             .set(
                 "session.timeout.ms",
                 cfg.session_timeout.as_millis().to_string(),
@@ -990,6 +995,26 @@ async fn monitor_lag(
     }
 }
 
+/// Assigns `partition` again at `offset`, to restart a fetcher that stopped.
+fn reassign(
+    consumer: &StreamConsumer<WorkerContext>,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> Result<(), String> {
+    if !matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative) {
+        return Err("the partition's fetcher stopped and the group is not cooperative".into());
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    // Not assigned any more (an earlier attempt got this far): assigning is what is left.
+    let _ = consumer.incremental_unassign(&tpl);
+    let mut at = TopicPartitionList::new();
+    at.add_partition_offset(topic, partition, Offset::Offset(offset))
+        .map_err(|e| e.to_string())?;
+    consumer.incremental_assign(&at).map_err(|e| e.to_string())
+}
+
 /// Whether a message may have been routed by another partition count than `partitions`: it
 /// is on a partition past the count, or its key maps elsewhere.
 fn routed_elsewhere(partition: i32, incoming: &Incoming, partitions: i32) -> bool {
@@ -1125,7 +1150,7 @@ impl Worker {
         };
         if (restored || named)
             && self
-                .take_back(consumer, owned, partition, "partition rewound (replay or database restore): consuming again from the stored offset")
+                .take_back(consumer, owned, partition, "partition rewound (replay, accepted log or database restore): consuming again from the stored offset")
                 .await
         {
             return;
@@ -1534,14 +1559,17 @@ impl Worker {
         let result = if crate::failpoint::once("seek-fails-once") {
             Err("failpoint seek-fails-once".to_owned())
         } else {
-            consumer
-                .seek(
-                    topic,
-                    partition,
-                    Offset::Offset(offset),
-                    Duration::from_secs(10),
-                )
-                .map_err(|e| e.to_string())
+            match consumer.seek(topic, partition, Offset::Offset(offset), Duration::from_secs(10)) {
+                Ok(()) => Ok(()),
+                // After an offset outside the log (`auto.offset.reset=error`) librdkafka
+                // stops fetching the partition, and refuses seeks: only assigning it again
+                // starts it. (rdkafka reports the seek's error code only as librdkafka's
+                // text for it, `RD_KAFKA_RESP_ERR__STATE`.)
+                Err(KafkaError::Seek(e)) if e == "Local: Erroneous state" => {
+                    reassign(consumer, topic, partition, offset)
+                }
+                Err(e) => Err(e.to_string()),
+            }
         };
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(topic, partition);
