@@ -128,7 +128,10 @@ fn wait_halted(addr: &str, reason: &str, worker: &WorkerProcess) -> String {
         let gauge = scrape(addr, &halted_series(reason)).unwrap_or(0.0);
         let log = std::fs::read_to_string(&worker.log).unwrap_or_default();
         if let Some((503, body)) = &ready {
-            if body.contains("halted") && gauge >= 1.0 && log.contains("ERROR") && log.contains("halted")
+            if body.contains("halted")
+                && gauge >= 1.0
+                && log.contains("ERROR")
+                && log.contains("halted")
             {
                 return body.clone();
             }
@@ -192,7 +195,10 @@ async fn recreate_commands_topic(topics: &TestTopics) {
         match processor::topics::create(BROKERS, &wanted, 1, Duration::from_secs(10)).await {
             Ok(_) => break,
             Err(e) => {
-                assert!(Instant::now() < deadline, "cannot create {topic} again: {e}");
+                assert!(
+                    Instant::now() < deadline,
+                    "cannot create {topic} again: {e}"
+                );
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
@@ -223,7 +229,14 @@ async fn a_topic_recreated_under_a_running_worker_halts_and_loses_nothing() {
     let worker = WorkerProcess::spawn(&db, &topics, "w1", &["--metrics-addr", &addr]);
     let before = deposits("before", 10, 3);
     let d = produce_all(&topics.producer(), &before).await;
-    wait_processed(&db, &topics.commands, &ends(&d), Duration::from_secs(90), &[&worker]).await;
+    wait_processed(
+        &db,
+        &topics.commands,
+        &ends(&d),
+        Duration::from_secs(90),
+        &[&worker],
+    )
+    .await;
 
     recreate_commands_topic(&topics).await;
     let after = deposits("after", 12, 4);
@@ -231,7 +244,10 @@ async fn a_topic_recreated_under_a_running_worker_halts_and_loses_nothing() {
     produce_all(&topics.producer(), &after).await;
 
     let ready = wait_halted(&addr, metrics::halt_reason::LOG_CHANGED, &worker);
-    assert!(ready.contains("partition"), "readyz names the partitions: {ready}");
+    assert!(
+        ready.contains("partition"),
+        "readyz names the partitions: {ready}"
+    );
     // Nothing of the new log was applied from the stored offsets of the old one.
     assert_eq!(processed(&db, "/after").await, 0, "{}", worker.log_tail(40));
     let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
@@ -256,14 +272,26 @@ async fn a_topic_recreated_while_no_worker_ran_and_grown_past_the_stored_offset_
     let mut worker = WorkerProcess::spawn(&db, &topics, "w1", &[]);
     let before = deposits("before", 10, 3);
     let d = produce_all(&topics.producer(), &before).await;
-    wait_processed(&db, &topics.commands, &ends(&d), Duration::from_secs(90), &[&worker]).await;
-    worker.terminate(Duration::from_secs(30)).expect("worker stops");
+    wait_processed(
+        &db,
+        &topics.commands,
+        &ends(&d),
+        Duration::from_secs(90),
+        &[&worker],
+    )
+    .await;
+    worker
+        .terminate(Duration::from_secs(30))
+        .expect("worker stops");
 
     // The new log is longer than the stored offset: offsets alone look fine.
     recreate_commands_topic(&topics).await;
     let after = deposits("after", 12, 4);
     let d = produce_all(&topics.producer(), &after).await;
-    assert!(ends(&d)[&0] > 40, "the new log reaches past the stored offset");
+    assert!(
+        ends(&d)[&0] > 40,
+        "the new log reaches past the stored offset"
+    );
 
     let addr = free_addr();
     let worker = WorkerProcess::spawn(&db, &topics, "w2", &["--metrics-addr", &addr]);
@@ -293,14 +321,27 @@ async fn commands_deleted_before_a_worker_consumed_them_halt_the_partition() {
     let mut worker = WorkerProcess::spawn(&db, &topics, "w1", &[]);
     let before = deposits("before", 10, 1);
     let d = produce_all(&topics.producer(), &before).await;
-    wait_processed(&db, &topics.commands, &ends(&d), Duration::from_secs(90), &[&worker]).await;
-    worker.terminate(Duration::from_secs(30)).expect("worker stops");
+    wait_processed(
+        &db,
+        &topics.commands,
+        &ends(&d),
+        Duration::from_secs(90),
+        &[&worker],
+    )
+    .await;
+    worker
+        .terminate(Duration::from_secs(30))
+        .expect("worker stops");
 
     // Acknowledged while no worker runs; then retention (here: deleted records) removes the
     // oldest half of partition 0's new commands.
     let later = deposits("later", 10, 3);
     let d = produce_all(&topics.producer(), &later).await;
-    let on_0: Vec<i64> = d.iter().filter(|x| x.partition == 0).map(|x| x.offset).collect();
+    let on_0: Vec<i64> = d
+        .iter()
+        .filter(|x| x.partition == 0)
+        .map(|x| x.offset)
+        .collect();
     assert!(on_0.len() >= 4, "partition 0 has new commands");
     let cut = on_0[on_0.len() / 2];
     let mut tpl = TopicPartitionList::new();
@@ -331,15 +372,21 @@ async fn commands_deleted_before_a_worker_consumed_them_halt_the_partition() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn partitions_added_under_a_running_worker_halt_the_topic_before_anything_moved_is_applied()
-{
+async fn partitions_added_under_a_running_worker_halt_the_topic_before_anything_moved_is_applied() {
     let db = TestDb::new().await;
     let topics = TestTopics::new(2).await;
     let addr = free_addr();
     let worker = WorkerProcess::spawn(&db, &topics, "w1", &["--metrics-addr", &addr]);
     let before = deposits("before", 20, 1);
     let d = produce_all(&topics.producer(), &before).await;
-    wait_processed(&db, &topics.commands, &ends(&d), Duration::from_secs(90), &[&worker]).await;
+    wait_processed(
+        &db,
+        &topics.commands,
+        &ends(&d),
+        Duration::from_secs(90),
+        &[&worker],
+    )
+    .await;
 
     let results = admin()
         .create_partitions(
@@ -400,7 +447,10 @@ async fn partitions_added_under_a_running_worker_halt_the_topic_before_anything_
         .unwrap();
     assert_eq!(recorded, 2);
     let log = std::fs::read_to_string(&worker.log).unwrap();
-    assert!(log.contains("accept-partitions"), "the log says what to run");
+    assert!(
+        log.contains("accept-partitions"),
+        "the log says what to run"
+    );
 
     // The operator accepts the new count (no command of a moved key was applied before on
     // its old partition, so here the order holds): everything is applied once.
@@ -433,31 +483,58 @@ async fn a_failed_seek_never_lets_a_batch_start_past_the_stored_offset() {
     );
     let before = deposits("before", 5, 3);
     let d = produce_all(&topics.producer(), &before).await;
-    wait_processed(&db, &topics.commands, &ends(&d), Duration::from_secs(90), &[&worker]).await;
+    wait_processed(
+        &db,
+        &topics.commands,
+        &ends(&d),
+        Duration::from_secs(90),
+        &[&worker],
+    )
+    .await;
 
     // One account's effects are lost; a replay from 0 must restore them.
     for table in ["processed_commands", "events", "aggregates"] {
-        sqlx::query(&format!("DELETE FROM {table} WHERE aggregate_id = 'before-2'"))
-            .execute(&db.pool)
-            .await
-            .unwrap();
+        sqlx::query(&format!(
+            "DELETE FROM {table} WHERE aggregate_id = 'before-2'"
+        ))
+        .execute(&db.pool)
+        .await
+        .unwrap();
     }
     let (ok, out) = cmdproc_on(
         &db,
         &topics,
         "replay",
-        &["--partitions", "all", "--from-offset", "0", "--timeout", "5s"],
+        &[
+            "--partitions",
+            "all",
+            "--from-offset",
+            "0",
+            "--timeout",
+            "5s",
+        ],
     );
     eprintln!("replay (ok: {ok}):\n{out}");
     // A command arriving meanwhile: with the seek failed, the consumer is still past the
     // rewound range.
     let later = deposits("later", 1, 1);
     let d2 = produce_all(&topics.producer(), &later).await;
-    wait_processed(&db, &topics.commands, &ends(&d2), Duration::from_secs(90), &[&worker]).await;
+    wait_processed(
+        &db,
+        &topics.commands,
+        &ends(&d2),
+        Duration::from_secs(90),
+        &[&worker],
+    )
+    .await;
     let mut all = before.clone();
     all.extend(later);
     assert_matches_model(&db, &serial_model(&all)).await;
     let log = std::fs::read_to_string(&worker.log).unwrap();
-    assert!(log.contains("seek to the stored position failed"), "{}", worker.log_tail(40));
+    assert!(
+        log.contains("seek to the stored position failed"),
+        "{}",
+        worker.log_tail(40)
+    );
     db.drop_db().await;
 }

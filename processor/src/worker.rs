@@ -24,8 +24,8 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
 };
-use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use sqlx::PgPool;
@@ -1002,7 +1002,10 @@ fn reassign(
     partition: i32,
     offset: i64,
 ) -> Result<(), String> {
-    if !matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative) {
+    if !matches!(
+        consumer.rebalance_protocol(),
+        RebalanceProtocol::Cooperative
+    ) {
         return Err("the partition's fetcher stopped and the group is not cooperative".into());
     }
     let mut tpl = TopicPartitionList::new();
@@ -1559,7 +1562,12 @@ impl Worker {
         let result = if crate::failpoint::once("seek-fails-once") {
             Err("failpoint seek-fails-once".to_owned())
         } else {
-            match consumer.seek(topic, partition, Offset::Offset(offset), Duration::from_secs(10)) {
+            match consumer.seek(
+                topic,
+                partition,
+                Offset::Offset(offset),
+                Duration::from_secs(10),
+            ) {
                 Ok(()) => Ok(()),
                 // After an offset outside the log (`auto.offset.reset=error`) librdkafka
                 // stops fetching the partition, and refuses seeks: only assigning it again

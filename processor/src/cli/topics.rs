@@ -27,7 +27,9 @@ pub enum TopicsCommand {
 /// Arguments of `topics create`.
 #[derive(Debug, Args)]
 pub struct CreateArgs {
-    /// Partitions of the commands and events topics: the most workers that can share the load.
+    /// Partitions of the commands and events topics: the most workers that can share the
+    /// load. Size it for the largest deployment expected: partitions added to a live commands
+    /// topic move keys, and the workers halt it (README: growing a topic).
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(i32).range(1..=10_000))]
     pub partitions: i32,
     /// Replication factor (1 for a single local broker).
