@@ -1237,6 +1237,13 @@ impl Worker {
         self.positions.lock().expect("positions").remove(&partition);
         forget_lag(&self.metrics, partition);
         owned.lock().expect("owned map").remove(&partition);
+        // Its log is checked again by whoever takes it (this worker too, when it does).
+        self.checks.lock().expect("log checks").forget(partition);
+        {
+            let mut halted = self.halted.lock().expect("halted set");
+            halted.lift_if(partition, |r| matches!(r, HaltReason::LogChanged(_)));
+            halted.publish(&self.metrics);
+        }
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(self.config.commands_topic.as_str(), partition);
         let _ = consumer.pause(&tpl);
