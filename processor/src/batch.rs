@@ -21,6 +21,9 @@ pub type Header = (String, Option<Vec<u8>>);
 pub struct Incoming {
     /// Offset in the commands partition.
     pub offset: i64,
+    /// The message's Kafka timestamp in milliseconds, when it has one: with the offset, the
+    /// fingerprint of the log a stored position belongs to.
+    pub timestamp: Option<i64>,
     /// Original key bytes.
     pub key: Option<Vec<u8>>,
     /// Original value bytes.
@@ -559,6 +562,7 @@ mod tests {
         );
         Incoming {
             offset,
+            timestamp: None,
             key: Some(subject.as_bytes().to_vec()),
             value: Some(bytes),
             headers: vec![],
@@ -652,6 +656,7 @@ mod tests {
         let registry = Registry::builtin();
         let bad = Incoming {
             offset: 0,
+            timestamp: None,
             key: Some(b"k".to_vec()),
             value: Some(b"\xffnope".to_vec()),
             headers: vec![("h".into(), Some(vec![0, 1, 2]))],

@@ -60,6 +60,7 @@ pub fn decode_message(
     };
     Incoming {
         offset: m.offset(),
+        timestamp: m.timestamp().to_millis(),
         key,
         value,
         headers,

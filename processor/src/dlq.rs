@@ -298,6 +298,7 @@ pub async fn release(
         let decoded = Command::decode(key.as_deref(), &hs, value.as_deref(), Schemas::builtin());
         messages.push(Incoming {
             offset: r.get(0),
+            timestamp: None,
             key,
             value,
             headers,

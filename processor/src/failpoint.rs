@@ -14,7 +14,10 @@
 //!   for its transaction would.
 //! - `rewind-hold-lock`: `cmdproc replay` sleeps for a minute while it holds a partition's
 //!   row lock, as an operator process suspended at that moment would.
+//! - `seek-fails-once`: the first seek of a partition back to its stored position (a worker
+//!   taking a partition again) reports failure without seeking.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 fn points() -> &'static Vec<String> {
@@ -81,4 +84,11 @@ pub async fn sleep_if(name: &str) {
         eprintln!("failpoint {name}: sleeping");
         tokio::time::sleep(std::time::Duration::from_secs(60)).await;
     }
+}
+
+/// Whether the named failpoint is set and has not fired yet; it fires once per process.
+/// Only `seek-fails-once` uses it, so one flag is enough.
+pub fn once(name: &str) -> bool {
+    static FIRED: AtomicBool = AtomicBool::new(false);
+    is_set(name) && !FIRED.swap(true, Ordering::SeqCst)
 }

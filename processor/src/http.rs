@@ -1,5 +1,6 @@
 //! The operator endpoint of `cmdproc run`: `/metrics` (Prometheus text format), `/healthz`
-//! (the process runs) and `/readyz` (it owns partitions and the database answers).
+//! (the process runs) and `/readyz` (it owns partitions, none of them halted, and the
+//! database answers).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use axum::Router;
 use sqlx::{Connection, PgPool};
 use tokio_util::sync::CancellationToken;
 
+use crate::commands_log::Halted;
 use crate::metrics::Metrics;
 use crate::relay::Owned;
 
@@ -28,6 +30,9 @@ pub struct HttpState {
     /// The partitions the worker owns; `None` for the standalone relay, which serves every
     /// partition and is ready whenever the database answers.
     pub owned: Option<Owned>,
+    /// The worker's halted partitions: while any is halted the process is not ready, since
+    /// it cannot make progress on them until an operator acts. `None` for the relay.
+    pub halted: Option<Halted>,
     /// The worker's database.
     pub pool: PgPool,
     /// Cancelled when the process starts shutting down; from then on it is not ready.
@@ -100,7 +105,8 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
     )
 }
 
-/// Ready means able to make progress: partitions to work on and a database that answers.
+/// Ready means able to make progress: partitions to work on, none of them halted, and a
+/// database that answers.
 async fn readyz(State(state): State<HttpState>) -> (StatusCode, String) {
     if state.shutdown.is_cancelled() {
         return unavailable("shutting down");
@@ -112,6 +118,15 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, String) {
         },
         None => "every partition".to_owned(),
     };
+    if let Some(halted) = &state.halted {
+        let halted = halted.lock().expect("halted set");
+        if !halted.is_empty() {
+            return unavailable(&format!(
+                "halted: {}; the worker's error log says why and what to run",
+                halted.summary()
+            ));
+        }
+    }
     match tokio::time::timeout(DB_CHECK_TIMEOUT, database_answers(&state.pool)).await {
         Ok(Ok(())) => (
             StatusCode::OK,

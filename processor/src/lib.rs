@@ -3,6 +3,8 @@
 //!
 //! # Layout
 //! - [`worker`]: the consumer loop, rebalance-time fencing, micro-batches.
+//! - [`commands_log`]: checks that the commands log is the one the stored positions belong
+//!   to, and the halts when it is not.
 //! - [`batch`]: the pure planning step of a batch (outcomes, events, dead letters).
 //! - [`store`]: every SQL statement.
 //! - [`relay`]: publishes the outbox to Kafka in order per partition.
@@ -14,6 +16,7 @@
 
 pub mod batch;
 pub mod cli;
+pub mod commands_log;
 pub mod decode;
 pub mod dlq;
 pub mod failpoint;

@@ -47,6 +47,23 @@ pub const DEAD_LETTERS_PUBLISHED_TOTAL: &str = "cmdproc_dead_letters_published_t
 /// failing in a transaction of its own, so that the worker's other partitions went on.
 pub const PARTITIONS_SET_ASIDE_TOTAL: &str = "cmdproc_partitions_set_aside_total";
 
+/// Partitions this worker owns but applies nothing of, by `reason` (see [`halt_reason`]):
+/// paused until an operator acts, which the error log of the halt names.
+pub const PARTITIONS_HALTED: &str = "cmdproc_partitions_halted";
+
+/// Values of the `reason` label of [`PARTITIONS_HALTED`].
+pub mod halt_reason {
+    /// A poison command with `--on-poison halt`.
+    pub const POISON: &str = "poison";
+    /// The commands log is not the one the stored position belongs to: the topic was
+    /// re-created, or retention deleted commands before they were consumed.
+    pub const LOG_CHANGED: &str = "log_changed";
+    /// The commands topic's partition count differs from the recorded one.
+    pub const PARTITION_COUNT: &str = "partition_count";
+    /// Every value, so that each series exists (at 0) from the start.
+    pub const ALL: [&str; 3] = [POISON, LOG_CHANGED, PARTITION_COUNT];
+}
+
 /// Values of the `outcome` label of [`COMMANDS_TOTAL`].
 pub mod outcome {
     /// Applied: the handler produced events (or none) and the aggregate was written.
@@ -109,6 +126,8 @@ pub struct Metrics {
     pub dead_letters_published: IntCounter,
     /// [`PARTITIONS_SET_ASIDE_TOTAL`].
     pub partitions_set_aside: IntCounter,
+    /// [`PARTITIONS_HALTED`].
+    pub partitions_halted: IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -171,6 +190,20 @@ impl Metrics {
         for k in commands::envelope::DeadLetterKind::ALL {
             dead_letters.with_label_values(&[k.as_str()]);
         }
+        let partitions_halted = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    PARTITIONS_HALTED,
+                    "Owned partitions halted (nothing applied until an operator acts), by reason.",
+                ),
+                &["reason"],
+            )
+            .expect("valid gauge"),
+        );
+        for r in halt_reason::ALL {
+            partitions_halted.with_label_values(&[r]);
+        }
         Self {
             commands,
             dead_letters,
@@ -218,6 +251,7 @@ impl Metrics {
                 PARTITIONS_SET_ASIDE_TOTAL,
                 "Partitions set aside because their batch kept failing.",
             ),
+            partitions_halted,
             registry,
         }
     }
@@ -273,12 +307,14 @@ mod tests {
             PUBLISH_SECONDS,
             EVENTS_PUBLISHED_TOTAL,
             DEAD_LETTERS_PUBLISHED_TOTAL,
+            PARTITIONS_HALTED,
         ] {
             assert!(text.contains(name), "{name} missing");
         }
         assert!(text.contains("cmdproc_commands_total{outcome=\"applied\"} 3"));
         assert!(text.contains("cmdproc_commands_total{outcome=\"parked\"} 0"));
         assert!(text.contains("cmdproc_partition_lag{partition=\"0\"} 7"));
+        assert!(text.contains("cmdproc_partitions_halted{reason=\"log_changed\"} 0"));
     }
 
     #[test]

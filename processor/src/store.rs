@@ -226,6 +226,9 @@ pub struct Acquired {
     pub epoch: i64,
     /// The stored next offset to consume.
     pub next_offset: i64,
+    /// The Kafka timestamp of the message at `next_offset - 1` (the last one applied), when
+    /// known: the fingerprint of the log the stored position belongs to.
+    pub last_timestamp: Option<i64>,
 }
 
 /// Takes a partition: moves its epoch past every earlier one (fencing every earlier owner)
@@ -246,7 +249,7 @@ pub async fn acquire_partition(
            SET epoch = GREATEST(partitions.epoch + 1, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint),
                owner = EXCLUDED.owner, acquired_at = now(), updated_at = now(),
                acquisitions = partitions.acquisitions + 1
-         RETURNING epoch, next_offset",
+         RETURNING epoch, next_offset, last_timestamp",
     )
     .bind(topic)
     .bind(partition)
@@ -264,6 +267,7 @@ pub async fn acquire_partition(
     Ok(Acquired {
         epoch: row.get(0),
         next_offset: row.get(1),
+        last_timestamp: row.get(2),
     })
 }
 
@@ -307,8 +311,10 @@ pub async fn epochs(
 }
 
 /// Moves a partition's stored position back to `offset` (never forward) and increments its
-/// epoch, so the live owner is fenced and consumes again from there. Returns the position
-/// before the rewind, or `None` when no worker ever took the partition.
+/// epoch, so the live owner is fenced and consumes again from there. A position that moves
+/// loses its log fingerprint (the timestamp of the message before it), which belonged to the
+/// old position. Returns the position before the rewind, or `None` when no worker ever took
+/// the partition.
 pub async fn rewind_partition(
     pool: &PgPool,
     topic: &str,
@@ -327,6 +333,7 @@ pub async fn rewind_partition(
     if before.is_some() {
         sqlx::query(
             "UPDATE partitions SET next_offset = LEAST(next_offset, $3),
+               last_timestamp = CASE WHEN $3 < next_offset THEN NULL ELSE last_timestamp END,
                epoch = GREATEST(epoch + 1, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint),
                updated_at = now()
              WHERE topic = $1 AND partition = $2",
@@ -781,9 +788,13 @@ async fn process_group(
             look_up_events,
         )
         .await?;
+        // With the position goes the log's fingerprint: the Kafka timestamp of the message
+        // just before it. A position that did not move keeps the one it has.
         let updated = sqlx::query(
-            "UPDATE partitions p SET next_offset = u.next_offset, outbox_seq = u.outbox_seq, updated_at = now()
-             FROM UNNEST($2::int[], $3::bigint[], $4::bigint[], $5::bigint[]) AS u(partition, next_offset, outbox_seq, epoch)
+            "UPDATE partitions p SET next_offset = u.next_offset, outbox_seq = u.outbox_seq, updated_at = now(),
+                 last_timestamp = CASE WHEN u.next_offset = p.next_offset THEN p.last_timestamp ELSE u.last_timestamp END
+             FROM UNNEST($2::int[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])
+                  AS u(partition, next_offset, outbox_seq, epoch, last_timestamp)
              WHERE p.topic = $1 AND p.partition = u.partition AND p.epoch = u.epoch",
         )
         .bind(topic)
@@ -791,6 +802,12 @@ async fn process_group(
         .bind(plans.iter().map(|(p, _)| p.next_offset).collect::<Vec<_>>())
         .bind(plans.iter().map(|(_, end)| *end).collect::<Vec<_>>())
         .bind(work.iter().map(|w| w.batch.target.epoch).collect::<Vec<_>>())
+        .bind(
+            work.iter()
+                .zip(&plans)
+                .map(|(w, (p, _))| timestamp_before(w.fresh, p.next_offset))
+                .collect::<Vec<_>>(),
+        )
         .execute(&mut *tx)
         .await?;
         if updated.rows_affected() != work.len() as u64 {
@@ -842,6 +859,16 @@ async fn process_group(
         ));
     }
     Ok(out)
+}
+
+/// The Kafka timestamp of the message at `next_offset - 1` among `messages` (in offset
+/// order), if it is there.
+fn timestamp_before(messages: &[Incoming], next_offset: i64) -> Option<i64> {
+    let i = messages.partition_point(|m| m.offset < next_offset - 1);
+    messages
+        .get(i)
+        .filter(|m| m.offset == next_offset - 1)
+        .and_then(|m| m.timestamp)
 }
 
 /// Loads what the partitions' fresh messages need (aggregates from `cache` where it has
@@ -1787,4 +1814,110 @@ pub async fn aggregates_of_topic(
     .fetch_all(pool)
     .await?;
     Ok(rows.iter().map(loaded_row).collect())
+}
+
+/// The partition count recorded for `topic`, recording `partitions` first when none is (the
+/// first worker on a topic records what it found).
+pub async fn record_layout(pool: &PgPool, topic: &str, partitions: i32) -> Result<i32> {
+    sqlx::query(
+        "INSERT INTO topic_layouts (topic, partitions) VALUES ($1, $2) ON CONFLICT (topic) DO NOTHING",
+    )
+    .bind(topic)
+    .bind(partitions)
+    .execute(pool)
+    .await?;
+    Ok(recorded_layout(pool, topic).await?.unwrap_or(partitions))
+}
+
+/// The partition count recorded for `topic`, if any.
+pub async fn recorded_layout(pool: &PgPool, topic: &str) -> Result<Option<i32>> {
+    Ok(
+        sqlx::query_scalar("SELECT partitions FROM topic_layouts WHERE topic = $1")
+            .bind(topic)
+            .fetch_optional(pool)
+            .await?,
+    )
+}
+
+/// Records `partitions` as `topic`'s partition count, an operator's decision with its
+/// reason. Returns the count recorded before, if any.
+pub async fn accept_partitions(
+    pool: &PgPool,
+    topic: &str,
+    partitions: i32,
+    why: &str,
+) -> Result<Option<i32>> {
+    let mut tx = pool.begin().await?;
+    let before: Option<i32> =
+        sqlx::query_scalar("SELECT partitions FROM topic_layouts WHERE topic = $1 FOR UPDATE")
+            .bind(topic)
+            .fetch_optional(&mut *tx)
+            .await?;
+    sqlx::query(
+        "INSERT INTO topic_layouts (topic, partitions) VALUES ($1, $2)
+         ON CONFLICT (topic) DO UPDATE SET partitions = EXCLUDED.partitions, recorded_at = now()",
+    )
+    .bind(topic)
+    .bind(partitions)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO log_decisions (topic, decision, from_value, to_value, why)
+         VALUES ($1, 'accept-partitions', $2, $3, $4)",
+    )
+    .bind(topic)
+    .bind(before.map(i64::from))
+    .bind(i64::from(partitions))
+    .bind(why)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(before)
+}
+
+/// Moves a partition's stored position to `offset` (either way), clears its log
+/// fingerprint and increments its epoch, so the live owner takes it back and consumes from
+/// there; records the operator's decision with its reason. Returns the position before, or
+/// `None` when no worker ever took the partition (nothing is changed then).
+pub async fn accept_log(
+    pool: &PgPool,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    why: &str,
+) -> Result<Option<i64>> {
+    let mut tx = pool.begin().await?;
+    let before: Option<i64> = sqlx::query_scalar(
+        "SELECT next_offset FROM partitions WHERE topic = $1 AND partition = $2 FOR UPDATE",
+    )
+    .bind(topic)
+    .bind(partition)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(before) = before {
+        sqlx::query(
+            "UPDATE partitions SET next_offset = $3, last_timestamp = NULL,
+               epoch = GREATEST(epoch + 1, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint),
+               updated_at = now()
+             WHERE topic = $1 AND partition = $2",
+        )
+        .bind(topic)
+        .bind(partition)
+        .bind(offset)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO log_decisions (topic, decision, partition, from_value, to_value, why)
+             VALUES ($1, 'accept-log', $2, $3, $4, $5)",
+        )
+        .bind(topic)
+        .bind(partition)
+        .bind(before)
+        .bind(offset)
+        .bind(why)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(before)
 }

@@ -216,3 +216,35 @@ fn unreachable(brokers: &str) -> impl Fn(rdkafka::error::KafkaError) -> TopicErr
         reason: e.to_string(),
     }
 }
+
+/// The log start and end offsets (low and high watermarks) of `partitions` of `topic`, or of
+/// every partition when `None`. Blocking: call it off the async runtime's threads.
+pub fn watermarks(
+    brokers: &str,
+    topic: &str,
+    partitions: Option<&[i32]>,
+    timeout: Duration,
+) -> anyhow::Result<Vec<(i32, i64, i64)>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("client.id", "cmdproc-watermarks")
+        .create()?;
+    let all: Vec<i32>;
+    let chosen = match partitions {
+        Some(p) => p,
+        None => {
+            all = (0..partition_count(consumer.client(), topic, timeout)?).collect();
+            &all
+        }
+    };
+    chosen
+        .iter()
+        .map(|p| {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, *p, timeout)
+                .map_err(|e| anyhow::anyhow!("cannot read the offsets of {topic} [{p}]: {e}"))?;
+            Ok((*p, low, high))
+        })
+        .collect()
+}

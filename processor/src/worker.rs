@@ -7,6 +7,10 @@
 //! at the offset stored there, so Kafka's committed offsets are never the source of truth.
 //! Every batch re-checks the epoch under a row lock; a stale epoch means another worker
 //! owns the partition now, and this worker drops it without committing anything.
+//!
+//! The worker also checks that the log it consumes is the one its stored positions belong
+//! to ([`crate::commands_log`]): a partition whose log changed, or the whole topic when its
+//! partition count changed, is halted until an operator accepts the change.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,14 +24,16 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
 };
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use sqlx::PgPool;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{Incoming, PlanOptions};
+use crate::commands_log::{self, FirstMessage, HaltReason, Halted, SharedLogChecks};
 use crate::metrics::{outcome, Metrics};
 use crate::retry::Backoff;
 use crate::store::{self, AggregateCache, BatchTarget, PartitionBatch, StoreError};
@@ -83,6 +89,8 @@ struct WorkerContext {
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
     positions: Positions,
+    halted: Halted,
+    checks: SharedLogChecks,
 }
 
 /// The stored next offset of each owned partition, as this worker last read or wrote it:
@@ -126,11 +134,19 @@ impl ConsumerContext for WorkerContext {
                         .lock()
                         .expect("positions")
                         .insert(partition, acquired.next_offset);
-                    let _ = assign.add_partition_offset(
-                        elem.topic(),
-                        partition,
-                        Offset::Offset(acquired.next_offset),
-                    );
+                    // Started one message early when the last applied one is fingerprinted,
+                    // to check the log is still the one the stored offset belongs to.
+                    let (start, expected) =
+                        commands_log::start_at(acquired.next_offset, acquired.last_timestamp);
+                    {
+                        let mut checks = self.checks.lock().expect("log checks");
+                        checks.forget(partition);
+                        if let Some(e) = expected {
+                            checks.expected.insert(partition, e);
+                        }
+                    }
+                    let _ =
+                        assign.add_partition_offset(elem.topic(), partition, Offset::Offset(start));
                 }
                 let result = if cooperative {
                     consumer.incremental_assign(&assign)
@@ -142,18 +158,35 @@ impl ConsumerContext for WorkerContext {
                 }
                 // A partition fenced earlier was paused; owning it again means consuming again.
                 let _ = consumer.resume(&assign);
+                // Unless the whole topic is halted: then so is every partition it gets.
+                let mut halted = self.halted.lock().expect("halted set");
+                if let Some(reason) = halted.topic().cloned() {
+                    for elem in assign.elements() {
+                        halted.insert(elem.partition(), reason.clone());
+                    }
+                    let _ = consumer.pause(&assign);
+                }
+                halted.publish(&self.metrics);
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let lost = consumer.assignment_lost();
                 {
                     let mut owned = self.owned.lock().expect("owned map");
                     let mut positions = self.positions.lock().expect("positions");
+                    let mut checks = self.checks.lock().expect("log checks");
+                    let mut halted = self.halted.lock().expect("halted set");
                     for elem in tpl.elements() {
                         owned.remove(&elem.partition());
                         positions.remove(&elem.partition());
                         forget_lag(&self.metrics, elem.partition());
+                        checks.forget(elem.partition());
+                        // Whoever owns it next checks its log again.
+                        halted.lift_if(elem.partition(), |r| {
+                            !matches!(r, HaltReason::Poison { .. })
+                        });
                         tracing::info!(partition = elem.partition(), lost, "partition revoked");
                     }
+                    halted.publish(&self.metrics);
                 }
                 let result = if cooperative {
                     consumer.incremental_unassign(tpl)
@@ -169,6 +202,7 @@ impl ConsumerContext for WorkerContext {
                 self.owned.lock().expect("owned map").clear();
                 for (p, _) in self.positions.lock().expect("positions").drain() {
                     forget_lag(&self.metrics, p);
+                    self.checks.lock().expect("log checks").forget(p);
                 }
                 let _ = consumer.unassign();
             }
@@ -215,7 +249,11 @@ pub struct Worker {
     relay_wake: Option<Arc<Notify>>,
     owned: crate::relay::Owned,
     relay: Option<RelayHandle>,
-    halted: Mutex<std::collections::HashSet<i32>>,
+    /// Partitions that apply nothing until an operator acts, and why; shared with the
+    /// rebalance callback and `/readyz`.
+    halted: Halted,
+    /// Fingerprint checks and failed seeks of owned partitions; shared with the callback.
+    checks: SharedLogChecks,
     /// Partitions whose batch kept failing, set aside (paused) while the others go on, and
     /// tried again from their stored offset with a backoff of their own.
     set_aside: Mutex<HashMap<i32, SetAside>>,
@@ -275,6 +313,12 @@ impl Worker {
         self
     }
 
+    /// Shares its halted partitions with `halted` (read by `/readyz`).
+    pub fn with_halted(mut self, halted: Halted) -> Self {
+        self.halted = halted;
+        self
+    }
+
     /// Records into `metrics` (shared with the relay and the HTTP endpoint) instead of a
     /// private registry.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
@@ -293,7 +337,8 @@ impl Worker {
         Self {
             owned,
             relay: None,
-            halted: Mutex::default(),
+            halted: Halted::default(),
+            checks: SharedLogChecks::default(),
             set_aside: Mutex::default(),
             split_limits: Mutex::default(),
             dead_letter_topic: config.commands_topic.dead_letter(),
@@ -319,6 +364,8 @@ impl Worker {
             shutdown: shutdown.clone(),
             metrics: self.metrics.clone(),
             positions: self.positions.clone(),
+            halted: self.halted.clone(),
+            checks: self.checks.clone(),
         };
         let consumer: StreamConsumer<WorkerContext> = ClientConfig::new()
             .set("bootstrap.servers", &cfg.brokers)
@@ -327,8 +374,14 @@ impl Worker {
             .set("enable.auto.commit", "true")
             // Offsets live in Postgres; Kafka's committed offsets only mirror them for lag tools.
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
+            // Never jump silently: an offset outside the log (a re-created topic, commands
+            // deleted by retention) is a consumer error, and the worker halts the partition.
+            .set("auto.offset.reset", "error")
             .set("partition.assignment.strategy", "cooperative-sticky")
+            // Partitions added to the topic join the group's assignment within this (the
+            // default is 5 minutes); the worker halts the topic until the new count is
+            // accepted, and then consumes them.
+            .set("topic.metadata.refresh.interval.ms", "10000")
             .set(
                 "session.timeout.ms",
                 cfg.session_timeout.as_millis().to_string(),
@@ -349,6 +402,22 @@ impl Worker {
             cfg.commands_topic.as_str(),
             Duration::from_secs(10),
         )?;
+        // Keys are routed by the partition count: the one the first worker found is the
+        // topic's, and any other halts the topic before anything is applied.
+        let Some(recorded) = self.record_layout(partitions, &shutdown).await else {
+            return Ok(());
+        };
+        if recorded != partitions {
+            self.halt_topic(
+                &consumer,
+                &owned,
+                HaltReason::PartitionCount {
+                    recorded,
+                    broker: partitions,
+                },
+            );
+        }
+        let mut known_partitions = recorded;
         consumer.subscribe(&[cfg.commands_topic.as_str()])?;
         tracing::info!(
             topic = %cfg.commands_topic, group = %cfg.group, owner = %cfg.owner, partitions,
@@ -358,12 +427,16 @@ impl Worker {
         // The lag monitor stops with the loop, not with `shutdown`: it keeps reporting while
         // the last batch drains.
         let lag_stop = CancellationToken::new();
+        let (log_reports_tx, mut log_reports) = mpsc::channel(4);
+        let check_log_now = Arc::new(Notify::new());
         let lag_monitor = tokio::spawn(monitor_lag(
             cfg.brokers.clone(),
             cfg.commands_topic.to_string(),
             self.positions.clone(),
             self.metrics.clone(),
             lag_stop.clone(),
+            log_reports_tx,
+            check_log_now.clone(),
         ));
 
         let registry = Registry::builtin();
@@ -379,28 +452,60 @@ impl Worker {
                 _ = shutdown.cancelled() => break,
                 _ = epoch_check.tick() => {
                     self.retry_set_aside(&consumer, &owned);
+                    self.retry_seeks(&consumer, &owned);
                     self.check_epochs(&consumer, &owned).await;
+                    continue;
+                }
+                Some(report) = log_reports.recv() => {
+                    self.on_log_report(&consumer, &owned, &mut known_partitions, report).await;
                     continue;
                 }
                 m = consumer.recv() => m,
             };
             let mut batch: Vec<(i32, Incoming)> = Vec::with_capacity(cfg.batch_size);
+            // A message misrouted by the known partition count, or on a partition past it,
+            // may have been routed by a new count: checked before anything is applied.
+            let mut suspect = false;
+            let partitions = known_partitions;
             match first {
-                Ok(m) => batch.push(self.incoming(&m, partitions, schemas)),
+                Ok(m) => {
+                    let (p, incoming) = self.incoming(&m, partitions, schemas);
+                    suspect |= routed_elsewhere(p, &incoming, partitions);
+                    batch.push((p, incoming));
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "consumer error");
+                    // With `auto.offset.reset=error`, an offset outside the log lands here.
+                    tracing::warn!(error = %e, "consumer error; checking the owned partitions' logs");
+                    check_log_now.notify_one();
                     continue;
                 }
             }
             let deadline = tokio::time::Instant::now() + cfg.batch_linger;
             while batch.len() < cfg.batch_size {
                 match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                    Ok(Ok(m)) => batch.push(self.incoming(&m, partitions, schemas)),
-                    Ok(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                    Ok(Ok(m)) => {
+                        let (p, incoming) = self.incoming(&m, partitions, schemas);
+                        suspect |= routed_elsewhere(p, &incoming, partitions);
+                        batch.push((p, incoming));
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "consumer error; checking the owned partitions' logs");
+                        check_log_now.notify_one();
+                    }
                     Err(_) => break,
                 }
             }
-            let groups = group_by_partition(batch);
+            if suspect
+                && self
+                    .partition_count_changed(&consumer, &owned, &mut known_partitions)
+                    .await
+            {
+                // Nothing of this poll is applied: the topic is halted, or taken again from
+                // the stored offsets under the accepted count.
+                continue;
+            }
+            let mut groups = group_by_partition(batch);
+            self.screen(&consumer, &mut groups);
             self.apply(&consumer, &owned, &registry, &groups, &mut cache, &shutdown)
                 .await;
             if last_report.elapsed() > Duration::from_secs(10) {
@@ -895,8 +1000,11 @@ impl Worker {
             }
             let owned = owned.lock().expect("owned map");
             set_aside.retain(|p, _| owned.contains_key(p));
+            // A halted partition waits for its operator, not for this retry.
+            let halted = self.halted.lock().expect("halted set");
             set_aside
                 .iter()
+                .filter(|(p, _)| !halted.contains(p))
                 .filter(|(_, s)| s.retry_at.is_some_and(|at| at <= now))
                 .map(|(p, _)| *p)
                 .collect()
@@ -1001,7 +1109,11 @@ impl Worker {
                         offset,
                         "poison command: partition halted (--on-poison halt); restart the worker once the handler is fixed"
                     );
-                    self.halted.lock().expect("halted set").insert(partition);
+                    {
+                        let mut halted = self.halted.lock().expect("halted set");
+                        halted.insert(partition, HaltReason::Poison { offset });
+                        halted.publish(&self.metrics);
+                    }
                     let mut tpl = TopicPartitionList::new();
                     tpl.add_partition(cfg.commands_topic.as_str(), partition);
                     let _ = consumer.pause(&tpl);
@@ -1162,15 +1274,43 @@ fn forget_lag(metrics: &Metrics, partition: i32) {
         .remove_label_values(&[&partition.to_string()]);
 }
 
+/// A partition's log bounds as the monitor read them.
+#[derive(Debug, Clone, Copy)]
+struct LogBounds {
+    partition: i32,
+    /// The log start offset (low watermark).
+    low: i64,
+    /// The log end offset (high watermark).
+    high: i64,
+    /// The stored next offset, read before the watermarks.
+    stored: i64,
+}
+
+/// What the monitor tells the worker's loop.
+#[derive(Debug)]
+enum LogReport {
+    /// Bounds that look wrong, or every owned partition's after a consumer error.
+    Bounds(Vec<LogBounds>),
+    /// The commands topic's partition count, as the broker reports it now.
+    PartitionCount(i32),
+}
+
 /// Refreshes the lag gauge of every owned partition until `stop`: the Kafka high watermark
 /// minus the stored next offset. It has its own client, because `fetch_watermarks` blocks
 /// and the worker's consumer is busy in its loop.
+///
+/// With the same reads it watches the commands log: every tick it reports the topic's
+/// partition count, and the bounds of partitions whose log no longer covers the stored
+/// offset; when `check_now` is notified (a consumer error) it looks at once and reports
+/// every owned partition's bounds.
 async fn monitor_lag(
     brokers: String,
     topic: String,
     positions: Positions,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
+    reports: mpsc::Sender<LogReport>,
+    check_now: Arc<Notify>,
 ) {
     let consumer: Arc<BaseConsumer> = match ClientConfig::new()
         .set("bootstrap.servers", &brokers)
@@ -1186,47 +1326,105 @@ async fn monitor_lag(
     let mut tick = tokio::time::interval(LAG_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
+        let poked = tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let partitions: Vec<i32> = positions
+            _ = tick.tick() => false,
+            _ = check_now.notified() => true,
+        };
+        // Read before the watermarks: a log end below this is not this worker's progress.
+        let before: Vec<(i32, i64)> = positions
             .lock()
             .expect("positions")
-            .keys()
-            .copied()
+            .iter()
+            .map(|(p, o)| (*p, *o))
             .collect();
-        if partitions.is_empty() {
-            continue;
-        }
         let (c, t) = (consumer.clone(), topic.clone());
+        let partitions: Vec<i32> = before.iter().map(|(p, _)| *p).collect();
         let fetch = tokio::task::spawn_blocking(move || {
-            partitions
+            let count = crate::topics::partition_count(c.client(), &t, Duration::from_secs(2));
+            let marks = partitions
                 .into_iter()
                 .map(|p| (p, c.fetch_watermarks(&t, p, Duration::from_secs(2))))
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>();
+            (count, marks)
         });
-        let highs = tokio::select! {
+        let (count, marks) = tokio::select! {
             _ = stop.cancelled() => return,
             r = fetch => match r { Ok(h) => h, Err(_) => continue },
         };
-        let positions = positions.lock().expect("positions");
-        for (p, high) in highs {
-            match (high, positions.get(&p)) {
-                // The position read now is at least as new as the watermark, so the lag is
-                // at worst a little low, never negative.
-                (Ok((_, high)), Some(next)) => metrics
-                    .partition_lag
-                    .with_label_values(&[&p.to_string()])
-                    .set((high - next).max(0)),
-                (Err(e), _) => {
-                    tracing::debug!(partition = p, error = %e, "reading the high watermark failed")
+        if let Ok(count) = count {
+            let _ = reports.try_send(LogReport::PartitionCount(count));
+        }
+        let mut report = Vec::new();
+        {
+            let positions = positions.lock().expect("positions");
+            for (p, marks) in marks {
+                match (marks, positions.get(&p)) {
+                    // The position read now is at least as new as the watermark, so the lag
+                    // is at worst a little low, never negative.
+                    (Ok((low, high)), Some(next)) => {
+                        metrics
+                            .partition_lag
+                            .with_label_values(&[&p.to_string()])
+                            .set((high - next).max(0));
+                        let stored = before
+                            .iter()
+                            .find(|(q, _)| *q == p)
+                            .map_or(*next, |(_, o)| *o);
+                        let bounds = LogBounds {
+                            partition: p,
+                            low,
+                            high,
+                            stored,
+                        };
+                        if poked
+                            || commands_log::judge_watermarks(low, high, stored, None).is_some()
+                        {
+                            report.push(bounds);
+                        }
+                    }
+                    (Err(e), _) => {
+                        tracing::debug!(partition = p, error = %e, "reading the watermarks failed")
+                    }
+                    // Revoked meanwhile; the revocation dropped its series.
+                    (Ok(_), None) => {}
                 }
-                // Revoked meanwhile; the revocation dropped its series.
-                (Ok(_), None) => {}
             }
         }
+        if !report.is_empty() {
+            let _ = reports.try_send(LogReport::Bounds(report));
+        }
     }
+}
+
+/// Assigns `partition` again at `offset`, to restart a fetcher that stopped.
+fn reassign(
+    consumer: &StreamConsumer<WorkerContext>,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> Result<(), String> {
+    if !matches!(
+        consumer.rebalance_protocol(),
+        RebalanceProtocol::Cooperative
+    ) {
+        return Err("the partition's fetcher stopped and the group is not cooperative".into());
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    // Not assigned any more (an earlier attempt got this far): assigning is what is left.
+    let _ = consumer.incremental_unassign(&tpl);
+    let mut at = TopicPartitionList::new();
+    at.add_partition_offset(topic, partition, Offset::Offset(offset))
+        .map_err(|e| e.to_string())?;
+    consumer.incremental_assign(&at).map_err(|e| e.to_string())
+}
+
+/// Whether a message may have been routed by another partition count than `partitions`: it
+/// is on a partition past the count, or its key maps elsewhere.
+fn routed_elsewhere(partition: i32, incoming: &Incoming, partitions: i32) -> bool {
+    partition >= partitions
+        || matches!(&incoming.decoded, Err(e) if e.kind == DeadLetterKind::Misrouted)
 }
 
 impl Worker {
@@ -1357,7 +1555,7 @@ impl Worker {
         };
         if (restored || named)
             && self
-                .take_back(consumer, owned, partition, "partition rewound (replay or database restore): consuming again from the stored offset")
+                .take_back(consumer, owned, partition, "partition rewound (replay, accepted log or database restore): consuming again from the stored offset")
                 .await
         {
             return;
@@ -1396,22 +1594,32 @@ impl Worker {
                     .lock()
                     .expect("positions")
                     .insert(partition, acquired.next_offset);
-                let seek = consumer.seek(
-                    topic,
-                    partition,
-                    Offset::Offset(acquired.next_offset),
-                    Duration::from_secs(10),
-                );
-                let mut tpl = TopicPartitionList::new();
-                tpl.add_partition(topic, partition);
-                let _ = consumer.resume(&tpl);
+                let (start, expected) =
+                    commands_log::start_at(acquired.next_offset, acquired.last_timestamp);
+                {
+                    let mut checks = self.checks.lock().expect("log checks");
+                    checks.forget(partition);
+                    if let Some(e) = expected {
+                        checks.expected.insert(partition, e);
+                    }
+                }
+                // A log halt is judged again from the new start (after `topics accept-log`
+                // the position is where the operator put it); other halts stay.
+                let (lifted, still_halted) = {
+                    let mut halted = self.halted.lock().expect("halted set");
+                    let lifted =
+                        halted.lift_if(partition, |r| matches!(r, HaltReason::LogChanged(_)));
+                    halted.publish(&self.metrics);
+                    (lifted, halted.contains(&partition))
+                };
                 tracing::warn!(
                     partition,
                     epoch = acquired.epoch,
                     offset = acquired.next_offset,
-                    seek = ?seek.err(),
+                    log_halt_lifted = lifted,
                     "{why}"
                 );
+                self.seek_or_defer(consumer, partition, start, !still_halted);
                 true
             }
             Err(e) => {
@@ -1431,9 +1639,401 @@ impl Worker {
         self.positions.lock().expect("positions").remove(&partition);
         forget_lag(&self.metrics, partition);
         owned.lock().expect("owned map").remove(&partition);
+        // Its log is checked again by whoever takes it (this worker too, when it does).
+        self.checks.lock().expect("log checks").forget(partition);
+        {
+            let mut halted = self.halted.lock().expect("halted set");
+            halted.lift_if(partition, |r| matches!(r, HaltReason::LogChanged(_)));
+            halted.publish(&self.metrics);
+        }
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(self.config.commands_topic.as_str(), partition);
         let _ = consumer.pause(&tpl);
+    }
+}
+
+impl Worker {
+    /// The partition count recorded for the topic, recording `partitions` when none is;
+    /// retried while the database is unavailable. `None` when shut down meanwhile.
+    async fn record_layout(&self, partitions: i32, shutdown: &CancellationToken) -> Option<i32> {
+        let topic = self.config.commands_topic.as_str();
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            match store::record_layout(&self.pool, topic, partitions).await {
+                Ok(recorded) => return Some(recorded),
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot read the topic's recorded partition count; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Halts `partition`: paused, nothing of it applied, still owned; logged once per reason.
+    fn halt(&self, consumer: &StreamConsumer<WorkerContext>, partition: i32, reason: HaltReason) {
+        let new = {
+            let mut halted = self.halted.lock().expect("halted set");
+            let new = halted.insert(partition, reason.clone());
+            halted.publish(&self.metrics);
+            new
+        };
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(self.config.commands_topic.as_str(), partition);
+        let _ = consumer.pause(&tpl);
+        if new {
+            tracing::error!(
+                partition,
+                reason = reason.label(),
+                "partition halted, nothing of it is applied: {}",
+                reason.describe(partition)
+            );
+        }
+    }
+
+    /// Halts every owned partition, and every one assigned later, until the topic's
+    /// partition count is accepted.
+    fn halt_topic(
+        &self,
+        consumer: &StreamConsumer<WorkerContext>,
+        owned: &Mutex<HashMap<i32, i64>>,
+        reason: HaltReason,
+    ) {
+        let mine: Vec<i32> = owned.lock().expect("owned map").keys().copied().collect();
+        let new = {
+            let mut halted = self.halted.lock().expect("halted set");
+            let new = halted.topic() != Some(&reason);
+            halted.halt_topic(reason.clone(), mine.iter().copied());
+            halted.publish(&self.metrics);
+            new
+        };
+        let topic = self.config.commands_topic.as_str();
+        let mut tpl = TopicPartitionList::new();
+        for p in &mine {
+            tpl.add_partition(topic, *p);
+        }
+        let _ = consumer.pause(&tpl);
+        if new {
+            tracing::error!(
+                topic,
+                reason = reason.label(),
+                "topic halted, nothing of any partition is applied: {}",
+                reason.describe(-1)
+            );
+        }
+    }
+
+    /// Handles what the log monitor found.
+    async fn on_log_report(
+        &self,
+        consumer: &StreamConsumer<WorkerContext>,
+        owned: &Mutex<HashMap<i32, i64>>,
+        known: &mut i32,
+        report: LogReport,
+    ) {
+        match report {
+            LogReport::PartitionCount(broker) => {
+                let halted = self.halted.lock().expect("halted set").topic().is_some();
+                if broker != *known || halted {
+                    self.layout_changed(consumer, owned, known, broker).await;
+                }
+            }
+            LogReport::Bounds(bounds) => {
+                // How far each partition's messages were delivered to this worker.
+                let delivered: HashMap<i32, i64> = consumer
+                    .position()
+                    .map(|tpl| {
+                        tpl.elements()
+                            .iter()
+                            .filter_map(|e| match e.offset() {
+                                Offset::Offset(o) => Some((e.partition(), o)),
+                                _ => None,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                for b in bounds {
+                    let p = b.partition;
+                    // A position that moved since the monitor read it makes the reading stale.
+                    let now = self.positions.lock().expect("positions").get(&p).copied();
+                    if now != Some(b.stored)
+                        || !owned.lock().expect("owned map").contains_key(&p)
+                        || self.halted.lock().expect("halted set").contains(&p)
+                    {
+                        continue;
+                    }
+                    if let Some(detail) = commands_log::judge_watermarks(
+                        b.low,
+                        b.high,
+                        b.stored,
+                        delivered.get(&p).copied(),
+                    ) {
+                        self.halt(consumer, p, HaltReason::LogChanged(detail));
+                        continue;
+                    }
+                    // The fingerprinted message itself is gone (retention of applied
+                    // commands only): nothing to compare, start at the stored offset.
+                    let gone = {
+                        let mut checks = self.checks.lock().expect("log checks");
+                        let gone = checks.expected.get(&p).is_some_and(|e| e.offset < b.low);
+                        if gone {
+                            checks.expected.remove(&p);
+                        }
+                        gone
+                    };
+                    if gone {
+                        tracing::info!(partition = p, low = b.low, stored = b.stored, "the last applied command was deleted by retention; consuming from the stored offset");
+                        self.seek_or_defer(consumer, p, b.stored, true);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads the topic's partition count now; when it is not the known one, halts the topic
+    /// (or takes its partitions again under an accepted count). Returns whether it did.
+    async fn partition_count_changed(
+        &self,
+        consumer: &StreamConsumer<WorkerContext>,
+        owned: &Mutex<HashMap<i32, i64>>,
+        known: &mut i32,
+    ) -> bool {
+        let topic = self.config.commands_topic.as_str();
+        let count = tokio::task::block_in_place(|| {
+            crate::topics::partition_count(consumer.client(), topic, Duration::from_secs(5))
+        });
+        match count {
+            Ok(broker) if broker != *known => {
+                self.layout_changed(consumer, owned, known, broker).await;
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                // The message is dead-lettered as misrouted only if the count is known to
+                // be the same; without an answer, nothing is applied and the poll is read
+                // again.
+                tracing::warn!(error = %e, "cannot read the partition count; the poll is consumed again");
+                self.take_back_all(
+                    consumer,
+                    owned,
+                    "reading the partition count failed: consuming again from the stored offsets",
+                )
+                .await;
+                true
+            }
+        }
+    }
+
+    /// The broker reports `broker` partitions, and the worker knew `known`: adopts the count
+    /// if an operator accepted it (taking every owned partition again, to consume under it
+    /// from the stored offsets), or halts the topic.
+    async fn layout_changed(
+        &self,
+        consumer: &StreamConsumer<WorkerContext>,
+        owned: &Mutex<HashMap<i32, i64>>,
+        known: &mut i32,
+        broker: i32,
+    ) {
+        let topic = self.config.commands_topic.as_str();
+        let recorded = match store::recorded_layout(&self.pool, topic).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the recorded partition count");
+                None
+            }
+        };
+        if recorded == Some(broker) {
+            let lifted = {
+                let mut halted = self.halted.lock().expect("halted set");
+                let lifted = halted.lift_topic();
+                halted.publish(&self.metrics);
+                lifted
+            };
+            tracing::warn!(
+                topic,
+                from = *known,
+                to = broker,
+                lifted = lifted.len(),
+                "partition count accepted: consuming again from the stored offsets under the new count"
+            );
+            *known = broker;
+            self.take_back_all(consumer, owned, "partition count accepted")
+                .await;
+        } else {
+            self.halt_topic(
+                consumer,
+                owned,
+                HaltReason::PartitionCount {
+                    recorded: recorded.unwrap_or(*known),
+                    broker,
+                },
+            );
+        }
+    }
+
+    /// Takes every owned partition again, so each consumes from its stored offset.
+    async fn take_back_all(
+        &self,
+        consumer: &StreamConsumer<WorkerContext>,
+        owned: &Mutex<HashMap<i32, i64>>,
+        why: &str,
+    ) {
+        let mine: Vec<i32> = owned.lock().expect("owned map").keys().copied().collect();
+        for partition in mine {
+            if !self.take_back(consumer, owned, partition, why).await {
+                self.drop_partition(consumer, owned, partition);
+            }
+        }
+    }
+
+    /// Holds back the messages of a poll that must not be applied (yet): those of a
+    /// partition whose seek failed, and checks each fingerprinted partition's first message.
+    /// One lock and one test per poll when nothing is pending.
+    fn screen(
+        &self,
+        consumer: &StreamConsumer<WorkerContext>,
+        groups: &mut Vec<(i32, Vec<Incoming>)>,
+    ) {
+        let mut after: Vec<(i32, i64)> = Vec::new();
+        let mut differs: Vec<(i32, String)> = Vec::new();
+        {
+            let mut checks = self.checks.lock().expect("log checks");
+            if checks.is_empty() {
+                return;
+            }
+            groups.retain(|(p, messages)| {
+                if checks.pending_seeks.contains_key(p) {
+                    return false;
+                }
+                let Some(expected) = checks.expected.get(p).copied() else {
+                    return true;
+                };
+                let Some(first) = messages.iter().find(|m| m.offset >= expected.offset) else {
+                    // From before the start: below the stored offset, dropped by the store.
+                    return true;
+                };
+                match commands_log::judge_first_message(&expected, first.offset, first.timestamp) {
+                    FirstMessage::Matches => {
+                        checks.expected.remove(p);
+                        true
+                    }
+                    FirstMessage::Differs(detail) => {
+                        differs.push((*p, detail));
+                        false
+                    }
+                    FirstMessage::After => {
+                        after.push((*p, expected.stored));
+                        true
+                    }
+                    FirstMessage::Before => true,
+                }
+            });
+            for (p, _) in &after {
+                checks.expected.remove(p);
+            }
+        }
+        for (p, detail) in differs {
+            self.halt(consumer, p, HaltReason::LogChanged(detail));
+        }
+        // A gap where the fingerprinted message was: fine when the log still starts at or
+        // below the stored offset (transaction markers, retention of applied commands).
+        let topic = self.config.commands_topic.as_str();
+        for (p, stored) in after {
+            let marks = tokio::task::block_in_place(|| {
+                consumer.fetch_watermarks(topic, p, Duration::from_secs(5))
+            });
+            let verdict = match marks {
+                Ok((low, high)) => commands_log::judge_watermarks(low, high, stored, None),
+                Err(e) => Some(format!("the log start could not be read ({e}) after a gap below the stored offset {stored}")),
+            };
+            if let Some(detail) = verdict {
+                groups.retain(|(q, _)| *q != p);
+                self.halt(consumer, p, HaltReason::LogChanged(detail));
+            }
+        }
+    }
+
+    /// Seeks `partition` to `offset`, resuming it when `resume`. A failed seek leaves the
+    /// consumer where it was, so the partition is paused, its messages are discarded, and
+    /// the seek is retried every second: nothing is applied from anywhere but the stored
+    /// position. Returns whether the seek succeeded.
+    fn seek_or_defer(
+        &self,
+        consumer: &StreamConsumer<WorkerContext>,
+        partition: i32,
+        offset: i64,
+        resume: bool,
+    ) -> bool {
+        let topic = self.config.commands_topic.as_str();
+        let result = if crate::failpoint::once("seek-fails-once") {
+            Err("failpoint seek-fails-once".to_owned())
+        } else {
+            match consumer.seek(
+                topic,
+                partition,
+                Offset::Offset(offset),
+                Duration::from_secs(10),
+            ) {
+                Ok(()) => Ok(()),
+                // After an offset outside the log (`auto.offset.reset=error`) librdkafka
+                // stops fetching the partition, and refuses seeks: only assigning it again
+                // starts it. (rdkafka reports the seek's error code only as librdkafka's
+                // text for it, `RD_KAFKA_RESP_ERR__STATE`.)
+                Err(KafkaError::Seek(e)) if e == "Local: Erroneous state" => {
+                    reassign(consumer, topic, partition, offset)
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        let mut checks = self.checks.lock().expect("log checks");
+        match result {
+            Ok(()) => {
+                if checks.pending_seeks.remove(&partition).is_some() {
+                    tracing::info!(
+                        partition,
+                        offset,
+                        "seek succeeded; consuming from the stored position"
+                    );
+                }
+                if resume {
+                    let _ = consumer.resume(&tpl);
+                }
+                true
+            }
+            Err(e) => {
+                let _ = consumer.pause(&tpl);
+                if checks.pending_seeks.insert(partition, offset).is_none() {
+                    tracing::error!(partition, offset, error = %e, "seek to the stored position failed: partition paused and its messages discarded; retrying every second");
+                }
+                false
+            }
+        }
+    }
+
+    /// Retries the failed seeks of partitions still owned.
+    fn retry_seeks(
+        &self,
+        consumer: &StreamConsumer<WorkerContext>,
+        owned: &Mutex<HashMap<i32, i64>>,
+    ) {
+        let pending: Vec<(i32, i64)> = {
+            let mut checks = self.checks.lock().expect("log checks");
+            if checks.pending_seeks.is_empty() {
+                return;
+            }
+            let owned = owned.lock().expect("owned map");
+            checks.pending_seeks.retain(|p, _| owned.contains_key(p));
+            checks.pending_seeks.iter().map(|(p, o)| (*p, *o)).collect()
+        };
+        for (partition, offset) in pending {
+            let resume = !self.halted.lock().expect("halted set").contains(&partition);
+            self.seek_or_defer(consumer, partition, offset, resume);
+        }
     }
 }
 

@@ -76,6 +76,7 @@ pub async fn run(common: &Common, args: RelayArgs) -> anyhow::Result<()> {
         HttpState {
             metrics: metrics.clone(),
             owned: None,
+            halted: None,
             pool,
             shutdown: shutdown.clone(),
         },

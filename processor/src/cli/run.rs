@@ -132,6 +132,7 @@ pub async fn run(common: &Common, args: RunArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let relay_shutdown = CancellationToken::new();
     let owned: crate::relay::Owned = Default::default();
+    let halted = crate::commands_log::Halted::default();
     let relay_wake = if args.no_relay {
         None
     } else {
@@ -165,6 +166,7 @@ pub async fn run(common: &Common, args: RunArgs) -> anyhow::Result<()> {
         HttpState {
             metrics: metrics.clone(),
             owned: Some(owned.clone()),
+            halted: Some(halted.clone()),
             pool: pool.clone(),
             shutdown: shutdown.clone(),
         },
@@ -172,6 +174,7 @@ pub async fn run(common: &Common, args: RunArgs) -> anyhow::Result<()> {
     );
     let worker = Worker::new(config, pool, relay_wake, owned)
         .with_metrics(metrics.clone())
+        .with_halted(halted)
         .with_relay(RelayHandle {
             stop: relay_shutdown.clone(),
             tasks: tracker.clone(),

@@ -1,4 +1,5 @@
-//! `cmdproc topics create`.
+//! `cmdproc topics create`, and the operator's decisions about a commands log that changed
+//! under the workers: `topics accept-log` and `topics accept-partitions`.
 
 use clap::{Args, Subcommand};
 
@@ -10,12 +11,25 @@ use crate::topics::{self, TopicStatus};
 pub enum TopicsCommand {
     /// Create the commands, events and dead-letter topics (idempotent).
     Create(CreateArgs),
+    /// Accept the commands log as it is now for partitions the workers halted because it
+    /// changed under them (topic deleted and re-created, commands deleted by retention
+    /// before they were applied): move their stored position to the log's start (or
+    /// --offset), and the owners resume from there. Commands between the old position and
+    /// the new one are never applied; the decision is recorded with its reason.
+    AcceptLog(AcceptLogArgs),
+    /// Accept the commands topic's current partition count after partitions were added,
+    /// so the halted workers resume. This breaks per-aggregate order for every key that now
+    /// maps to another partition (its older commands may still wait on the old one): the
+    /// safe way to grow is a new topic, moved to deliberately (README: growing a topic).
+    AcceptPartitions(AcceptPartitionsArgs),
 }
 
 /// Arguments of `topics create`.
 #[derive(Debug, Args)]
 pub struct CreateArgs {
-    /// Partitions of the commands and events topics: the most workers that can share the load.
+    /// Partitions of the commands and events topics: the most workers that can share the
+    /// load. Size it for the largest deployment expected: partitions added to a live commands
+    /// topic move keys, and the workers halt it (README: growing a topic).
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(i32).range(1..=10_000))]
     pub partitions: i32,
     /// Replication factor (1 for a single local broker).
@@ -23,9 +37,39 @@ pub struct CreateArgs {
     pub replication_factor: i32,
 }
 
-/// Creates the topics and reports each.
+/// Arguments of `topics accept-log`.
+#[derive(Debug, Args)]
+pub struct AcceptLogArgs {
+    /// Partitions whose log to accept: `0,3` or `all`.
+    #[arg(long)]
+    pub partitions: String,
+    /// Why: what happened to the topic. Recorded with the decision.
+    #[arg(long)]
+    pub why: String,
+    /// The stored position to move to, instead of the log's current start.
+    #[arg(long, value_parser = clap::value_parser!(i64).range(0..))]
+    pub offset: Option<i64>,
+}
+
+/// Arguments of `topics accept-partitions`.
+#[derive(Debug, Args)]
+pub struct AcceptPartitionsArgs {
+    /// Why the partition count changed. Recorded with the decision.
+    #[arg(long)]
+    pub why: String,
+}
+
+/// Runs a topics subcommand.
 pub async fn run(common: &Common, cmd: TopicsCommand) -> anyhow::Result<()> {
-    let TopicsCommand::Create(args) = cmd;
+    match cmd {
+        TopicsCommand::Create(args) => create(common, args).await,
+        TopicsCommand::AcceptLog(args) => accept_log(common, args).await,
+        TopicsCommand::AcceptPartitions(args) => accept_partitions(common, args).await,
+    }
+}
+
+/// Creates the topics and reports each.
+async fn create(common: &Common, args: CreateArgs) -> anyhow::Result<()> {
     let wanted = vec![
         (common.commands_topic.to_string(), args.partitions),
         (common.events_topic.to_string(), args.partitions),
@@ -51,6 +95,60 @@ pub async fn run(common: &Common, cmd: TopicsCommand) -> anyhow::Result<()> {
             ),
             TopicStatus::Exists { partitions } => println!("{topic} exists ({partitions} partitions)"),
         }
+    }
+    Ok(())
+}
+
+/// Moves the chosen partitions' stored positions to the log start (or `--offset`).
+async fn accept_log(common: &Common, args: AcceptLogArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(!args.why.trim().is_empty(), "--why must say what happened");
+    let topic = common.commands_topic.to_string();
+    let chosen: Option<Vec<i32>> = crate::verify::parse_partitions(&args.partitions)
+        .map_err(|e| anyhow::anyhow!(e))?
+        .map(|s| s.into_iter().collect());
+    topics::check_reachable(&common.brokers, common.connect_timeout)?;
+    let (brokers, t, timeout) = (
+        common.brokers.clone(),
+        topic.clone(),
+        common.connect_timeout,
+    );
+    let marks = tokio::task::spawn_blocking(move || {
+        topics::watermarks(&brokers, &t, chosen.as_deref(), timeout)
+    })
+    .await??;
+    let pool = super::pool(common, 2).await?;
+    for (partition, low, high) in marks {
+        let to = args.offset.unwrap_or(low);
+        match crate::store::accept_log(&pool, &topic, partition, to, &args.why).await? {
+            Some(before) => {
+                tracing::warn!(%topic, partition, from = before, to, log_start = low, log_end = high, why = %args.why, "commands log accepted");
+                println!(
+                    "partition {partition}: stored position {before} -> {to} (log {low}..{high}); \
+                     its owner resumes from there"
+                );
+            }
+            None => println!("partition {partition}: no worker ever took it; nothing to accept"),
+        }
+    }
+    Ok(())
+}
+
+/// Records the broker's current partition count as the topic's.
+async fn accept_partitions(common: &Common, args: AcceptPartitionsArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(!args.why.trim().is_empty(), "--why must say why");
+    let topic = common.commands_topic.to_string();
+    let partitions = topics::partitions_of(&common.brokers, &topic, common.connect_timeout)?
+        .ok_or_else(|| anyhow::anyhow!("topic `{topic}` does not exist"))?;
+    let pool = super::pool(common, 2).await?;
+    let before = crate::store::accept_partitions(&pool, &topic, partitions, &args.why).await?;
+    tracing::warn!(%topic, from = before, to = partitions, why = %args.why, "partition count accepted");
+    match before {
+        Some(b) if b == partitions => println!("{topic}: {partitions} partitions, as recorded already"),
+        Some(b) => println!(
+            "{topic}: partition count {b} -> {partitions} accepted; the workers resume from their stored \
+             offsets (keys that moved partitions lose their order with their older commands)"
+        ),
+        None => println!("{topic}: {partitions} partitions recorded"),
     }
     Ok(())
 }

@@ -36,6 +36,7 @@ pub(super) async fn run(
         let list = by_partition.entry(p).or_default();
         list.push(Incoming {
             offset: list.len() as i64,
+            timestamp: None,
             key: Some(c.subject.as_str().as_bytes().to_vec()),
             value: Some(c.encode()),
             headers: vec![(
