@@ -126,25 +126,13 @@ impl ConsumerContext for WorkerContext {
                         offset = acquired.next_offset,
                         "partition assigned"
                     );
-                    self.owned
-                        .lock()
-                        .expect("owned map")
-                        .insert(partition, acquired.epoch);
-                    self.positions
-                        .lock()
-                        .expect("positions")
-                        .insert(partition, acquired.next_offset);
-                    // Started one message early when the last applied one is fingerprinted,
-                    // to check the log is still the one the stored offset belongs to.
-                    let (start, expected) =
-                        commands_log::start_at(acquired.next_offset, acquired.last_timestamp);
-                    {
-                        let mut checks = self.checks.lock().expect("log checks");
-                        checks.forget(partition);
-                        if let Some(e) = expected {
-                            checks.expected.insert(partition, e);
-                        }
-                    }
+                    let start = note_acquired(
+                        &self.owned,
+                        &self.positions,
+                        &self.checks,
+                        partition,
+                        &acquired,
+                    );
                     let _ =
                         assign.add_partition_offset(elem.topic(), partition, Offset::Offset(start));
                 }
@@ -1586,23 +1574,8 @@ impl Worker {
         let topic = self.config.commands_topic.as_str();
         match store::acquire_partition(&self.pool, topic, partition, &self.config.owner).await {
             Ok(acquired) => {
-                owned
-                    .lock()
-                    .expect("owned map")
-                    .insert(partition, acquired.epoch);
-                self.positions
-                    .lock()
-                    .expect("positions")
-                    .insert(partition, acquired.next_offset);
-                let (start, expected) =
-                    commands_log::start_at(acquired.next_offset, acquired.last_timestamp);
-                {
-                    let mut checks = self.checks.lock().expect("log checks");
-                    checks.forget(partition);
-                    if let Some(e) = expected {
-                        checks.expected.insert(partition, e);
-                    }
-                }
+                let start =
+                    note_acquired(owned, &self.positions, &self.checks, partition, &acquired);
                 // A log halt is judged again from the new start (after `topics accept-log`
                 // the position is where the operator put it); other halts stay.
                 let (lifted, still_halted) = {
@@ -2035,6 +2008,33 @@ impl Worker {
             self.seek_or_defer(consumer, partition, offset, resume);
         }
     }
+}
+
+/// Records a partition just taken in Postgres as owned at `acquired`'s epoch and position,
+/// and returns the offset to consume from: one message early when the last applied message
+/// is fingerprinted, to check that the log is still the one the stored offset belongs to.
+fn note_acquired(
+    owned: &Mutex<HashMap<i32, i64>>,
+    positions: &Positions,
+    checks: &SharedLogChecks,
+    partition: i32,
+    acquired: &store::Acquired,
+) -> i64 {
+    owned
+        .lock()
+        .expect("owned map")
+        .insert(partition, acquired.epoch);
+    positions
+        .lock()
+        .expect("positions")
+        .insert(partition, acquired.next_offset);
+    let (start, expected) = commands_log::start_at(acquired.next_offset, acquired.last_timestamp);
+    let mut checks = checks.lock().expect("log checks");
+    checks.forget(partition);
+    if let Some(e) = expected {
+        checks.expected.insert(partition, e);
+    }
+    start
 }
 
 /// Splits a batch by partition, keeping offset order and dropping offsets seen earlier in
