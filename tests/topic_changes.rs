@@ -538,3 +538,80 @@ async fn a_failed_seek_never_lets_a_batch_start_past_the_stored_offset() {
     );
     db.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn accepting_a_log_that_did_not_change_moves_nothing_unless_forced() {
+    let db = TestDb::new().await;
+    let topics = TestTopics::new(2).await;
+    let worker = WorkerProcess::spawn(&db, &topics, "w1", &[]);
+    let commands = deposits("same", 6, 2);
+    let d = produce_all(&topics.producer(), &commands).await;
+    wait_processed(
+        &db,
+        &topics.commands,
+        &ends(&d),
+        Duration::from_secs(60),
+        &[&worker],
+    )
+    .await;
+    let positions = |db: &TestDb| {
+        let pool = db.pool.clone();
+        let topic = topics.commands.to_string();
+        async move {
+            sqlx::query_as::<_, (i32, i64)>(
+                "SELECT partition, next_offset FROM partitions WHERE topic = $1 ORDER BY partition",
+            )
+            .bind(topic)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let before = positions(&db).await;
+    assert!(before.iter().all(|(_, o)| *o > 0), "{before:?}");
+
+    // An operator accepting "all" by mistake: the logs hold the stored positions and the
+    // messages applied before them, so nothing moves and nothing is replayed.
+    let (ok, out) = cmdproc_on(
+        &db,
+        &topics,
+        "topics",
+        &["accept-log", "--partitions", "all", "--why", "by mistake"],
+    );
+    assert!(ok, "{out}");
+    assert_eq!(out.matches("left as it is").count(), 2, "{out}");
+    assert_eq!(positions(&db).await, before);
+    let decisions: i64 = sqlx::query_scalar("SELECT count(*) FROM log_decisions")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(decisions, 0);
+
+    // Forced, the positions move to the log start, and the replay that follows has no
+    // second effect.
+    let (ok, out) = cmdproc_on(
+        &db,
+        &topics,
+        "topics",
+        &[
+            "accept-log",
+            "--partitions",
+            "all",
+            "--why",
+            "on purpose",
+            "--force",
+        ],
+    );
+    assert!(ok && out.contains("-> 0"), "{out}");
+    wait_processed(
+        &db,
+        &topics.commands,
+        &ends(&d),
+        Duration::from_secs(60),
+        &[&worker],
+    )
+    .await;
+    assert_matches_model(&db, &serial_model(&commands)).await;
+    drop(worker);
+    db.drop_db().await;
+}

@@ -1875,6 +1875,23 @@ pub async fn accept_partitions(
     Ok(before)
 }
 
+/// A partition's stored next offset and the Kafka timestamp of the message before it (the
+/// log fingerprint), `None` when no worker ever took the partition.
+pub async fn stored_position(
+    pool: &PgPool,
+    topic: &str,
+    partition: i32,
+) -> Result<Option<(i64, Option<i64>)>> {
+    let row = sqlx::query(
+        "SELECT next_offset, last_timestamp FROM partitions WHERE topic = $1 AND partition = $2",
+    )
+    .bind(topic)
+    .bind(partition)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
 /// Moves a partition's stored position to `offset` (either way), clears its log
 /// fingerprint and increments its epoch, so the live owner takes it back and consumes from
 /// there; records the operator's decision with its reason. Returns the position before, or

@@ -248,3 +248,35 @@ pub fn watermarks(
         })
         .collect()
 }
+
+/// The first message of `topic` [`partition`] at or after `offset` that a read_committed
+/// consumer sees: its offset and Kafka timestamp (milliseconds), or `None` when none comes
+/// within `timeout`. Blocking: call it off the async runtime's threads.
+pub fn first_message_at(
+    brokers: &str,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    timeout: Duration,
+) -> anyhow::Result<Option<(i64, Option<i64>)>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "cmdproc-log-reader")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+    consumer.assign(&tpl)?;
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+            let m = m?;
+            return Ok(Some((m.offset(), m.timestamp().to_millis())));
+        }
+    }
+    Ok(None)
+}

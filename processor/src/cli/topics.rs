@@ -15,7 +15,9 @@ pub enum TopicsCommand {
     /// changed under them (topic deleted and re-created, commands deleted by retention
     /// before they were applied): move their stored position to the log's start (or
     /// --offset), and the owners resume from there. Commands between the old position and
-    /// the new one are never applied; the decision is recorded with its reason.
+    /// the new one are never applied; the decision is recorded with its reason. A partition
+    /// whose log still holds its stored position (and the message applied before it) is
+    /// left as it is unless --force or --offset is given.
     AcceptLog(AcceptLogArgs),
     /// Accept the commands topic's current partition count after partitions were added,
     /// so the halted workers resume. This breaks per-aggregate order for every key that now
@@ -49,6 +51,10 @@ pub struct AcceptLogArgs {
     /// The stored position to move to, instead of the log's current start.
     #[arg(long, value_parser = clap::value_parser!(i64).range(0..))]
     pub offset: Option<i64>,
+    /// Also move partitions whose log still holds their stored position (by default they
+    /// are left as they are: moving them would replay or skip commands).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Arguments of `topics accept-partitions`.
@@ -118,6 +124,14 @@ async fn accept_log(common: &Common, args: AcceptLogArgs) -> anyhow::Result<()> 
     .await??;
     let pool = super::pool(common, 2).await?;
     for (partition, low, high) in marks {
+        if args.offset.is_none() && !args.force {
+            if let Some(same) = log_unchanged(common, &pool, &topic, partition, low, high).await? {
+                println!(
+                    "partition {partition}: {same}; left as it is (--force to move it to the log start anyway)"
+                );
+                continue;
+            }
+        }
         let to = args.offset.unwrap_or(low);
         match crate::store::accept_log(&pool, &topic, partition, to, &args.why).await? {
             Some(before) => {
@@ -131,6 +145,51 @@ async fn accept_log(common: &Common, args: AcceptLogArgs) -> anyhow::Result<()> 
         }
     }
     Ok(())
+}
+
+/// Why a partition's log still belongs to its stored position, or `None` when it changed
+/// (the same judgment as the workers': the log ends below the stored offset, starts above
+/// it, or holds another message than the one applied just before it).
+async fn log_unchanged(
+    common: &Common,
+    pool: &sqlx::PgPool,
+    topic: &str,
+    partition: i32,
+    low: i64,
+    high: i64,
+) -> anyhow::Result<Option<String>> {
+    let Some((stored, fingerprint)) = crate::store::stored_position(pool, topic, partition).await?
+    else {
+        // Never taken: nothing to compare; accept_log leaves it as it is too.
+        return Ok(None);
+    };
+    if crate::commands_log::judge_watermarks(low, high, stored, None).is_some() {
+        return Ok(None);
+    }
+    let (_, expected) = crate::commands_log::start_at(stored, fingerprint);
+    let Some(expected) = expected.filter(|e| e.offset >= low) else {
+        return Ok(Some(format!(
+            "its log ({low}..{high}) still holds its stored position {stored}"
+        )));
+    };
+    let (brokers, t, timeout) = (
+        common.brokers.clone(),
+        topic.to_owned(),
+        common.connect_timeout,
+    );
+    let first = tokio::task::spawn_blocking(move || {
+        topics::first_message_at(&brokers, &t, partition, expected.offset, timeout)
+    })
+    .await??;
+    use crate::commands_log::FirstMessage;
+    Ok(match first.map(|(offset, timestamp)| {
+        crate::commands_log::judge_first_message(&expected, offset, timestamp)
+    }) {
+        Some(FirstMessage::Matches) | Some(FirstMessage::After) => Some(format!(
+            "its log ({low}..{high}) still holds its stored position {stored} and the message applied before it"
+        )),
+        Some(FirstMessage::Differs(_)) | Some(FirstMessage::Before) | None => None,
+    })
 }
 
 /// Records the broker's current partition count as the topic's.
