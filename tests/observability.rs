@@ -5,34 +5,12 @@
 mod support;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use processor::metrics;
 use support::workload::{generate, serial_model};
-use support::WorkerProcess;
 use support::{ends, produce_all, produce_raw, wait_processed, RawMessage, TestDb, TestTopics};
-
-/// A port nothing listens on now (the kernel's choice), for the worker's endpoint.
-fn free_addr() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local address").to_string()
-}
-
-/// A plain HTTP/1.0 GET: the status code and the body, or `None` when nothing answers.
-fn get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(addr).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, body.to_owned()))
-}
+use support::{free_addr, http_get as get, WorkerProcess};
 
 /// Polls `path` until it answers `status`, panicking with the worker's log after `timeout`.
 fn wait_for_status(

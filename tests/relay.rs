@@ -17,8 +17,8 @@ use serde_json::json;
 use sqlx::Row;
 use support::workload::assert_events_published;
 use support::{
-    cmdproc, cmdproc_on, ends, produce_all, read_topic, repo_root, wait_processed, KillOnDrop,
-    TestDb, TestTopics, WorkerProcess, BROKERS,
+    cmdproc, cmdproc_on, ends, free_addr, produce_all, read_topic, repo_root, scrape,
+    wait_processed, KillOnDrop, TestDb, TestTopics, WorkerProcess, BROKERS,
 };
 
 fn open(id: &str, subject: &str) -> Command {
@@ -533,7 +533,13 @@ async fn oversized_dead_letters_do_not_block_their_partition() {
         "--add-config",
         "max.message.bytes=100000",
     ]);
-    let worker = WorkerProcess::spawn(&db, &topics, "w1", &["--max-command-bytes", "500000"]);
+    let addr = free_addr();
+    let worker = WorkerProcess::spawn(
+        &db,
+        &topics,
+        "w1",
+        &["--max-command-bytes", "500000", "--metrics-addr", &addr],
+    );
     // A librdkafka client at its defaults sends a command of 999,850 bytes, then one of
     // 150,000 bytes that is not JSON.
     let plain: FutureProducer = ClientConfig::new()
@@ -608,6 +614,11 @@ async fn oversized_dead_letters_do_not_block_their_partition() {
     .await
     .unwrap();
     assert!(stored == big, "the dead letter keeps the original bytes");
+    // And the operator can see it happened.
+    assert_eq!(
+        scrape(&addr, processor::metrics::PAYLOADS_OMITTED_TOTAL),
+        Some(2.0)
+    );
     drop(worker);
     db.drop_db().await;
 }

@@ -6,8 +6,6 @@
 
 mod support;
 
-use std::io::{Read as _, Write as _};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use commands::envelope::CLOUDEVENTS_JSON;
@@ -20,8 +18,8 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::json;
 use support::workload::{assert_matches_model, serial_model};
 use support::{
-    cmdproc_on, ends, produce_all, produce_raw, wait_processed, RawMessage, TestDb, TestTopics,
-    WorkerProcess, BROKERS,
+    cmdproc_on, ends, free_addr, http_get as get, produce_all, produce_raw, scrape, wait_processed,
+    RawMessage, TestDb, TestTopics, WorkerProcess, BROKERS,
 };
 
 /// `accounts` accounts named `<prefix>-<n>`, each opened and then given `deposits` deposits,
@@ -85,33 +83,6 @@ async fn wait_processed_count(db: &TestDb, source: &str, n: i64, worker: &Worker
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-fn free_addr() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local address").to_string()
-}
-
-/// A plain HTTP/1.0 GET: the status code and the body.
-fn get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(addr).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, body.to_owned()))
-}
-
-/// The value of a metric series in the worker's scrape.
-fn scrape(addr: &str, series: &str) -> Option<f64> {
-    let (_, text) = get(addr, "/metrics")?;
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }
 
 fn halted_series(reason: &str) -> String {

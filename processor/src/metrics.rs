@@ -43,6 +43,14 @@ pub const PUBLISH_SECONDS: &str = "cmdproc_publish_latency_seconds";
 pub const EVENTS_PUBLISHED_TOTAL: &str = "cmdproc_events_published_total";
 /// Dead letters the relay published to the dead-letter topic.
 pub const DEAD_LETTERS_PUBLISHED_TOTAL: &str = "cmdproc_dead_letters_published_total";
+/// Times a relay, taking a partition whose Kafka position was not exactly the recorded one
+/// (a crash after publishing, a restore, expired or reset offsets), read the destination
+/// topics back to find what it had published.
+pub const RELAY_RECONCILES_TOTAL: &str = "cmdproc_relay_reconciles_total";
+/// Outbox rows the relay did not send again because it found them on their topic.
+pub const RELAY_ROWS_SKIPPED_TOTAL: &str = "cmdproc_relay_rows_skipped_total";
+/// Messages published with their payload replaced by a reference, being too large for Kafka.
+pub const PAYLOADS_OMITTED_TOTAL: &str = "cmdproc_payloads_omitted_total";
 /// Times a partition was set aside (paused, tried again later) because its batch kept
 /// failing in a transaction of its own, so that the worker's other partitions went on.
 pub const PARTITIONS_SET_ASIDE_TOTAL: &str = "cmdproc_partitions_set_aside_total";
@@ -126,6 +134,12 @@ pub struct Metrics {
     pub dead_letters_published: IntCounter,
     /// [`PARTITIONS_SET_ASIDE_TOTAL`].
     pub partitions_set_aside: IntCounter,
+    /// [`RELAY_RECONCILES_TOTAL`].
+    pub relay_reconciles: IntCounter,
+    /// [`RELAY_ROWS_SKIPPED_TOTAL`].
+    pub relay_rows_skipped: IntCounter,
+    /// [`PAYLOADS_OMITTED_TOTAL`].
+    pub payloads_omitted: IntCounter,
     /// [`PARTITIONS_HALTED`].
     pub partitions_halted: IntGaugeVec,
 }
@@ -250,6 +264,18 @@ impl Metrics {
             partitions_set_aside: counter(
                 PARTITIONS_SET_ASIDE_TOTAL,
                 "Partitions set aside because their batch kept failing.",
+            ),
+            relay_reconciles: counter(
+                RELAY_RECONCILES_TOTAL,
+                "Times the relay read the topics back on taking a partition.",
+            ),
+            relay_rows_skipped: counter(
+                RELAY_ROWS_SKIPPED_TOTAL,
+                "Outbox rows not sent again because they were found on their topic.",
+            ),
+            payloads_omitted: counter(
+                PAYLOADS_OMITTED_TOTAL,
+                "Messages published with their payload replaced by a reference (too large).",
             ),
             partitions_halted,
             registry,

@@ -596,6 +596,7 @@ impl Relay {
             .expect("recorded positions")
             .insert(partition, last);
         if !skipped.is_empty() {
+            self.metrics.relay_rows_skipped.inc_by(skipped.len() as u64);
             if let Some(ids) = self
                 .skip
                 .lock()
@@ -705,6 +706,7 @@ impl Relay {
                 topics.push(t);
             }
         }
+        self.metrics.relay_reconciles.inc();
         let since =
             published_at.map(|t| t.timestamp_millis() - RECONCILE_MARGIN.as_millis() as i64);
         let scan = Scan {
@@ -829,6 +831,7 @@ impl Relay {
         }
         let mut too_large: Option<(usize, i64)> = None;
         let mut failed = None;
+        let omitted = pending.iter().filter(|(_, size, _)| *size == 0).count();
         for (seq, size, f) in pending {
             match f.await {
                 Ok(Ok(_)) => {}
@@ -883,7 +886,9 @@ impl Relay {
             producer.commit_transaction(KAFKA_TIMEOUT)
         })
         .await
-        .map_err(|e| RelayError::Kafka(format!("committing the Kafka transaction: {e}")))
+        .map_err(|e| RelayError::Kafka(format!("committing the Kafka transaction: {e}")))?;
+        self.metrics.payloads_omitted.inc_by(omitted as u64);
+        Ok(())
     }
 
     /// Whether a row fits in one message with the headers the relay adds.

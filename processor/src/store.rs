@@ -1853,6 +1853,11 @@ pub async fn accept_partitions(
             .bind(topic)
             .fetch_optional(&mut *tx)
             .await?;
+    if before == Some(partitions) {
+        // Nothing changed: no decision to record.
+        tx.rollback().await?;
+        return Ok(before);
+    }
     sqlx::query(
         "INSERT INTO topic_layouts (topic, partitions) VALUES ($1, $2)
          ON CONFLICT (topic) DO UPDATE SET partitions = EXCLUDED.partitions, recorded_at = now()",

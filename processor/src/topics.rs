@@ -230,11 +230,20 @@ pub fn watermarks(
         .set("bootstrap.servers", brokers)
         .set("client.id", "cmdproc-watermarks")
         .create()?;
+    let count = partition_count(consumer.client(), topic, timeout)?;
     let all: Vec<i32>;
     let chosen = match partitions {
-        Some(p) => p,
+        Some(p) => {
+            if let Some(bad) = p.iter().find(|p| **p < 0 || **p >= count) {
+                anyhow::bail!(
+                    "partition {bad} does not exist: `{topic}` has {count} partitions (0 to {})",
+                    count - 1
+                );
+            }
+            p
+        }
         None => {
-            all = (0..partition_count(consumer.client(), topic, timeout)?).collect();
+            all = (0..count).collect();
             &all
         }
     };

@@ -599,3 +599,32 @@ pub async fn produce_raw(topic: &Topic, messages: &[RawMessage]) -> Vec<Delivery
     }
     out
 }
+
+/// A port nothing listens on now (the kernel's choice), for a process's HTTP endpoint.
+pub fn free_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local address").to_string()
+}
+
+/// A plain HTTP/1.0 GET: the status code and the body, or `None` when nothing answers.
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+/// The value of one metric series (name with its labels) in a process's `/metrics`.
+pub fn scrape(addr: &str, series: &str) -> Option<f64> {
+    let (_, text) = http_get(addr, "/metrics")?;
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}

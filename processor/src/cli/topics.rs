@@ -200,7 +200,9 @@ async fn accept_partitions(common: &Common, args: AcceptPartitionsArgs) -> anyho
         .ok_or_else(|| anyhow::anyhow!("topic `{topic}` does not exist"))?;
     let pool = super::pool(common, 2).await?;
     let before = crate::store::accept_partitions(&pool, &topic, partitions, &args.why).await?;
-    tracing::warn!(%topic, from = before, to = partitions, why = %args.why, "partition count accepted");
+    if before != Some(partitions) {
+        tracing::warn!(%topic, from = before, to = partitions, why = %args.why, "partition count accepted");
+    }
     match before {
         Some(b) if b == partitions => println!("{topic}: {partitions} partitions, as recorded already"),
         Some(b) => println!(
