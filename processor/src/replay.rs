@@ -102,7 +102,9 @@ pub fn ranges(
         };
         let end = to_offset.map_or(high, |t| (t + 1).min(high)).max(start);
         let start_time = if start < high {
-            first_timestamp(&consumer, topic, p, start)?
+            crate::topics::first_message_at(brokers, topic, p, start, timeout)?
+                .and_then(|(_, timestamp)| timestamp)
+                .and_then(DateTime::from_timestamp_millis)
         } else {
             None
         };
@@ -114,28 +116,6 @@ pub fn ranges(
         });
     }
     Ok(out)
-}
-
-fn first_timestamp(
-    consumer: &BaseConsumer,
-    topic: &str,
-    partition: i32,
-    offset: i64,
-) -> anyhow::Result<Option<DateTime<Utc>>> {
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
-    consumer.assign(&tpl)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::time::Instant::now() < deadline {
-        if let Some(m) = consumer.poll(Duration::from_millis(500)) {
-            let m = m?;
-            return Ok(m
-                .timestamp()
-                .to_millis()
-                .and_then(DateTime::from_timestamp_millis));
-        }
-    }
-    Ok(None)
 }
 
 /// Counts, without changing anything, what a replay of `range` would do.
