@@ -76,7 +76,7 @@ async fn parked_aggregates_are_listed_skipped_and_released_in_order() {
         .map_err(|(e, _)| e)
         .unwrap();
     let mut all = d.clone();
-    all.push(commands::producer::Delivery {
+    all.push(processor::producer::Delivery {
         partition: m.partition,
         offset: m.offset,
     });

@@ -186,7 +186,7 @@ fn lines_with<'a>(text: &'a str, needles: &[&str]) -> Vec<&'a str> {
 /// partition, so this is the order a single serial writer would apply them in.
 fn in_topic_order(
     commands: &[Command],
-    deliveries: &[commands::producer::Delivery],
+    deliveries: &[processor::producer::Delivery],
 ) -> Vec<Command> {
     assert_eq!(commands.len(), deliveries.len());
     let mut placed: Vec<(i32, i64, &Command)> = deliveries

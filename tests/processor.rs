@@ -363,7 +363,7 @@ async fn each_kind_of_bad_input_is_dead_lettered_and_the_rest_applies() {
             .map_err(|(e, _)| e)
             .unwrap();
         let (partition, offset) = (d.partition, d.offset);
-        deliveries.push(commands::producer::Delivery { partition, offset });
+        deliveries.push(processor::producer::Delivery { partition, offset });
         expected.insert((partition, offset), kind);
     }
     deliveries.extend(produce_all(&producer, &[valid(99)]).await);

@@ -1,10 +1,10 @@
 //! Dead letters and parked aggregates: listing them, submitting dead letters again, and
 //! releasing a parked aggregate by re-applying its commands in their original order.
 
+use crate::producer::CommandProducer;
 use chrono::{DateTime, Utc};
 use commands::domain::Registry;
 use commands::envelope::Command;
-use commands::producer::CommandProducer;
 use commands::schema::Schemas;
 use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
 use sqlx::{PgPool, Row};

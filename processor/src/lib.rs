@@ -9,6 +9,7 @@
 //! - [`store`]: every SQL statement.
 //! - [`relay`]: publishes the outbox to Kafka in order per partition.
 //! - [`topics`]: admin API.
+//! - [`producer`]: the command producer client (idempotent, `acks=all`, murmur2).
 //! - [`inspect`]: reading an aggregate with its recent commands and events.
 //! - [`metrics`]: every Prometheus metric name, and the per-process registry.
 //! - [`http`]: the `/metrics`, `/healthz` and `/readyz` endpoint of `cmdproc run`.
@@ -23,6 +24,7 @@ pub mod failpoint;
 pub mod http;
 pub mod inspect;
 pub mod metrics;
+pub mod producer;
 pub mod relay;
 pub mod replay;
 pub mod retry;

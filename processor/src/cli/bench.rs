@@ -23,11 +23,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::producer::{CommandProducer, Delivery};
 use anyhow::Context;
 use chrono::Utc;
 use clap::{Args, ValueEnum};
 use commands::envelope::CLOUDEVENTS_JSON;
-use commands::producer::{CommandProducer, Delivery};
 use commands::Command;
 use futures::{StreamExt, TryStreamExt};
 use indicatif::{ProgressBar, ProgressStyle};

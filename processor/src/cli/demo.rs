@@ -20,11 +20,11 @@ pub(super) mod workload;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::producer::{CommandProducer, Delivery};
 use anyhow::Context;
 use chrono::Utc;
 use clap::Args;
 use commands::envelope::CLOUDEVENTS_JSON;
-use commands::producer::{CommandProducer, Delivery};
 use commands::Topic;
 use futures::{StreamExt, TryStreamExt};
 use rdkafka::config::ClientConfig;

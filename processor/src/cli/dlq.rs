@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
+use crate::producer::CommandProducer;
 use clap::{Args, Subcommand};
-use commands::producer::CommandProducer;
 
 use super::Common;
 use crate::batch::{value_preview, PlanOptions};

@@ -4,9 +4,9 @@ use std::io::BufRead;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::producer::CommandProducer;
 use anyhow::Context;
 use clap::Args;
-use commands::producer::CommandProducer;
 use commands::schema::Schemas;
 use commands::{AggregateId, Command, CommandId, CommandType, Source};
 use futures::StreamExt;

@@ -14,9 +14,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::producer::CommandProducer;
 use anyhow::Context;
 use chrono::Utc;
-use commands::producer::CommandProducer;
 use commands::Command;
 use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::config::ClientConfig;

@@ -1,4 +1,4 @@
-//! The producer client: the only module of this crate that does I/O.
+//! The command producer client.
 //!
 //! Commands are produced with the idempotent producer, `acks=all`, and the murmur2
 //! partitioner, so a command lands on the same partition as from the Java client.
@@ -9,8 +9,8 @@ use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
-use crate::envelope::{Command, CLOUDEVENTS_JSON};
-use crate::ids::Topic;
+use commands::envelope::{Command, CLOUDEVENTS_JSON};
+use commands::Topic;
 
 /// What went wrong while producing.
 #[derive(Debug, thiserror::Error)]
