@@ -192,7 +192,7 @@ async fn a_late_redelivery_after_pruning_is_a_duplicate_and_stalls_nothing() {
     .await;
 
     assert_state_matches(&db, &model).await;
-    assert_events_published(&db, &topics, true).await;
+    assert_events_published(&db, &topics).await;
     let log = worker.log_text();
     assert!(
         log.contains("delivered again after their outcome was pruned"),
@@ -283,7 +283,7 @@ async fn one_partitions_failing_batch_does_not_hold_back_the_others() {
     )
     .await;
     assert_matches_model(&db, &model).await;
-    assert_events_published(&db, &topics, true).await;
+    assert_events_published(&db, &topics).await;
     drop(worker);
     db.drop_db().await;
 }
@@ -416,7 +416,7 @@ async fn replay_past_the_prune_horizon_needs_force_and_applies_nothing_twice() {
     )
     .await;
     assert_state_matches(&db, &model).await;
-    assert_events_published(&db, &topics, true).await;
+    assert_events_published(&db, &topics).await;
     assert!(
         worker
             .log_text()
@@ -455,7 +455,7 @@ async fn a_batch_that_keeps_timing_out_is_split_down_to_single_commands() {
     )
     .await;
     assert_matches_model(&db, &model).await;
-    assert_events_published(&db, &topics, true).await;
+    assert_events_published(&db, &topics).await;
     assert!(
         worker
             .log_text()

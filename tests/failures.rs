@@ -289,7 +289,7 @@ async fn a_zombie_worker_resumed_after_sigstop_commits_nothing() {
     let sent: Vec<Command> = commands.iter().chain(&burst).cloned().collect();
     let model = serial_model(&in_topic_order(&sent, &deliveries));
     assert_matches_model(&db, &model).await;
-    assert_events_published(&db, &topics, true).await;
+    assert_events_published(&db, &topics).await;
 
     let text = workers[victim].log_text();
     let after = &text[log_mark.min(text.len())..];
@@ -410,7 +410,7 @@ async fn a_lease_that_expires_during_a_slow_write_cannot_commit_stale() {
     let model = serial_model(&all);
     wait_processed(&db, &topics.commands, &ends(&deliveries), WAIT, &refs).await;
     assert_matches_model(&db, &model).await;
-    assert_events_published(&db, &topics, true).await;
+    assert_events_published(&db, &topics).await;
 
     let after = partition_owners(&db, &topics.commands).await;
     assert!(
@@ -559,7 +559,7 @@ async fn a_worker_frozen_inside_its_transaction_does_not_stall_the_others() {
     );
     wait_processed(&db, &topics.commands, &ends(&deliveries), WAIT, &[survivor]).await;
     assert_matches_model(&db, &serial_model(&all)).await;
-    assert_events_published(&db, &topics, true).await;
+    assert_events_published(&db, &topics).await;
     drop(workers);
     db.drop_db().await;
 }
@@ -620,7 +620,7 @@ async fn workers_joining_and_leaving_under_load_lose_and_double_nothing() {
     let refs: Vec<&WorkerProcess> = running.iter().collect();
     wait_processed(&db, &topics.commands, &ends(&deliveries), WAIT, &refs).await;
     assert_matches_model(&db, &model).await;
-    assert_events_published(&db, &topics, true).await;
+    assert_events_published(&db, &topics).await;
     let takeovers: i64 = sqlx::query_scalar("SELECT sum(acquisitions - 1)::bigint FROM partitions")
         .fetch_one(&db.pool)
         .await
@@ -699,7 +699,7 @@ async fn sigterm_drains_and_exits_zero() {
     )
     .await;
     assert_matches_model(&db, &model).await;
-    assert_events_published(&db, &topics, true).await;
+    assert_events_published(&db, &topics).await;
     drop(second);
     db.drop_db().await;
 }
@@ -768,7 +768,7 @@ async fn a_postgres_outage_is_retried_and_nothing_is_skipped() {
     let refs: Vec<&WorkerProcess> = workers.iter().collect();
     wait_processed(&db, &topics.commands, &ends(&deliveries), WAIT, &refs).await;
     assert_matches_model(&db, &model).await;
-    assert_events_published(&db, &topics, true).await;
+    assert_events_published(&db, &topics).await;
     let retries: Vec<String> = workers
         .iter()
         .map(|w| {
@@ -875,7 +875,7 @@ async fn a_kafka_outage_is_survived_and_the_relay_backlog_drains() {
     let refs: Vec<&WorkerProcess> = workers.iter().collect();
     wait_processed(&db, &topics.commands, &ends(&deliveries), WAIT, &refs).await;
     assert_matches_model(&db, &model).await;
-    assert_events_published(&db, &topics, true).await;
+    assert_events_published(&db, &topics).await;
     let mut workers = workers;
     for w in &mut workers {
         assert!(w.alive(), "{} survived the outage", w.name);
@@ -1211,7 +1211,7 @@ async fn ten_thousand_hostile_messages_never_stop_a_worker() {
     wait_processed(&db, &topics.commands, &ends(&deliveries), WAIT, &refs).await;
 
     assert_matches_model(&db, &model).await;
-    assert_events_published(&db, &topics, true).await;
+    assert_events_published(&db, &topics).await;
 
     // Every hostile message, and nothing else, is a dead letter with a known kind.
     let rows = sqlx::query("SELECT partition, \"offset\", kind, message FROM dead_letters")
@@ -1482,7 +1482,7 @@ async fn a_hot_key_keeps_strict_order() {
     let refs: Vec<&WorkerProcess> = workers.iter().collect();
     wait_processed(&db, &topics.commands, &ends(&deliveries), WAIT, &refs).await;
     assert_matches_model(&db, &model).await;
-    assert_events_published(&db, &topics, true).await;
+    assert_events_published(&db, &topics).await;
 
     // On the events topic, acc-hot's events carry versions 1, 2, ..., N in topic order.
     let versions: Vec<i64> = support::read_topic(&topics.events)

@@ -238,9 +238,9 @@ pub async fn assert_matches_model(db: &TestDb, model: &Model) {
     }
 }
 
-/// Asserts the events topic holds exactly the stored events: same ids, none missing, none
-/// unknown, and (when `once`) none twice. Returns how many ids appeared more than once.
-pub async fn assert_events_published(db: &TestDb, topics: &super::TestTopics, once: bool) -> usize {
+/// Asserts the events topic holds exactly the stored events, each once: same ids, none
+/// missing, none unknown, none twice, each keyed by its aggregate. Returns how many there are.
+pub async fn assert_events_published(db: &TestDb, topics: &super::TestTopics) -> usize {
     let stored: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT event_id FROM events")
         .fetch_all(&db.pool)
         .await
@@ -258,25 +258,20 @@ pub async fn assert_events_published(db: &TestDb, topics: &super::TestTopics, on
         );
         *seen.entry(id).or_default() += 1;
     }
-    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
-    let missing: Vec<_> = stored.iter().filter(|id| !seen.contains_key(*id)).collect();
-    let unknown: Vec<_> = seen.keys().filter(|id| !stored.contains(*id)).collect();
-    assert!(
-        missing.is_empty(),
-        "{} stored events never reached the topic",
-        missing.len()
+    let twice = seen.values().filter(|n| **n > 1).count();
+    let missing = stored.iter().filter(|id| !seen.contains_key(*id)).count();
+    let unknown = seen.keys().filter(|id| !stored.contains(*id)).count();
+    assert_eq!(
+        missing, 0,
+        "{missing} stored events never reached the topic"
     );
-    assert!(
-        unknown.is_empty(),
-        "{} events on the topic were never stored",
-        unknown.len()
+    assert_eq!(
+        unknown, 0,
+        "{unknown} events on the topic were never stored"
     );
-    if once {
-        assert!(
-            twice.is_empty(),
-            "{} events appear more than once on the topic",
-            twice.len()
-        );
-    }
-    twice.len()
+    assert_eq!(
+        twice, 0,
+        "{twice} events appear more than once on the topic"
+    );
+    seen.len()
 }
