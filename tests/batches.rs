@@ -16,8 +16,8 @@ use support::workload::{
     assert_events_published, assert_matches_model, generate, serial_model, Model,
 };
 use support::{
-    cmdproc, cmdproc_on, ends, produce_all, send_signal, wait_processed, KillOnDrop, TestDb,
-    TestTopics, WorkerProcess, BROKERS,
+    cmdproc, cmdproc_on, ends, produce_all, produce_and_wait, send_signal, wait_processed,
+    KillOnDrop, TestDb, TestTopics, WorkerProcess, BROKERS,
 };
 
 /// `accounts` accounts opened, then `count` deposits spread over them: every command emits
@@ -159,15 +159,7 @@ async fn a_late_redelivery_after_pruning_is_a_duplicate_and_stalls_nothing() {
     // No re-sent duplicates inside the workloads: a duplicate of a rejected command arriving
     // after the window would be evaluated again, by design.
     let first = generate(61, 1_200, 30, 10, 0);
-    let d = produce_all(&topics.producer(), &first).await;
-    wait_processed(
-        &db,
-        &topics.commands,
-        &ends(&d),
-        Duration::from_secs(120),
-        &[&worker],
-    )
-    .await;
+    produce_and_wait(&db, &topics, &first, Duration::from_secs(120), &[&worker]).await;
     wait_pruned(&db, topics.commands.as_str(), &worker).await;
 
     // Every applied command again (as a client retrying long after would), then new work on
@@ -181,15 +173,7 @@ async fn a_late_redelivery_after_pruning_is_a_duplicate_and_stalls_nothing() {
     let model = serial_model(&all);
     let mut again = late.clone();
     again.extend(fresh);
-    let d = produce_all(&topics.producer(), &again).await;
-    wait_processed(
-        &db,
-        &topics.commands,
-        &ends(&d),
-        Duration::from_secs(90),
-        &[&worker],
-    )
-    .await;
+    produce_and_wait(&db, &topics, &again, Duration::from_secs(90), &[&worker]).await;
 
     assert_state_matches(&db, &model).await;
     assert_events_published(&db, &topics).await;
@@ -361,15 +345,7 @@ async fn replay_past_the_prune_horizon_needs_force_and_applies_nothing_twice() {
     );
     let commands = deposits("acc", 20, 400);
     let model = serial_model(&commands);
-    let d = produce_all(&topics.producer(), &commands).await;
-    wait_processed(
-        &db,
-        &topics.commands,
-        &ends(&d),
-        Duration::from_secs(60),
-        &[&worker],
-    )
-    .await;
+    let d = produce_and_wait(&db, &topics, &commands, Duration::from_secs(60), &[&worker]).await;
     wait_pruned(&db, topics.commands.as_str(), &worker).await;
 
     let (ok, out) = cmdproc_on(
@@ -478,15 +454,7 @@ async fn a_suspended_operator_command_cannot_block_the_partitions_owner() {
     let commands = deposits("acc", 5, 100);
     let (before, after) = commands.split_at(40);
     let model = serial_model(&commands);
-    let d = produce_all(&topics.producer(), before).await;
-    wait_processed(
-        &db,
-        &topics.commands,
-        &ends(&d),
-        Duration::from_secs(60),
-        &[&worker],
-    )
-    .await;
+    let d = produce_and_wait(&db, &topics, before, Duration::from_secs(60), &[&worker]).await;
 
     let stderr = std::env::temp_dir().join(format!("replay-{}.log", topics.group));
     let end = ends(&d)[&0].to_string();
@@ -515,15 +483,7 @@ async fn a_suspended_operator_command_cannot_block_the_partitions_owner() {
     }
     send_signal(replay.0.id(), "STOP");
 
-    let d = produce_all(&topics.producer(), after).await;
-    wait_processed(
-        &db,
-        &topics.commands,
-        &ends(&d),
-        Duration::from_secs(45),
-        &[&worker],
-    )
-    .await;
+    produce_and_wait(&db, &topics, after, Duration::from_secs(45), &[&worker]).await;
     assert_state_matches(&db, &model).await;
     drop(replay);
     drop(worker);

@@ -18,8 +18,8 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::json;
 use support::workload::{assert_matches_model, serial_model};
 use support::{
-    cmdproc_on, ends, free_addr, http_get as get, produce_all, produce_raw, scrape, wait_processed,
-    RawMessage, TestDb, TestTopics, WorkerProcess, BROKERS,
+    cmdproc_on, ends, free_addr, http_get as get, produce_all, produce_and_wait, produce_raw,
+    scrape, wait_processed, RawMessage, TestDb, TestTopics, WorkerProcess, BROKERS,
 };
 
 /// `accounts` accounts named `<prefix>-<n>`, each opened and then given `deposits` deposits,
@@ -199,15 +199,7 @@ async fn a_topic_recreated_under_a_running_worker_halts_and_loses_nothing() {
     let addr = free_addr();
     let worker = WorkerProcess::spawn(&db, &topics, "w1", &["--metrics-addr", &addr]);
     let before = deposits("before", 10, 3);
-    let d = produce_all(&topics.producer(), &before).await;
-    wait_processed(
-        &db,
-        &topics.commands,
-        &ends(&d),
-        Duration::from_secs(90),
-        &[&worker],
-    )
-    .await;
+    produce_and_wait(&db, &topics, &before, Duration::from_secs(90), &[&worker]).await;
 
     recreate_commands_topic(&topics).await;
     let after = deposits("after", 12, 4);
@@ -242,15 +234,7 @@ async fn a_topic_recreated_while_no_worker_ran_and_grown_past_the_stored_offset_
     let topics = TestTopics::new(1).await;
     let mut worker = WorkerProcess::spawn(&db, &topics, "w1", &[]);
     let before = deposits("before", 10, 3);
-    let d = produce_all(&topics.producer(), &before).await;
-    wait_processed(
-        &db,
-        &topics.commands,
-        &ends(&d),
-        Duration::from_secs(90),
-        &[&worker],
-    )
-    .await;
+    produce_and_wait(&db, &topics, &before, Duration::from_secs(90), &[&worker]).await;
     worker
         .terminate(Duration::from_secs(30))
         .expect("worker stops");
@@ -291,15 +275,7 @@ async fn commands_deleted_before_a_worker_consumed_them_halt_the_partition() {
     let topics = TestTopics::new(2).await;
     let mut worker = WorkerProcess::spawn(&db, &topics, "w1", &[]);
     let before = deposits("before", 10, 1);
-    let d = produce_all(&topics.producer(), &before).await;
-    wait_processed(
-        &db,
-        &topics.commands,
-        &ends(&d),
-        Duration::from_secs(90),
-        &[&worker],
-    )
-    .await;
+    produce_and_wait(&db, &topics, &before, Duration::from_secs(90), &[&worker]).await;
     worker
         .terminate(Duration::from_secs(30))
         .expect("worker stops");
@@ -349,15 +325,7 @@ async fn partitions_added_under_a_running_worker_halt_the_topic_before_anything_
     let addr = free_addr();
     let worker = WorkerProcess::spawn(&db, &topics, "w1", &["--metrics-addr", &addr]);
     let before = deposits("before", 20, 1);
-    let d = produce_all(&topics.producer(), &before).await;
-    wait_processed(
-        &db,
-        &topics.commands,
-        &ends(&d),
-        Duration::from_secs(90),
-        &[&worker],
-    )
-    .await;
+    produce_and_wait(&db, &topics, &before, Duration::from_secs(90), &[&worker]).await;
 
     let results = admin()
         .create_partitions(
@@ -453,15 +421,7 @@ async fn a_failed_seek_never_lets_a_batch_start_past_the_stored_offset() {
         &[("CMDPROC_FAILPOINT", "seek-fails-once")],
     );
     let before = deposits("before", 5, 3);
-    let d = produce_all(&topics.producer(), &before).await;
-    wait_processed(
-        &db,
-        &topics.commands,
-        &ends(&d),
-        Duration::from_secs(90),
-        &[&worker],
-    )
-    .await;
+    produce_and_wait(&db, &topics, &before, Duration::from_secs(90), &[&worker]).await;
 
     // One account's effects are lost; a replay from 0 must restore them.
     for table in ["processed_commands", "events", "aggregates"] {
@@ -489,15 +449,7 @@ async fn a_failed_seek_never_lets_a_batch_start_past_the_stored_offset() {
     // A command arriving meanwhile: with the seek failed, the consumer is still past the
     // rewound range.
     let later = deposits("later", 1, 1);
-    let d2 = produce_all(&topics.producer(), &later).await;
-    wait_processed(
-        &db,
-        &topics.commands,
-        &ends(&d2),
-        Duration::from_secs(90),
-        &[&worker],
-    )
-    .await;
+    produce_and_wait(&db, &topics, &later, Duration::from_secs(90), &[&worker]).await;
     let mut all = before.clone();
     all.extend(later);
     assert_matches_model(&db, &serial_model(&all)).await;
@@ -516,15 +468,7 @@ async fn accepting_a_log_that_did_not_change_moves_nothing_unless_forced() {
     let topics = TestTopics::new(2).await;
     let worker = WorkerProcess::spawn(&db, &topics, "w1", &[]);
     let commands = deposits("same", 6, 2);
-    let d = produce_all(&topics.producer(), &commands).await;
-    wait_processed(
-        &db,
-        &topics.commands,
-        &ends(&d),
-        Duration::from_secs(60),
-        &[&worker],
-    )
-    .await;
+    let d = produce_and_wait(&db, &topics, &commands, Duration::from_secs(60), &[&worker]).await;
     let positions = |db: &TestDb| {
         let pool = db.pool.clone();
         let topic = topics.commands.to_string();

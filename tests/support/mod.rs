@@ -628,3 +628,17 @@ pub fn scrape(addr: &str, series: &str) -> Option<f64> {
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }
+
+/// Produces `commands`, then waits (up to `timeout`) until the workers stored positions past
+/// them and the relay published the whole outbox. Returns the deliveries.
+pub async fn produce_and_wait(
+    db: &TestDb,
+    topics: &TestTopics,
+    commands: &[Command],
+    timeout: Duration,
+    workers: &[&WorkerProcess],
+) -> Vec<Delivery> {
+    let deliveries = produce_all(&topics.producer(), commands).await;
+    wait_processed(db, &topics.commands, &ends(&deliveries), timeout, workers).await;
+    deliveries
+}
