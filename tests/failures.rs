@@ -1458,17 +1458,18 @@ async fn a_hot_key_keeps_strict_order() {
     let hot = &model.aggregates[&("account".to_owned(), "acc-hot".to_owned())];
     let hot_rejections = {
         // The workload only means something if the hot key's outcomes depend on order.
-        let registry = commands::domain::Registry::builtin();
+        let registry = bank::registry();
         let account = registry.get("account").unwrap();
         let mut state = Value::Null;
         let mut rejected = 0;
         for c in commands.iter().filter(|c| c.subject.as_str() == "acc-hot") {
-            match account
-                .handle(&state, c.command_type.name(), &c.data)
-                .unwrap()
-            {
-                Ok(events) => state = account.apply(&state, &events),
-                Err(_) => rejected += 1,
+            let context = commands::Context::new(&c.id, &c.source, 0);
+            match account.handle(&state, c.command_type.name(), &c.data, &context) {
+                commands::Handled::Accepted(decision) => {
+                    state = account.apply(&state, &decision.events)
+                }
+                commands::Handled::Rejected(_) => rejected += 1,
+                commands::Handled::Invalid(error) => panic!("invalid workload command: {error}"),
             }
         }
         rejected

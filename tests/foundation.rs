@@ -46,13 +46,7 @@ async fn a_produced_command_is_consumed_back_from_a_fresh_topic() {
         (m.partition(), m.offset()),
         (delivery.partition, delivery.offset)
     );
-    let back = Command::decode(
-        m.key(),
-        &[],
-        m.payload(),
-        commands::schema::Schemas::builtin(),
-    )
-    .unwrap();
+    let back = Command::decode(m.key(), &[], m.payload(), bank::registry().schemas()).unwrap();
     assert_eq!(back, command);
 }
 
@@ -166,4 +160,49 @@ fn a_bad_database_url_fails_with_a_clear_message() {
         !err.contains("cmdproc:cmdproc@"),
         "the password must not be printed: {err}"
     );
+}
+
+/// A binary built with `cli::main` whose registry breaks its contract refuses to start,
+/// naming each mistake, before it touches Kafka or Postgres: never a dead letter later.
+#[test]
+fn a_binary_with_a_broken_registry_refuses_to_start_and_names_the_mistakes() {
+    // `cargo test` builds the package's examples next to the test binaries.
+    let exe = std::env::current_exe().expect("test binary path");
+    let examples = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target profile dir")
+        .join("examples")
+        .join("misregistered");
+    if !examples.exists() {
+        // Filtered runs (`--test foundation`) do not build the examples.
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let built = std::process::Command::new(cargo)
+            .args(["build", "-p", "processor", "--example", "misregistered"])
+            .status()
+            .expect("run cargo");
+        assert!(built.success(), "cargo build --example misregistered");
+    }
+    let out = std::process::Command::new(&examples)
+        .args([
+            "run",
+            "--brokers",
+            "127.0.0.1:1",
+            "--database-url",
+            "postgres://nobody@127.0.0.1:1/none",
+        ])
+        .output()
+        .expect("run the example");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("aggregate `account` is registered twice"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("aggregate `room`: command `Book` has no schema (expected schemas/room/commands/Book.json)"),
+        "{stderr}"
+    );
+    // It stopped at the registry, not after trying the unreachable database.
+    assert!(!stderr.contains("database"), "{stderr}");
 }

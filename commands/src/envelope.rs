@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::ids::{AggregateId, CommandId, CommandType, IdError, Source};
-use crate::schema::{SchemaError, Schemas};
+use crate::schema::{SchemaError, SchemaSet};
 
 /// The content type of a structured-mode CloudEvent.
 pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
@@ -174,7 +174,7 @@ impl Command {
 
     /// Parses and validates a structured-mode CloudEvent from JSON, without a Kafka key
     /// (the producer's path: the key is derived from `subject`).
-    pub fn from_json(value: Value, schemas: &Schemas) -> Result<Self, DecodeError> {
+    pub fn from_json(value: Value, schemas: &SchemaSet) -> Result<Self, DecodeError> {
         Self::from_envelope(value, schemas)
     }
 
@@ -185,7 +185,7 @@ impl Command {
         key: Option<&[u8]>,
         headers: &[(&str, Option<&[u8]>)],
         value: Option<&[u8]>,
-        schemas: &Schemas,
+        schemas: &SchemaSet,
     ) -> Result<Self, DecodeError> {
         let binary = headers.iter().any(|(k, _)| *k == "ce_specversion");
         let envelope = if binary {
@@ -228,7 +228,7 @@ impl Command {
         }
     }
 
-    fn from_envelope(envelope: Value, schemas: &Schemas) -> Result<Self, DecodeError> {
+    fn from_envelope(envelope: Value, schemas: &SchemaSet) -> Result<Self, DecodeError> {
         let Value::Object(mut m) = envelope else {
             return Err(DecodeError::new(
                 DeadLetterKind::Malformed,
@@ -472,8 +472,76 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn schemas() -> &'static Schemas {
-        Schemas::builtin()
+    /// A minimal `account` (Open, Deposit with a positive amount) and `room` (Book), enough
+    /// for decoding; the example domains' own schemas are tested in their crate.
+    fn schemas() -> &'static SchemaSet {
+        use crate::aggregate::{Aggregate, Context, Decision, Rejection};
+        use std::sync::OnceLock;
+
+        #[derive(Debug, serde::Deserialize, serde::Serialize, Clone)]
+        enum AccountCommand {
+            Open { owner: String },
+            Deposit { amount: i64 },
+        }
+        #[derive(Debug, serde::Deserialize, serde::Serialize, Clone)]
+        enum RoomCommand {
+            Book { night: String, guest: String },
+        }
+        struct Account;
+        struct Room;
+        impl Aggregate for Account {
+            const TYPE: &'static str = "account";
+            type State = ();
+            type Command = AccountCommand;
+            type Event = AccountCommand;
+            fn handle(
+                _: &(),
+                _: &AccountCommand,
+                _: &Context<'_>,
+            ) -> Result<Decision<AccountCommand>, Rejection> {
+                Ok(Decision::new())
+            }
+            fn apply(_: &mut (), _: &AccountCommand) {}
+        }
+        impl Aggregate for Room {
+            const TYPE: &'static str = "room";
+            type State = ();
+            type Command = RoomCommand;
+            type Event = RoomCommand;
+            fn handle(
+                _: &(),
+                _: &RoomCommand,
+                _: &Context<'_>,
+            ) -> Result<Decision<RoomCommand>, Rejection> {
+                Ok(Decision::new())
+            }
+            fn apply(_: &mut (), _: &RoomCommand) {}
+        }
+        static REGISTRY: OnceLock<crate::Registry> = OnceLock::new();
+        REGISTRY
+            .get_or_init(|| {
+                let open = r#"{"type":"object","properties":{"owner":{"type":"string"}}}"#;
+                let deposit = r#"{"type":"object","required":["amount"],
+                    "properties":{"amount":{"type":"integer","minimum":1}}}"#;
+                let book = r#"{"type":"object"}"#;
+                let registry = crate::Registry::new()
+                    .with::<Account>(crate::Schemas::embedded(
+                        "account",
+                        &[
+                            ("commands/Open.json", open),
+                            ("commands/Deposit.json", deposit),
+                            ("events/Open.json", open),
+                            ("events/Deposit.json", deposit),
+                        ],
+                    ))
+                    .with::<Room>(crate::Schemas::embedded(
+                        "room",
+                        &[("commands/Book.json", book), ("events/Book.json", book)],
+                    ));
+                registry.check().expect("test contract");
+                registry
+            })
+            .schemas()
     }
 
     fn deposit() -> Value {

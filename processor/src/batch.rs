@@ -8,8 +8,8 @@
 use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use commands::domain::Registry;
 use commands::envelope::{event_id, preview, Command, DeadLetterKind, DecodeError, EventEnvelope};
+use commands::{CommandError, Context, Handled, Registry, Rejection};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -37,9 +37,11 @@ pub struct Incoming {
 /// The stored outcome of a processed command.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
-    /// `applied` or `rejected`.
+    /// `applied`, `rejected` or `skipped`.
     pub outcome: OutcomeKind,
-    /// The rejection reason.
+    /// The rejection's machine-readable code.
+    pub code: Option<String>,
+    /// The rejection reason (or an operator's reason to skip).
     pub reason: Option<String>,
     /// The aggregate version after the command.
     pub version: i64,
@@ -338,20 +340,31 @@ pub fn plan(
             .expected_version
             .filter(|v| *v as i64 != loaded.version)
         {
-            Ok(Ok(Err(commands::Rejection::new(format!(
-                "expected version {expected}, aggregate is at version {}",
-                loaded.version
-            )))))
+            Ok(Handled::Rejected(Rejection::new(
+                "version_mismatch",
+                format!(
+                    "expected version {expected}, aggregate is at version {}",
+                    loaded.version
+                ),
+            )))
         } else {
             // Handlers are pure, but a panic may come from a bug triggered by something
             // outside the command (memory pressure, a poisoned lock in a library): try again
             // a bounded number of times before calling the command poison.
+            let context = Context::new(&command.id, &command.source, loaded.version as u64)
+                .with_time(command.time)
+                .with_correlation_id(command.correlation_id.as_deref());
             let mut attempt = 0;
             loop {
                 attempt += 1;
                 let result = catch_unwind(AssertUnwindSafe(|| {
                     crate::failpoint::handler_panic(&akey.1);
-                    aggregate.handle(&loaded.state, command.command_type.name(), &command.data)
+                    aggregate.handle(
+                        &loaded.state,
+                        command.command_type.name(),
+                        &command.data,
+                        &context,
+                    )
                 }));
                 if result.is_ok() || attempt >= options.attempts.max(1) {
                     break result;
@@ -398,12 +411,10 @@ pub fn plan(
                 out.dead_letters.push(dead_letter(m, e));
                 continue;
             }
-            Ok(Err(command_error)) => {
+            Ok(Handled::Invalid(command_error)) => {
                 let kind = match command_error {
-                    commands::aggregate::CommandError::UnknownCommand(_) => {
-                        DeadLetterKind::UnknownType
-                    }
-                    commands::aggregate::CommandError::InvalidData(_) => DeadLetterKind::Schema,
+                    CommandError::UnknownCommand(_) => DeadLetterKind::UnknownType,
+                    CommandError::InvalidData(_) => DeadLetterKind::Schema,
                 };
                 let e = DecodeError {
                     kind,
@@ -413,13 +424,15 @@ pub fn plan(
                 out.dead_letters.push(dead_letter(m, e));
                 continue;
             }
-            Ok(Ok(Err(rejection))) => Outcome {
+            Ok(Handled::Rejected(rejection)) => Outcome {
                 outcome: OutcomeKind::Rejected,
+                code: Some(rejection.code),
                 reason: Some(rejection.reason),
                 version: loaded.version,
                 event_ids: Vec::new(),
             },
-            Ok(Ok(Ok(events))) => {
+            Ok(Handled::Accepted(decision)) => {
+                let events = decision.events;
                 let mut ids = Vec::with_capacity(events.len());
                 let base = loaded.version;
                 for (i, ev) in events.iter().enumerate() {
@@ -449,6 +462,7 @@ pub fn plan(
                 }
                 Outcome {
                     outcome: OutcomeKind::Applied,
+                    code: None,
                     reason: None,
                     version: loaded.version,
                     event_ids: ids,
@@ -548,8 +562,13 @@ pub fn value_preview(value: Option<&[u8]>) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// The example domains, compiled once for every test.
+    fn registry() -> &'static Registry {
+        static REGISTRY: std::sync::OnceLock<Registry> = std::sync::OnceLock::new();
+        REGISTRY.get_or_init(bank::registry)
+    }
+
     use super::*;
-    use commands::schema::Schemas;
 
     fn msg(offset: i64, source: &str, id: &str, ty: &str, subject: &str, data: Value) -> Incoming {
         let v = json!({"specversion":"1.0","id":id,"source":source,"type":ty,"subject":subject,"data":data});
@@ -558,7 +577,7 @@ mod tests {
             Some(subject.as_bytes()),
             &[],
             Some(&bytes),
-            Schemas::builtin(),
+            registry().schemas(),
         );
         Incoming {
             offset,
@@ -572,7 +591,7 @@ mod tests {
 
     #[test]
     fn applies_in_order_and_dedupes_within_the_batch() {
-        let registry = Registry::builtin();
+        let registry = registry();
         let msgs = vec![
             msg(10, "/t", "1", "account.Open", "a", json!({"owner":"ada"})),
             msg(11, "/t", "2", "account.Deposit", "a", json!({"amount":10})),
@@ -607,10 +626,11 @@ mod tests {
 
     #[test]
     fn known_outcomes_make_duplicates_and_expected_version_is_honoured() {
-        let registry = Registry::builtin();
+        let registry = registry();
         let mut known = HashMap::new();
         let recorded = Outcome {
             outcome: OutcomeKind::Applied,
+            code: None,
             reason: None,
             version: 1,
             event_ids: vec![],
@@ -653,14 +673,14 @@ mod tests {
 
     #[test]
     fn dead_letters_keep_their_bytes_and_do_not_stop_the_batch() {
-        let registry = Registry::builtin();
+        let registry = registry();
         let bad = Incoming {
             offset: 0,
             timestamp: None,
             key: Some(b"k".to_vec()),
             value: Some(b"\xffnope".to_vec()),
             headers: vec![("h".into(), Some(vec![0, 1, 2]))],
-            decoded: Command::decode(Some(b"k"), &[], Some(b"\xffnope"), Schemas::builtin()),
+            decoded: Command::decode(Some(b"k"), &[], Some(b"\xffnope"), registry.schemas()),
         };
         let msgs = vec![
             bad,
@@ -691,7 +711,7 @@ mod tests {
 
     #[test]
     fn a_parked_aggregate_sets_its_commands_aside_and_others_apply() {
-        let registry = Registry::builtin();
+        let registry = registry();
         let parked: HashSet<AggregateKey> = [("account".to_owned(), "p".to_owned())].into();
         let msgs = vec![
             msg(1, "/t", "1", "account.Open", "p", json!({"owner":"x"})),

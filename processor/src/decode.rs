@@ -3,7 +3,7 @@
 
 use commands::envelope::{Command, DeadLetterKind, DecodeError};
 use commands::partitioner::partition_for_key;
-use commands::schema::Schemas;
+use commands::SchemaSet;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 
 use crate::batch::Incoming;
@@ -18,7 +18,7 @@ pub fn decode_message(
     partitions: i32,
     max_command_bytes: usize,
     misrouted: MisroutedPolicy,
-    schemas: &Schemas,
+    schemas: &SchemaSet,
 ) -> Incoming {
     let key = m.key().map(<[u8]>::to_vec);
     let value = m.payload().map(<[u8]>::to_vec);

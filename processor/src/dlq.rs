@@ -3,9 +3,8 @@
 
 use crate::producer::CommandProducer;
 use chrono::{DateTime, Utc};
-use commands::domain::Registry;
 use commands::envelope::Command;
-use commands::schema::Schemas;
+use commands::Registry;
 use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
 use sqlx::{PgPool, Row};
 
@@ -240,6 +239,7 @@ pub struct Topics<'a> {
 /// is parked again with the rest of its commands.
 pub async fn release(
     pool: &PgPool,
+    registry: &Registry,
     topics: Topics<'_>,
     aggregate: &(String, String),
     options: &PlanOptions,
@@ -295,7 +295,7 @@ pub async fn release(
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_deref()))
             .collect();
-        let decoded = Command::decode(key.as_deref(), &hs, value.as_deref(), Schemas::builtin());
+        let decoded = Command::decode(key.as_deref(), &hs, value.as_deref(), registry.schemas());
         messages.push(Incoming {
             offset: r.get(0),
             timestamp: None,
@@ -323,15 +323,8 @@ pub async fn release(
     };
     // The parked row is gone, so the plan applies the waiting commands; if the handler
     // fails again it parks the aggregate anew.
-    let (plan, outbox_end) = store::plan_and_write(
-        &mut tx,
-        &target,
-        &Registry::builtin(),
-        options,
-        &messages,
-        outbox_seq,
-    )
-    .await?;
+    let (plan, outbox_end) =
+        store::plan_and_write(&mut tx, &target, registry, options, &messages, outbox_seq).await?;
     sqlx::query("UPDATE partitions SET outbox_seq = $3, updated_at = now() WHERE topic = $1 AND partition = $2")
         .bind(topics.commands)
         .bind(partition)
@@ -384,6 +377,7 @@ pub struct Skipped {
 /// re-applied before, or when the command already has an outcome.
 pub async fn skip(
     pool: &PgPool,
+    registry: &Registry,
     topic: &str,
     partition: i32,
     offset: i64,
@@ -429,7 +423,7 @@ pub async fn skip(
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_deref()))
         .collect();
-    let decoded = Command::decode(key.as_deref(), &hs, value.as_deref(), Schemas::builtin()).ok();
+    let decoded = Command::decode(key.as_deref(), &hs, value.as_deref(), registry.schemas()).ok();
     // A parked command decoded when it was parked; its row names it even if the schemas
     // changed since. Another dead letter names its command only if it decodes.
     let command: Option<(String, String, String, String, String)> = match &decoded {

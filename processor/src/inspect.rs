@@ -20,7 +20,8 @@ pub async fn aggregate(
         .fetch_optional(pool)
         .await?;
     let commands = sqlx::query(
-        "SELECT source, command_id, command_type, outcome, reason, version, event_ids, partition, \"offset\", processed_at
+        "SELECT source, command_id, command_type, outcome, reason, version, event_ids, partition, \"offset\", processed_at,
+                code
          FROM processed_commands WHERE aggregate_type = $1 AND aggregate_id = $2
          ORDER BY processed_at DESC, \"offset\" DESC LIMIT $3",
     )
@@ -50,6 +51,7 @@ pub async fn aggregate(
                 "id": r.get::<String, _>(1),
                 "type": r.get::<String, _>(2),
                 "outcome": r.get::<String, _>(3),
+                "code": r.get::<Option<String>, _>(10),
                 "reason": r.get::<Option<String>, _>(4),
                 "version": r.get::<i64, _>(5),
                 "event_ids": r.get::<Vec<uuid::Uuid>, _>(6),

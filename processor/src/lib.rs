@@ -20,6 +20,7 @@ pub mod cli;
 pub mod commands_log;
 pub mod decode;
 pub mod dlq;
+pub mod engine;
 pub mod failpoint;
 pub mod http;
 pub mod inspect;

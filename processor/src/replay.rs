@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use commands::schema::Schemas;
+use commands::Registry;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -121,6 +121,7 @@ pub fn ranges(
 /// Counts, without changing anything, what a replay of `range` would do.
 pub async fn dry_run(
     pool: &PgPool,
+    registry: &Registry,
     brokers: &str,
     topic: &str,
     range: &Range,
@@ -152,7 +153,7 @@ pub async fn dry_run(
                     partitions,
                     max_command_bytes,
                     MisroutedPolicy::DeadLetter,
-                    Schemas::builtin(),
+                    registry.schemas(),
                 );
                 match incoming.decoded {
                     Ok(c) => pending.push((c.source.to_string(), c.id.to_string())),

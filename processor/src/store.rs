@@ -8,8 +8,8 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use commands::domain::Registry;
 use commands::envelope::CLOUDEVENTS_JSON;
+use commands::Registry;
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Row, Transaction};
@@ -996,10 +996,12 @@ fn loaded_row(r: &sqlx::postgres::PgRow) -> (AggregateKey, Loaded) {
     )
 }
 
-/// A recorded outcome from a row of `source, command_id, outcome, reason, version, event_ids`.
+/// A recorded outcome from a row of `source, command_id, outcome, reason, version, event_ids,
+/// code`.
 fn outcome_row(r: &sqlx::postgres::PgRow) -> (CommandKey, Outcome) {
     let recorded = Outcome {
         outcome: OutcomeKind::parse(r.get::<&str, _>(2)),
+        code: r.get(6),
         reason: r.get(3),
         version: r.get(4),
         event_ids: r.get(5),
@@ -1019,7 +1021,7 @@ async fn load_outcomes<'m>(
         return Ok(HashMap::new());
     }
     let rows = sqlx::query(
-        "SELECT p.source, p.command_id, p.outcome, p.reason, p.version, p.event_ids
+        "SELECT p.source, p.command_id, p.outcome, p.reason, p.version, p.event_ids, p.code
          FROM processed_commands p
          JOIN UNNEST($1::text[], $2::text[]) AS k(source, command_id)
            ON p.source = k.source AND p.command_id = k.command_id",
@@ -1081,6 +1083,7 @@ async fn load_outcomes_from_events(
     for r in rows {
         let outcome = out.entry((r.get(0), r.get(1))).or_insert_with(|| Outcome {
             outcome: OutcomeKind::Applied,
+            code: None,
             reason: None,
             version: 0,
             event_ids: Vec::new(),
@@ -1284,12 +1287,13 @@ async fn write_plans(
         let p = &processed;
         sqlx::query(
             "INSERT INTO processed_commands
-               (source, command_id, aggregate_type, aggregate_id, command_type, outcome, reason, version,
-                event_ids, topic, partition, \"offset\")
-             SELECT s, c, t, i, ct, o, r, v, COALESCE(string_to_array(e, ',')::uuid[], '{}'), $10, part, off
+               (source, command_id, aggregate_type, aggregate_id, command_type, outcome, code, reason,
+                version, event_ids, topic, partition, \"offset\")
+             SELECT s, c, t, i, ct, o, code, r, v, COALESCE(string_to_array(e, ',')::uuid[], '{}'), $10,
+                    part, off
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                         $8::bigint[], $9::text[], $11::int[], $12::bigint[])
-               AS u(s, c, t, i, ct, o, r, v, e, part, off)",
+                         $8::bigint[], $9::text[], $11::int[], $12::bigint[], $13::text[])
+               AS u(s, c, t, i, ct, o, r, v, e, part, off, code)",
         )
         .bind(p.iter().map(|(_, r)| r.source.as_str()).collect::<Vec<_>>())
         .bind(p.iter().map(|(_, r)| r.command_id.as_str()).collect::<Vec<_>>())
@@ -1303,6 +1307,7 @@ async fn write_plans(
         .bind(topic)
         .bind(p.iter().map(|(part, _)| *part).collect::<Vec<_>>())
         .bind(p.iter().map(|(_, r)| r.offset).collect::<Vec<_>>())
+        .bind(p.iter().map(|(_, r)| r.outcome.code.as_deref()).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?;
     }
@@ -1782,7 +1787,7 @@ pub async fn outcomes_recorded_elsewhere(
     let (sources, ids): (Vec<&str>, Vec<&str>) =
         keys.iter().map(|(s, i)| (s.as_str(), i.as_str())).unzip();
     let rows = sqlx::query(
-        "SELECT p.source, p.command_id, p.outcome, p.reason, p.version, p.event_ids
+        "SELECT p.source, p.command_id, p.outcome, p.reason, p.version, p.event_ids, p.code
          FROM processed_commands p
          JOIN UNNEST($1::text[], $2::text[]) AS k(source, command_id)
            ON p.source = k.source AND p.command_id = k.command_id

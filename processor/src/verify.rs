@@ -15,9 +15,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use commands::domain::Registry;
 use commands::partitioner::partition_for_key;
-use commands::schema::Schemas;
+use commands::{Registry, SchemaSet};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
@@ -218,6 +217,7 @@ struct Replay {
 /// `progress` with a line per partition (and periodically on long partitions).
 pub async fn verify(
     pool: &PgPool,
+    registry: &Registry,
     config: &VerifyConfig,
     mut progress: impl FnMut(&str),
 ) -> anyhow::Result<Report> {
@@ -259,8 +259,7 @@ pub async fn verify(
             .push((p.first_offset, p.aggregate));
     }
 
-    let registry = Registry::builtin();
-    let schemas = Schemas::builtin();
+    let schemas = registry.schemas();
     // A panic re-executed in memory becomes a dead letter and the aggregate goes on: it is a
     // difference only if Postgres disagrees. Parking is reproduced from Postgres instead.
     let options = PlanOptions {
@@ -331,7 +330,7 @@ async fn replay_partition(
     consumer: &BaseConsumer,
     config: &VerifyConfig,
     registry: &Registry,
-    schemas: &Schemas,
+    schemas: &SchemaSet,
     options: &PlanOptions,
     partitions: i32,
     partition: i32,

@@ -16,9 +16,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use commands::domain::Registry;
 use commands::envelope::DeadLetterKind;
-use commands::schema::Schemas;
+use commands::Registry;
+use commands::SchemaSet;
 use commands::Topic;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
@@ -230,6 +230,8 @@ impl WorkerContext {
 /// A running worker.
 #[derive(Debug)]
 pub struct Worker {
+    /// The aggregates and schemas this worker applies commands with.
+    registry: Arc<Registry>,
     config: WorkerConfig,
     pool: PgPool,
     metrics: Arc<Metrics>,
@@ -319,10 +321,12 @@ impl Worker {
     pub fn new(
         config: WorkerConfig,
         pool: PgPool,
+        registry: Arc<Registry>,
         relay_wake: Option<Arc<Notify>>,
         owned: crate::relay::Owned,
     ) -> Self {
         Self {
+            registry,
             owned,
             relay: None,
             halted: Halted::default(),
@@ -427,8 +431,8 @@ impl Worker {
             check_log_now.clone(),
         ));
 
-        let registry = Registry::builtin();
-        let schemas = Schemas::builtin();
+        let registry = Arc::clone(&self.registry);
+        let schemas = registry.schemas();
         let mut cache = AggregateCache::new(cfg.aggregate_cache);
         let mut last_report = Instant::now();
         // A rewind (`cmdproc replay`) or a database restore changes a partition's epoch
@@ -534,7 +538,7 @@ impl Worker {
         &self,
         m: &BorrowedMessage<'_>,
         partitions: i32,
-        schemas: &Schemas,
+        schemas: &SchemaSet,
     ) -> (i32, Incoming) {
         let incoming = crate::decode::decode_message(
             m,

@@ -416,7 +416,12 @@ pub fn read_topic(topic: &Topic) -> Vec<Read> {
                         })
                         .unwrap_or_default(),
                 });
-                if m.offset() + 1 >= highs[&m.partition()] {
+                // A partition that was empty when the watermarks were read may still receive
+                // messages; they are returned, but the read does not wait for them.
+                if highs
+                    .get(&m.partition())
+                    .is_some_and(|h| m.offset() + 1 >= *h)
+                {
                     done.insert(m.partition(), true);
                 }
             }
@@ -492,6 +497,23 @@ pub async fn outbox_backlog(db: &TestDb, topic: &Topic) -> i64 {
     .fetch_one(&db.pool)
     .await
     .expect("read outbox backlog")
+}
+
+/// Waits until the relay has published every outbox row of `topic`'s partitions, so that a
+/// read of the events topic sees them all. Panics after `within`.
+pub async fn wait_published(db: &TestDb, topic: &Topic, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let backlog = outbox_backlog(db, topic).await;
+        if backlog == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{backlog} outbox rows of {topic} still unpublished after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Produces `commands` in the background, `slice` at a time with `pause` between slices, so

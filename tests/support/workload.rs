@@ -3,8 +3,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use commands::domain::Registry;
 use commands::{AggregateId, Command, CommandId, CommandType, Source};
+use commands::{Context, Handled};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -103,7 +103,7 @@ pub struct Model {
 
 /// Runs the pure handlers over `commands` in order, skipping repeated `(source, id)`.
 pub fn serial_model(commands: &[Command]) -> Model {
-    let registry = Registry::builtin();
+    let registry = bank::registry();
     let mut model = Model::default();
     let mut seen = HashSet::new();
     for c in commands {
@@ -117,11 +117,12 @@ pub fn serial_model(commands: &[Command]) -> Model {
             c.subject.to_string(),
         );
         let entry = model.aggregates.entry(key).or_insert((0, Value::Null));
-        match agg
-            .handle(&entry.1, c.command_type.name(), &c.data)
-            .expect("valid command")
-        {
-            Ok(events) => {
+        let context = Context::new(&c.id, &c.source, entry.0 as u64)
+            .with_time(c.time)
+            .with_correlation_id(c.correlation_id.as_deref());
+        match agg.handle(&entry.1, c.command_type.name(), &c.data, &context) {
+            Handled::Accepted(decision) => {
+                let events = decision.events;
                 model.applied += 1;
                 model.events += events.len();
                 if !events.is_empty() {
@@ -129,7 +130,8 @@ pub fn serial_model(commands: &[Command]) -> Model {
                     entry.0 += events.len() as i64;
                 }
             }
-            Err(_) => model.rejected += 1,
+            Handled::Rejected(_) => model.rejected += 1,
+            Handled::Invalid(error) => panic!("the workload made an invalid command: {error}"),
         }
     }
     model.aggregates.retain(|_, (v, _)| *v > 0);

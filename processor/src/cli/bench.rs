@@ -21,6 +21,7 @@ mod workload;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::producer::{CommandProducer, Delivery};
@@ -28,7 +29,7 @@ use anyhow::Context;
 use chrono::Utc;
 use clap::{Args, ValueEnum};
 use commands::envelope::CLOUDEVENTS_JSON;
-use commands::Command;
+use commands::{Command, Registry};
 use futures::{StreamExt, TryStreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -219,7 +220,8 @@ impl Machine {
 }
 
 /// Runs the benchmark; fails if a run fails or its effects are not exactly once.
-pub async fn run(common: &Common, args: BenchArgs) -> anyhow::Result<()> {
+pub async fn run(common: &Common, registry: Arc<Registry>, args: BenchArgs) -> anyhow::Result<()> {
+    super::demo::workload::require_example_domains(&registry)?;
     anyhow::ensure!(
         args.commands >= 1 && args.naive_commands >= 1,
         "--commands and --naive-commands must be at least 1"
@@ -256,16 +258,25 @@ pub async fn run(common: &Common, args: BenchArgs) -> anyhow::Result<()> {
     let mut results: Vec<RunResult> = Vec::new();
     for run in &runs {
         let got = match run {
-            Run::Ceiling => vec![ceiling_run(common, &args).await?],
+            Run::Ceiling => vec![ceiling_run(common, &registry, &args).await?],
             Run::Uniform => {
                 let commands = throughput_commands(&args, Skew::Uniform)?;
                 let replay = runs.contains(&Run::Replay);
-                with_workers(common, &args, Run::Uniform, commands, &[], replay).await?
+                with_workers(
+                    common,
+                    &registry,
+                    &args,
+                    Run::Uniform,
+                    commands,
+                    &[],
+                    replay,
+                )
+                .await?
             }
             Run::Replay => Vec::new(),
             Run::Zipf => {
                 let commands = throughput_commands(&args, Skew::Zipf(args.zipf_exponent))?;
-                with_workers(common, &args, Run::Zipf, commands, &[], false).await?
+                with_workers(common, &registry, &args, Run::Zipf, commands, &[], false).await?
             }
             Run::Naive => {
                 let commands = workload::commands(
@@ -277,6 +288,7 @@ pub async fn run(common: &Common, args: BenchArgs) -> anyhow::Result<()> {
                 )?;
                 with_workers(
                     common,
+                    &registry,
                     &args,
                     Run::Naive,
                     commands,
@@ -294,7 +306,7 @@ pub async fn run(common: &Common, args: BenchArgs) -> anyhow::Result<()> {
                     Skew::Uniform,
                     Mix::DepositsOnly,
                 )?;
-                with_workers(common, &args, Run::Latency, commands, &[], false).await?
+                with_workers(common, &registry, &args, Run::Latency, commands, &[], false).await?
             }
         };
         for r in &got {
@@ -519,7 +531,11 @@ fn throughput_commands(args: &BenchArgs, skew: Skew) -> anyhow::Result<Vec<Comma
     )
 }
 
-async fn ceiling_run(common: &Common, args: &BenchArgs) -> anyhow::Result<RunResult> {
+async fn ceiling_run(
+    common: &Common,
+    registry: &Arc<Registry>,
+    args: &BenchArgs,
+) -> anyhow::Result<RunResult> {
     let commands = throughput_commands(args, Skew::Uniform)?;
     println!(
         "ceiling  applying {} commands straight to Postgres",
@@ -528,6 +544,7 @@ async fn ceiling_run(common: &Common, args: &BenchArgs) -> anyhow::Result<RunRes
     let db = RunDatabase::create(common).await?;
     let result = ceiling::run(
         &db.pool,
+        registry,
         &db.ns,
         args.partitions,
         args.workers,
@@ -562,6 +579,7 @@ async fn ceiling_run(common: &Common, args: &BenchArgs) -> anyhow::Result<RunRes
 /// A run with real worker processes: namespace, workers, the run, checks, cleanup.
 async fn with_workers(
     common: &Common,
+    registry: &Registry,
     args: &BenchArgs,
     run: Run,
     commands: Vec<Command>,
@@ -592,7 +610,7 @@ async fn with_workers(
             &worker_args,
         )?;
         let outcome = tokio::select! {
-            r = measure(common, args, run, &db, &mut workers, commands, replay) => r,
+            r = measure(common, registry, args, run, &db, &mut workers, commands, replay) => r,
             _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
         };
         workers.stop(demo::STOP_GRACE).await;
@@ -622,6 +640,7 @@ fn bar(len: u64, prefix: &str) -> ProgressBar {
 
 async fn measure(
     common: &Common,
+    registry: &Registry,
     args: &BenchArgs,
     run: Run,
     db: &RunDatabase,
@@ -640,7 +659,7 @@ async fn measure(
         demo::JOIN_TIMEOUT,
     )
     .await?;
-    let model = Model::run(&commands)?;
+    let model = Model::run(registry, &commands)?;
     let n = commands.len();
     let mut out = Vec::new();
 

@@ -25,7 +25,7 @@ use anyhow::Context;
 use chrono::Utc;
 use clap::Args;
 use commands::envelope::CLOUDEVENTS_JSON;
-use commands::Topic;
+use commands::{Registry, Topic};
 use futures::{StreamExt, TryStreamExt};
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -119,7 +119,8 @@ struct Interrupted;
 struct InvariantsFailed(usize, usize);
 
 /// Runs the demonstration; fails if any invariant does not hold.
-pub async fn run(common: &Common, args: DemoArgs) -> anyhow::Result<()> {
+pub async fn run(common: &Common, registry: &Registry, args: DemoArgs) -> anyhow::Result<()> {
+    workload::require_example_domains(registry)?;
     let min = workload::ACCOUNTS * 2;
     if args.commands < min {
         anyhow::bail!(
@@ -143,7 +144,7 @@ pub async fn run(common: &Common, args: DemoArgs) -> anyhow::Result<()> {
         server(&common.database_url)
     );
 
-    let result = with_database(common, &args, &ns, &url).await;
+    let result = with_database(common, registry, &args, &ns, &url).await;
 
     let failed = matches!(&result, Err(e) if !e.is::<Interrupted>());
     if args.keep || failed {
@@ -173,6 +174,7 @@ pub async fn run(common: &Common, args: DemoArgs) -> anyhow::Result<()> {
 /// the workers whatever happened.
 async fn with_database(
     common: &Common,
+    registry: &Registry,
     args: &DemoArgs,
     ns: &Namespace,
     url: &str,
@@ -198,7 +200,7 @@ async fn with_database(
     // Ctrl-C ends the scenario early but still runs the cleanup below. The workers share
     // the terminal's process group, so they receive the same signal and drain on their own.
     let result = tokio::select! {
-        r = scenario(common, args, ns, url, &pool, &mut workers) => r,
+        r = scenario(common, registry, args, ns, url, &pool, &mut workers) => r,
         _ = tokio::signal::ctrl_c() => Err(Interrupted.into()),
     };
 
@@ -222,6 +224,7 @@ async fn with_database(
 /// Starts the workers, produces the workload, waits for it, then reports and checks.
 async fn scenario(
     common: &Common,
+    registry: &Registry,
     args: &DemoArgs,
     ns: &Namespace,
     url: &str,
@@ -257,7 +260,7 @@ async fn scenario(
     );
 
     let workload = Workload::generate(args.seed, args.commands, args.partitions);
-    let model = Model::run(&workload.valid)?;
+    let model = Model::run(registry, &workload.valid)?;
     println!(
         "[4/8] produce     {} messages: {} commands for {} accounts and {} rooms, {} re-sent duplicates, {} invalid",
         workload.messages.len(),

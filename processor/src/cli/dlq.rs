@@ -5,6 +5,8 @@ use std::time::Duration;
 use crate::producer::CommandProducer;
 use clap::{Args, Subcommand};
 
+use commands::Registry;
+
 use super::Common;
 use crate::batch::{value_preview, PlanOptions};
 use crate::dlq::{self, Filter, Topics};
@@ -101,7 +103,7 @@ fn parse_position(s: &str) -> Result<(i32, i64), String> {
 }
 
 /// Runs a dead-letter subcommand.
-pub async fn run(common: &Common, cmd: DlqCommand) -> anyhow::Result<()> {
+pub async fn run(common: &Common, registry: &Registry, cmd: DlqCommand) -> anyhow::Result<()> {
     // Releasing holds a partition's row lock: sessions with timeouts, so that a suspended
     // `dlq` process cannot keep the partition's owner from committing.
     let pool =
@@ -194,7 +196,7 @@ pub async fn run(common: &Common, cmd: DlqCommand) -> anyhow::Result<()> {
                 events: common.events_topic.as_str(),
             };
             for a in releasing {
-                match dlq::release(&pool, topics, a, &PlanOptions::default()).await? {
+                match dlq::release(&pool, registry, topics, a, &PlanOptions::default()).await? {
                     Some(r) if r.parked_again => println!(
                         "{}/{}: failed again and stays parked ({} applied, {} rejected before it)",
                         a.0, a.1, r.applied, r.rejected
@@ -222,7 +224,7 @@ pub async fn run(common: &Common, cmd: DlqCommand) -> anyhow::Result<()> {
         }
         DlqCommand::Skip(args) => {
             let (partition, offset) = args.id;
-            let skipped = dlq::skip(&pool, topic, partition, offset, &args.why).await?;
+            let skipped = dlq::skip(&pool, registry, topic, partition, offset, &args.why).await?;
             let aggregate = skipped
                 .aggregate
                 .map_or("-".to_owned(), |(t, i)| format!("{t}/{i}"));

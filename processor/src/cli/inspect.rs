@@ -2,6 +2,8 @@
 
 use clap::Args;
 
+use commands::Registry;
+
 use super::Common;
 
 /// Arguments of `inspect`.
@@ -17,7 +19,14 @@ pub struct InspectArgs {
 }
 
 /// Prints the aggregate, or fails when nothing is known about it.
-pub async fn run(common: &Common, args: InspectArgs) -> anyhow::Result<()> {
+pub async fn run(common: &Common, registry: &Registry, args: InspectArgs) -> anyhow::Result<()> {
+    if registry.get(&args.aggregate_type).is_none() {
+        anyhow::bail!(
+            "unknown aggregate type `{}`; this processor knows {}",
+            args.aggregate_type,
+            registry.types().collect::<Vec<_>>().join(", ")
+        );
+    }
     let pool = super::pool(common, 2).await?;
     match crate::inspect::aggregate(&pool, &args.aggregate_type, &args.aggregate_id, args.limit)
         .await?

@@ -2,8 +2,10 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use commands::Topic;
+use commands::{Registry, Topic};
 
 pub mod bench;
 pub mod demo;
@@ -143,21 +145,96 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-/// Runs a parsed command line.
-pub async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+/// Runs a parsed command line with the aggregates of `registry`.
+pub async fn dispatch(cli: Cli, registry: Arc<Registry>) -> anyhow::Result<()> {
     let common = cli.common;
     match cli.command {
         Command::Migrate => migrate::run(&common).await,
         Command::Topics(t) => topics::run(&common, t).await,
-        Command::Produce(a) => produce::run(&common, a).await,
-        Command::Run(a) => run::run(&common, a).await,
+        Command::Produce(a) => produce::run(&common, &registry, a).await,
+        Command::Run(a) => run::run(&common, registry, a).await,
         Command::Relay(a) => relay::run(&common, a).await,
-        Command::Inspect(a) => inspect::run(&common, a).await,
-        Command::Verify(a) => verify::run(&common, a).await,
-        Command::Dlq(c) => dlq::run(&common, c).await,
-        Command::Replay(a) => replay::run(&common, a).await,
-        Command::Demo(a) => demo::run(&common, a).await,
-        Command::Bench(a) => bench::run(&common, a).await,
+        Command::Inspect(a) => inspect::run(&common, &registry, a).await,
+        Command::Verify(a) => verify::run(&common, &registry, a).await,
+        Command::Dlq(c) => dlq::run(&common, &registry, c).await,
+        Command::Replay(a) => replay::run(&common, &registry, a).await,
+        Command::Demo(a) => demo::run(&common, &registry, a).await,
+        Command::Bench(a) => bench::run(&common, registry, a).await,
+    }
+}
+
+/// Exit code of a process whose registry breaks its contract, or whose command line is
+/// wrong.
+pub const EXIT_USAGE: u8 = 2;
+
+/// The whole `cmdproc` command line for a processor binary with the aggregates of
+/// `registry`: parses the arguments, sets up logging, checks the registry and runs the
+/// subcommand on a multi-threaded Tokio runtime. A binary's `main` is this one call:
+///
+/// ```no_run
+/// fn main() -> std::process::ExitCode {
+///     processor::cli::main(bank::registry())
+/// }
+/// ```
+///
+/// The registry is checked before anything else runs: a command or event without a schema,
+/// or a type registered twice, ends the process at once with exit code 2 and a message
+/// naming the aggregate and the command, never a dead letter later. The help text and
+/// error messages use the binary's own name.
+pub fn main(registry: Registry) -> std::process::ExitCode {
+    use clap::{CommandFactory, FromArgMatches};
+
+    let name = std::env::args_os()
+        .next()
+        .and_then(|arg| {
+            std::path::Path::new(&arg)
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "cmdproc".to_owned());
+    // clap keeps names as `&'static str`; the process has one name for its whole life.
+    let name: &'static str = Box::leak(name.into_boxed_str());
+    let matches = Cli::command().name(name).bin_name(name).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CMDPROC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,rdkafka=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.common.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    if let Err(errors) = registry.check() {
+        eprintln!("error: the aggregates and their schemas disagree:");
+        for error in &errors.0 {
+            eprintln!("  {error}");
+        }
+        return std::process::ExitCode::from(EXIT_USAGE);
+    }
+    if registry.types().next().is_none() {
+        eprintln!("error: no aggregate is registered; add one with Registry::with");
+        return std::process::ExitCode::from(EXIT_USAGE);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli, Arc::new(registry))) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 use crate::producer::CommandProducer;
 use anyhow::Context;
 use clap::Args;
-use commands::schema::Schemas;
 use commands::{AggregateId, Command, CommandId, CommandType, Source};
+use commands::{Registry, SchemaSet};
 use futures::StreamExt;
 use serde_json::Value;
 
@@ -48,8 +48,8 @@ pub struct ProduceArgs {
 }
 
 /// Validates every command, then produces them in order and prints where each landed.
-pub async fn run(common: &Common, args: ProduceArgs) -> anyhow::Result<()> {
-    let schemas = Schemas::builtin();
+pub async fn run(common: &Common, registry: &Registry, args: ProduceArgs) -> anyhow::Result<()> {
+    let schemas = registry.schemas();
     let commands = match &args.file {
         Some(path) => read_lines(path, schemas)?,
         None => vec![from_flags(&args, schemas)?],
@@ -80,7 +80,7 @@ pub async fn run(common: &Common, args: ProduceArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn from_flags(args: &ProduceArgs, schemas: &Schemas) -> anyhow::Result<Command> {
+fn from_flags(args: &ProduceArgs, schemas: &SchemaSet) -> anyhow::Result<Command> {
     let data: Value = serde_json::from_str(&args.data).context("--data is not valid JSON")?;
     let ty = CommandType::parse(args.command_type.clone().unwrap_or_default())?;
     let subject = AggregateId::parse(args.subject.clone().unwrap_or_default())?;
@@ -95,7 +95,7 @@ fn from_flags(args: &ProduceArgs, schemas: &Schemas) -> anyhow::Result<Command> 
     Command::from_json(c.to_json(), schemas).map_err(|e| anyhow::anyhow!("invalid command: {e}"))
 }
 
-fn read_lines(path: &PathBuf, schemas: &Schemas) -> anyhow::Result<Vec<Command>> {
+fn read_lines(path: &PathBuf, schemas: &SchemaSet) -> anyhow::Result<Vec<Command>> {
     let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())
     } else {

@@ -7,6 +7,8 @@ use chrono::{DateTime, Utc};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use commands::Registry;
+
 use super::{parse_duration, Common};
 use crate::replay::{self, From, Range};
 
@@ -56,7 +58,7 @@ fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
 }
 
 /// Rewinds (or, with --dry-run, reports on) the chosen partitions.
-pub async fn run(common: &Common, args: ReplayArgs) -> anyhow::Result<()> {
+pub async fn run(common: &Common, registry: &Registry, args: ReplayArgs) -> anyhow::Result<()> {
     let topic = common.commands_topic.as_str();
     let partitions =
         crate::verify::parse_partitions(&args.partitions).map_err(|e| anyhow::anyhow!(e))?;
@@ -126,6 +128,7 @@ pub async fn run(common: &Common, args: ReplayArgs) -> anyhow::Result<()> {
         for r in &ranges {
             let d = replay::dry_run(
                 &pool,
+                registry,
                 &common.brokers,
                 topic,
                 r,

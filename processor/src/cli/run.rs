@@ -5,15 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
+use commands::Registry;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::{parse_duration, Common};
-use crate::batch::{PlanOptions, PoisonPolicy};
-use crate::http::{self, HttpState};
-use crate::metrics::{outcome, Metrics};
-use crate::relay::Relay;
-use crate::worker::{MisroutedPolicy, RelayHandle, Worker, WorkerConfig};
+use crate::batch::PoisonPolicy;
+use crate::engine::{Options, Processor};
+use crate::worker::MisroutedPolicy;
 
 /// Arguments of `run`.
 #[derive(Debug, Args)]
@@ -83,129 +81,37 @@ pub struct RunArgs {
 }
 
 /// Runs until SIGTERM or Ctrl-C, then drains within the shutdown timeout.
-pub async fn run(common: &Common, args: RunArgs) -> anyhow::Result<()> {
-    // A healthy batch never idles inside its transaction; a frozen worker must not keep its
-    // partition locked past the point where the group has given the partition away.
-    let pool = crate::store::connect_with(
-        &common.database_url,
-        args.db_connections,
-        common.connect_timeout,
-        Some(args.session_timeout),
-    )
-    .await?;
-    crate::store::migrate(&pool).await?;
-    // Bound before joining the group, so a configuration error is reported at once.
-    let listener = http::listen(args.metrics_addr).await?;
-    let owner = args.name.clone().unwrap_or_else(default_worker_name);
-    let config = WorkerConfig {
-        brokers: common.brokers.clone(),
-        group: common.group.clone(),
-        commands_topic: common.commands_topic.clone(),
-        events_topic: common.events_topic.clone(),
-        batch_size: if args.naive_baseline {
-            1
-        } else {
-            args.batch_size as usize
-        },
-        batch_linger: if args.naive_baseline {
-            Duration::ZERO
-        } else {
-            args.batch_linger
-        },
-        naive: args.naive_baseline,
-        aggregate_cache: if args.naive_baseline {
-            0
-        } else {
-            args.aggregate_cache
-        },
+pub async fn run(common: &Common, registry: Arc<Registry>, args: RunArgs) -> anyhow::Result<()> {
+    let options = Options {
+        batch_size: args.batch_size as usize,
+        batch_linger: args.batch_linger,
         max_command_bytes: args.max_command_bytes,
         session_timeout: args.session_timeout,
         misrouted: args.misrouted,
-        owner,
-        plan: PlanOptions {
-            poison: args.on_poison,
-            attempts: args.poison_attempts,
-        },
+        poison: args.on_poison,
+        poison_attempts: args.poison_attempts,
+        relay: !args.no_relay,
+        dedupe_window: args.dedupe_window,
+        prune_every: args.prune_every,
+        shutdown_timeout: args.shutdown_timeout,
+        db_connections: args.db_connections,
+        name: args.name.clone(),
+        metrics_addr: args.metrics_addr,
+        aggregate_cache: args.aggregate_cache,
+        naive_baseline: args.naive_baseline,
+        connect_timeout: common.connect_timeout,
     };
+    let processor = Processor::builder(registry)
+        .database_url(&common.database_url)
+        .brokers(&common.brokers)
+        .group(&common.group)
+        .commands_topic(common.commands_topic.clone())
+        .events_topic(common.events_topic.clone())
+        .options(options)
+        .build()?;
     let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let metrics = Arc::new(Metrics::new());
-    let relay_shutdown = CancellationToken::new();
-    let owned: crate::relay::Owned = Default::default();
-    let halted = crate::commands_log::Halted::default();
-    let relay_wake = if args.no_relay {
-        None
-    } else {
-        let relay = Relay::new(
-            pool.clone(),
-            &common.brokers,
-            common.commands_topic.as_str(),
-            1000,
-            Some(owned.clone()),
-        )?
-        .with_metrics(metrics.clone())
-        .with_destinations(&[common.events_topic.as_str()]);
-        let wake = relay.waker();
-        let token = relay_shutdown.clone();
-        let drain = args.shutdown_timeout / 2;
-        tracker.spawn(async move { relay.run(token, drain).await });
-        Some(wake)
-    };
-    tokio::spawn(prune(
-        pool.clone(),
-        common.commands_topic.to_string(),
-        args.dedupe_window,
-        args.prune_every,
-        shutdown.clone(),
-    ));
-    // The endpoint outlives the worker's drain, so a scrape during shutdown still answers
-    // (`/readyz` with 503); it stops last.
-    let http_stop = CancellationToken::new();
-    let http_task = http::spawn(
-        listener,
-        HttpState {
-            metrics: metrics.clone(),
-            owned: Some(owned.clone()),
-            halted: Some(halted.clone()),
-            pool: pool.clone(),
-            shutdown: shutdown.clone(),
-        },
-        http_stop.clone(),
-    );
-    let worker = Worker::new(config, pool, relay_wake, owned)
-        .with_metrics(metrics.clone())
-        .with_halted(halted)
-        .with_relay(RelayHandle {
-            stop: relay_shutdown.clone(),
-            tasks: tracker.clone(),
-            deadline: args.shutdown_timeout,
-        });
     tokio::spawn(on_signal(shutdown.clone()));
-    let result = worker.run(shutdown.clone()).await;
-    // The worker has stopped taking batches; now let the relay publish what they wrote.
-    relay_shutdown.cancel();
-    tracker.close();
-    if tokio::time::timeout(args.shutdown_timeout, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("relay did not stop within the shutdown timeout");
-    }
-    http_stop.cancel();
-    if let Some(task) = http_task {
-        let _ = task.await;
-    }
-    tracing::info!(
-        applied = metrics.commands_with(outcome::APPLIED),
-        rejected = metrics.commands_with(outcome::REJECTED),
-        duplicates = metrics.commands_with(outcome::DUPLICATE),
-        dead_letters = metrics.commands_with(outcome::DEAD_LETTERED),
-        parked = metrics.commands_with(outcome::PARKED),
-        fenced = metrics.fenced_batches.get(),
-        events_published = metrics.events_published.get(),
-        "worker stopped"
-    );
-    result
+    processor.run(shutdown).await
 }
 
 /// The default worker name: `<hostname>-<pid>-<6 random hex digits>`. Host and pid alone
@@ -220,35 +126,6 @@ pub fn default_worker_name() -> String {
         .unwrap_or_else(|| "cmdproc".to_owned());
     let suffix = uuid::Uuid::new_v4().simple().to_string();
     format!("{host}-{}-{}", std::process::id(), &suffix[..6])
-}
-
-/// Forgets, every `every`, what of `topic` is older than the dedupe window: recorded
-/// outcomes, duplicate deliveries, and outbox rows already published; and records the
-/// horizon for `cmdproc replay`. Every worker of the topic does it; the deletes are
-/// idempotent.
-async fn prune(
-    pool: sqlx::PgPool,
-    topic: String,
-    window: Duration,
-    every: Duration,
-    shutdown: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-        match crate::store::prune(&pool, &topic, window).await {
-            Ok(p) if p.total() > 0 => tracing::info!(
-                outcomes = p.outcomes,
-                duplicates = p.duplicates,
-                outbox = p.outbox,
-                "forgot what is older than the dedupe window"
-            ),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "pruning failed; trying again later"),
-        }
-    }
 }
 
 /// Cancels `token` on SIGTERM or Ctrl-C.

@@ -2,6 +2,8 @@
 
 use clap::Args;
 
+use commands::Registry;
+
 use super::Common;
 use crate::verify::{self, VerifyConfig};
 use crate::worker::MisroutedPolicy;
@@ -27,7 +29,7 @@ pub struct VerifyArgs {
 }
 
 /// Verifies the stored aggregates against a re-execution of the retained commands.
-pub async fn run(common: &Common, args: VerifyArgs) -> anyhow::Result<()> {
+pub async fn run(common: &Common, registry: &Registry, args: VerifyArgs) -> anyhow::Result<()> {
     let partitions = verify::parse_partitions(&args.partitions).map_err(anyhow::Error::msg)?;
     let pool = super::pool(common, 4).await?;
     let config = VerifyConfig {
@@ -37,7 +39,7 @@ pub async fn run(common: &Common, args: VerifyArgs) -> anyhow::Result<()> {
         max_command_bytes: args.max_command_bytes,
         misrouted: args.misrouted,
     };
-    let report = verify::verify(&pool, &config, |line| println!("{line}")).await?;
+    let report = verify::verify(&pool, registry, &config, |line| println!("{line}")).await?;
     for d in &report.differences {
         println!("difference: {}", d.describe());
     }

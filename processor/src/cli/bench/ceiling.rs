@@ -5,12 +5,13 @@
 //! `workers`-th partition and taking batches of the workers' size across them.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use commands::domain::Registry;
 use commands::envelope::CLOUDEVENTS_JSON;
 use commands::partitioner::partition_for_key;
 use commands::Command;
+use commands::Registry;
 use sqlx::PgPool;
 
 use crate::batch::{Incoming, PlanOptions};
@@ -21,6 +22,7 @@ use crate::store::{self, AggregateCache, BatchTarget, PartitionBatch};
 /// returns how long it took and the number of commands applied or rejected.
 pub(super) async fn run(
     pool: &PgPool,
+    registry: &Arc<Registry>,
     ns: &Namespace,
     partitions: i32,
     workers: u32,
@@ -58,8 +60,8 @@ pub(super) async fn run(
     for share in shares {
         let pool = pool.clone();
         let (topic, events_topic) = (topic.to_owned(), events_topic.to_owned());
+        let registry = Arc::clone(registry);
         tasks.spawn(async move {
-            let registry = Registry::builtin();
             let options = PlanOptions::default();
             let dead_letter_topic = format!("{topic}.dlq");
             let mut cache = AggregateCache::new(cache_capacity);

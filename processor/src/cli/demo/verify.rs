@@ -968,7 +968,7 @@ mod tests {
     #[test]
     fn a_faithful_run_passes_and_each_kind_of_damage_is_caught() {
         let w = Workload::generate(5, 600, PARTITIONS);
-        let model = Model::run(&w.valid).unwrap();
+        let model = Model::run(&bank::registry(), &w.valid).unwrap();
         let d = deliveries(&w);
         let good = faithful(&w, &model, &d);
         assert_eq!(failing(&checks(&w, &model, &d, &good)), Vec::<char>::new());

@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 
 use anyhow::Context;
 use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
-use commands::domain::Registry;
 use commands::partitioner::partition_for_key;
 use commands::{AggregateId, Command, CommandId, CommandType, DeadLetterKind, Source};
+use commands::{Context as HandlerContext, Handled, Registry};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -512,12 +512,26 @@ pub(in crate::cli) struct ModelEvent {
     pub(in crate::cli) data: Value,
 }
 
+/// Refuses a registry without the domains the demo and the bench generate commands for.
+pub(in crate::cli) fn require_example_domains(registry: &Registry) -> anyhow::Result<()> {
+    for needed in ["account", "room"] {
+        if registry.get(needed).is_none() {
+            anyhow::bail!(
+                "the demo and the bench generate `account` and `room` commands, and this \
+                 processor does not know `{needed}` (it knows {}); run them with the stock \
+                 `cmdproc` binary, or register `bank::Account` and `bank::Room`",
+                registry.types().collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
 impl Model {
     /// Runs the domain's pure handlers over `valid` serially. Commands of one aggregate
     /// share a partition and are produced in this order, so this is the order the workers
     /// must apply them in; commands of different aggregates do not interact.
-    pub(in crate::cli) fn run(valid: &[Command]) -> anyhow::Result<Self> {
-        let registry = Registry::builtin();
+    pub(in crate::cli) fn run(registry: &Registry, valid: &[Command]) -> anyhow::Result<Self> {
         let mut aggregates: BTreeMap<(String, String), Modeled> = BTreeMap::new();
         let mut applied = Vec::with_capacity(valid.len());
         let mut events = Vec::new();
@@ -531,10 +545,16 @@ impl Model {
                 version: 0,
                 state: Value::Null,
             });
-            match aggregate.handle(&entry.state, c.command_type.name(), &c.data) {
-                Err(e) => anyhow::bail!("the demo generated an invalid command {}: {e}", c.id),
-                Ok(Err(_rejection)) => applied.push(false),
-                Ok(Ok(emitted)) => {
+            let context = HandlerContext::new(&c.id, &c.source, entry.version as u64)
+                .with_time(c.time)
+                .with_correlation_id(c.correlation_id.as_deref());
+            match aggregate.handle(&entry.state, c.command_type.name(), &c.data, &context) {
+                Handled::Invalid(e) => {
+                    anyhow::bail!("the demo generated an invalid command {}: {e}", c.id)
+                }
+                Handled::Rejected(_rejection) => applied.push(false),
+                Handled::Accepted(decision) => {
+                    let emitted = decision.events;
                     // The engine leaves an aggregate untouched by a command without events.
                     if !emitted.is_empty() {
                         entry.state = aggregate.apply(&entry.state, &emitted);
@@ -563,7 +583,6 @@ impl Model {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use commands::schema::Schemas;
 
     #[test]
     fn the_same_seed_gives_the_same_workload() {
@@ -602,7 +621,8 @@ mod tests {
     #[test]
     fn valid_commands_pass_the_schemas_and_invalid_ones_get_their_kind() {
         let w = Workload::generate(3, 300, 6);
-        let schemas = Schemas::builtin();
+        let registry = bank::registry();
+        let schemas = registry.schemas();
         for c in &w.valid {
             let bytes = c.encode();
             let key = c.subject.as_str().as_bytes();
@@ -627,7 +647,7 @@ mod tests {
     #[test]
     fn the_model_rejects_overdrafts_and_double_bookings() {
         let w = Workload::generate(42, 2000, 6);
-        let model = Model::run(&w.valid).expect("a valid workload");
+        let model = Model::run(&bank::registry(), &w.valid).expect("a valid workload");
         let rejected = model.applied.iter().filter(|a| !**a).count();
         assert!(rejected > 100, "only {rejected} rejections");
         for ((ty, _), m) in &model.aggregates {

@@ -6,8 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::Catalog;
-use crate::aggregate::{Aggregate, Rejection};
+use commands::{Aggregate, Context, Decision, Rejection};
 
 /// The account aggregate (type `account`).
 #[derive(Debug, Clone, Copy, Default)]
@@ -72,11 +71,6 @@ pub struct AccountState {
     pub balance: i64,
 }
 
-impl Catalog for Account {
-    const COMMANDS: &'static [&'static str] = &["Open", "Deposit", "Withdraw"];
-    const EVENTS: &'static [&'static str] = &["Opened", "Deposited", "Withdrawn"];
-}
-
 impl Aggregate for Account {
     const TYPE: &'static str = "account";
     type State = AccountState;
@@ -86,28 +80,32 @@ impl Aggregate for Account {
     fn handle(
         state: &AccountState,
         command: &AccountCommand,
-    ) -> Result<Vec<AccountEvent>, Rejection> {
+        _context: &Context<'_>,
+    ) -> Result<Decision<AccountEvent>, Rejection> {
         match command {
             AccountCommand::Open { owner } => {
                 if state.opened {
-                    return Err(Rejection::new("account is already open"));
+                    return Err(Rejection::new("already_open", "account is already open"));
                 }
                 if owner.trim().is_empty() {
-                    return Err(Rejection::new("owner must not be empty"));
+                    return Err(Rejection::new("empty_owner", "owner must not be empty"));
                 }
-                Ok(vec![AccountEvent::Opened {
+                Ok(Decision::event(AccountEvent::Opened {
                     owner: owner.clone(),
-                }])
+                }))
             }
             AccountCommand::Deposit { amount } => {
                 let amount = open_and_positive(state, *amount)?;
                 let balance = state.balance.checked_add(amount).ok_or_else(|| {
-                    Rejection::new(format!(
-                        "deposit of {amount} would overflow balance {}",
-                        state.balance
-                    ))
+                    Rejection::new(
+                        "overflow",
+                        format!(
+                            "deposit of {amount} would overflow balance {}",
+                            state.balance
+                        ),
+                    )
                 })?;
-                Ok(vec![AccountEvent::Deposited { amount, balance }])
+                Ok(Decision::event(AccountEvent::Deposited { amount, balance }))
             }
             AccountCommand::Withdraw { amount } => {
                 let amount = open_and_positive(state, *amount)?;
@@ -115,12 +113,15 @@ impl Aggregate for Account {
                 // overflow; `checked_sub` keeps it panic-free should a state ever be corrupt.
                 match state.balance.checked_sub(amount) {
                     Some(balance) if balance >= 0 => {
-                        Ok(vec![AccountEvent::Withdrawn { amount, balance }])
+                        Ok(Decision::event(AccountEvent::Withdrawn { amount, balance }))
                     }
-                    _ => Err(Rejection::new(format!(
-                        "insufficient funds: balance {}, withdrawal {amount}",
-                        state.balance
-                    ))),
+                    _ => Err(Rejection::new(
+                        "insufficient_funds",
+                        format!(
+                            "insufficient funds: balance {}, withdrawal {amount}",
+                            state.balance
+                        ),
+                    )),
                 }
             }
         }
@@ -148,12 +149,13 @@ impl Aggregate for Account {
 /// hold its invariant even for callers that skip validation.
 fn open_and_positive(state: &AccountState, amount: i64) -> Result<i64, Rejection> {
     if !state.opened {
-        return Err(Rejection::new("account is not open"));
+        return Err(Rejection::new("not_open", "account is not open"));
     }
     if amount <= 0 {
-        return Err(Rejection::new(format!(
-            "amount must be positive, got {amount}"
-        )));
+        return Err(Rejection::new(
+            "invalid_amount",
+            format!("amount must be positive, got {amount}"),
+        ));
     }
     Ok(amount)
 }
@@ -161,6 +163,17 @@ fn open_and_positive(state: &AccountState, amount: i64) -> Result<i64, Rejection
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Handles one command with a fixed context, as the engine would, returning its events.
+    fn handle(
+        state: &AccountState,
+        command: &AccountCommand,
+    ) -> Result<Vec<AccountEvent>, Rejection> {
+        let id = commands::CommandId::parse("c-1").expect("id");
+        let source = commands::Source::parse("/test").expect("source");
+        Account::handle(state, command, &Context::new(&id, &source, 0))
+            .map(|decision| decision.events)
+    }
 
     /// Handles `commands` in order from a new account, applying accepted ones, and returns
     /// the final state with each command's outcome.
@@ -170,7 +183,7 @@ mod tests {
         let mut state = AccountState::default();
         let mut outcomes = Vec::new();
         for command in commands {
-            let outcome = Account::handle(&state, command);
+            let outcome = handle(&state, command);
             if let Ok(events) = &outcome {
                 for event in events {
                     Account::apply(&mut state, event);
@@ -227,7 +240,7 @@ mod tests {
     #[test]
     fn commands_before_open_are_rejected() {
         let (state, outcomes) = run(&[deposit(10), withdraw(10)]);
-        let not_open = Err(Rejection::new("account is not open"));
+        let not_open = Err(Rejection::new("not_open", "account is not open"));
         assert_eq!(outcomes, [not_open.clone(), not_open]);
         assert_eq!(state, AccountState::default());
     }
@@ -235,14 +248,20 @@ mod tests {
     #[test]
     fn opening_twice_is_rejected() {
         let (state, outcomes) = run(&[open("alice"), open("bob")]);
-        assert_eq!(outcomes[1], Err(Rejection::new("account is already open")));
+        assert_eq!(
+            outcomes[1],
+            Err(Rejection::new("already_open", "account is already open"))
+        );
         assert_eq!(state.owner.as_deref(), Some("alice"));
     }
 
     #[test]
     fn empty_owner_is_rejected() {
         let (_, outcomes) = run(&[open("  ")]);
-        assert_eq!(outcomes[0], Err(Rejection::new("owner must not be empty")));
+        assert_eq!(
+            outcomes[0],
+            Err(Rejection::new("empty_owner", "owner must not be empty"))
+        );
     }
 
     #[test]
@@ -251,6 +270,7 @@ mod tests {
         assert_eq!(
             outcomes[2],
             Err(Rejection::new(
+                "insufficient_funds",
                 "insufficient funds: balance 10, withdrawal 25"
             ))
         );
@@ -276,10 +296,10 @@ mod tests {
         let (state, outcomes) = run(&[open("alice"), deposit(i64::MAX), deposit(1)]);
         assert_eq!(
             outcomes[2],
-            Err(Rejection::new(format!(
-                "deposit of 1 would overflow balance {}",
-                i64::MAX
-            )))
+            Err(Rejection::new(
+                "overflow",
+                format!("deposit of 1 would overflow balance {}", i64::MAX)
+            ))
         );
         assert_eq!(state.balance, i64::MAX);
     }
@@ -311,7 +331,7 @@ mod tests {
         for seed in 0..200 {
             let mut state = AccountState::default();
             for command in random_commands(seed, 60) {
-                if let Ok(events) = Account::handle(&state, &command) {
+                if let Ok(events) = handle(&state, &command) {
                     for event in &events {
                         Account::apply(&mut state, event);
                     }

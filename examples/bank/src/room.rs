@@ -8,8 +8,7 @@ use std::collections::BTreeMap;
 use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
 
-use super::Catalog;
-use crate::aggregate::{Aggregate, Rejection};
+use commands::{Aggregate, Context, Decision, Rejection};
 
 /// The room aggregate (type `room`).
 #[derive(Debug, Clone, Copy, Default)]
@@ -65,38 +64,43 @@ pub struct RoomState {
     pub booked: BTreeMap<NaiveDate, String>,
 }
 
-impl Catalog for Room {
-    const COMMANDS: &'static [&'static str] = &["Book", "Cancel"];
-    const EVENTS: &'static [&'static str] = &["Booked", "Cancelled"];
-}
-
 impl Aggregate for Room {
     const TYPE: &'static str = "room";
     type State = RoomState;
     type Command = RoomCommand;
     type Event = RoomEvent;
 
-    fn handle(state: &RoomState, command: &RoomCommand) -> Result<Vec<RoomEvent>, Rejection> {
+    fn handle(
+        state: &RoomState,
+        command: &RoomCommand,
+        _context: &Context<'_>,
+    ) -> Result<Decision<RoomEvent>, Rejection> {
         match command {
             RoomCommand::Book { night, guest } => {
                 if state.booked.contains_key(night) {
-                    return Err(Rejection::new(format!("night {night} is already booked")));
+                    return Err(Rejection::new(
+                        "already_booked",
+                        format!("night {night} is already booked"),
+                    ));
                 }
                 // The schema demands a non-empty guest; defend for callers that skip it.
                 if guest.trim().is_empty() {
-                    return Err(Rejection::new("guest must not be empty"));
+                    return Err(Rejection::new("empty_guest", "guest must not be empty"));
                 }
-                Ok(vec![RoomEvent::Booked {
+                Ok(Decision::event(RoomEvent::Booked {
                     night: *night,
                     guest: guest.clone(),
-                }])
+                }))
             }
             RoomCommand::Cancel { night } => match state.booked.get(night) {
-                Some(guest) => Ok(vec![RoomEvent::Cancelled {
+                Some(guest) => Ok(Decision::event(RoomEvent::Cancelled {
                     night: *night,
                     guest: guest.clone(),
-                }]),
-                None => Err(Rejection::new(format!("night {night} is not booked"))),
+                })),
+                None => Err(Rejection::new(
+                    "not_booked",
+                    format!("night {night} is not booked"),
+                )),
             },
         }
     }
@@ -117,6 +121,13 @@ impl Aggregate for Room {
 mod tests {
     use super::*;
 
+    /// Handles one command with a fixed context, as the engine would, returning its events.
+    fn handle(state: &RoomState, command: &RoomCommand) -> Result<Vec<RoomEvent>, Rejection> {
+        let id = commands::CommandId::parse("c-1").expect("id");
+        let source = commands::Source::parse("/test").expect("source");
+        Room::handle(state, command, &Context::new(&id, &source, 0)).map(|decision| decision.events)
+    }
+
     fn night(iso: &str) -> NaiveDate {
         iso.parse().expect("ISO date")
     }
@@ -136,7 +147,7 @@ mod tests {
         let mut state = RoomState::default();
         let mut outcomes = Vec::new();
         for command in commands {
-            let outcome = Room::handle(&state, command);
+            let outcome = handle(&state, command);
             if let Ok(events) = &outcome {
                 for event in events {
                     Room::apply(&mut state, event);
@@ -152,7 +163,10 @@ mod tests {
         let (state, outcomes) = run(&[book("2026-12-24", "alice"), book("2026-12-24", "bob")]);
         assert_eq!(
             outcomes[1],
-            Err(Rejection::new("night 2026-12-24 is already booked"))
+            Err(Rejection::new(
+                "already_booked",
+                "night 2026-12-24 is already booked"
+            ))
         );
         assert_eq!(
             state.booked.get(&night("2026-12-24")).map(String::as_str),
@@ -193,7 +207,10 @@ mod tests {
         let (state, outcomes) = run(&[cancel("2026-12-24")]);
         assert_eq!(
             outcomes[0],
-            Err(Rejection::new("night 2026-12-24 is not booked"))
+            Err(Rejection::new(
+                "not_booked",
+                "night 2026-12-24 is not booked"
+            ))
         );
         assert!(state.booked.is_empty());
     }
@@ -201,7 +218,10 @@ mod tests {
     #[test]
     fn empty_guest_is_rejected() {
         let (_, outcomes) = run(&[book("2026-12-24", "")]);
-        assert_eq!(outcomes[0], Err(Rejection::new("guest must not be empty")));
+        assert_eq!(
+            outcomes[0],
+            Err(Rejection::new("empty_guest", "guest must not be empty"))
+        );
     }
 
     #[test]
