@@ -93,7 +93,7 @@ impl Schemas {
     }
 
     /// Reads the files: `(kind, name) -> (path for messages, text)`.
-    fn load(&self) -> Result<BTreeMap<(DataKind, String), (String, String)>, RegistryError> {
+    fn load(&self) -> Result<SchemaTexts, RegistryError> {
         let mut out = BTreeMap::new();
         match &self.files {
             SchemaFiles::Dir(dir) => {
@@ -170,6 +170,9 @@ impl Schemas {
         Ok(out)
     }
 }
+
+/// An aggregate's schema files as read: `(kind, name) -> (path for messages, text)`.
+type SchemaTexts = BTreeMap<(DataKind, String), (String, String)>;
 
 /// `Name` of `.../Name.json`.
 fn json_stem(path: &Path) -> Option<String> {

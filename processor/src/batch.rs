@@ -600,7 +600,7 @@ mod tests {
             msg(14, "/t", "4", "account.Withdraw", "a", json!({"amount":4})),
         ];
         let p = plan(
-            &registry,
+            registry,
             &PlanOptions::default(),
             &msgs,
             &HashMap::new(),
@@ -653,7 +653,7 @@ mod tests {
             stale,
         ];
         let p = plan(
-            &registry,
+            registry,
             &PlanOptions::default(),
             &msgs,
             &known,
@@ -694,7 +694,7 @@ mod tests {
             ),
         ];
         let p = plan(
-            &registry,
+            registry,
             &PlanOptions::default(),
             &msgs,
             &HashMap::new(),
@@ -719,7 +719,7 @@ mod tests {
             msg(3, "/t", "3", "account.Deposit", "p", json!({"amount":1})),
         ];
         let p = plan(
-            &registry,
+            registry,
             &PlanOptions::default(),
             &msgs,
             &HashMap::new(),

@@ -276,7 +276,7 @@ pub async fn verify(
             pool,
             &consumer,
             config,
-            &registry,
+            registry,
             schemas,
             &options,
             partitions,

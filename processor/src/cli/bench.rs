@@ -638,6 +638,8 @@ fn bar(len: u64, prefix: &str) -> ProgressBar {
     bar
 }
 
+// The bench's knobs, passed as they are; bundling them would only rename them.
+#[allow(clippy::too_many_arguments)]
 async fn measure(
     common: &Common,
     registry: &Registry,

@@ -20,6 +20,8 @@ use crate::store::{self, AggregateCache, BatchTarget, PartitionBatch};
 
 /// Applies `commands` (to the namespace's topics) through `workers` concurrent tasks in batches of `batch_size`;
 /// returns how long it took and the number of commands applied or rejected.
+// The bench's knobs, passed as they are; bundling them would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn run(
     pool: &PgPool,
     registry: &Arc<Registry>,
