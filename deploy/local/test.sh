@@ -23,6 +23,6 @@ promtool check rules deploy/prometheus/alerts.yml
 echo "[test] cargo fmt --check"
 cargo fmt --all -- --check
 echo "[test] cargo clippy --all-targets -- -D warnings"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked --features processor/failpoints -- -D warnings
 echo "[test] cargo test"
-cargo test --workspace --locked --no-fail-fast
+cargo test --workspace --locked --no-fail-fast --features processor/failpoints

@@ -9,6 +9,7 @@ use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
 use sqlx::{PgPool, Row};
 
 use crate::batch::{self, headers_from_json, Incoming, PlanOptions};
+use crate::error::{OperatorError, Result};
 use crate::store::{self, BatchTarget, StoreError};
 
 /// Which dead letters an operator means.
@@ -177,7 +178,7 @@ pub async fn resubmit(
     pool: &PgPool,
     producer: &CommandProducer,
     letters: &[DeadLetter],
-) -> anyhow::Result<usize> {
+) -> Result<usize> {
     let mut sent = Vec::new();
     for dl in letters {
         let mut headers = OwnedHeaders::new_with_capacity(dl.headers.len());
@@ -243,7 +244,7 @@ pub async fn release(
     topics: Topics<'_>,
     aggregate: &(String, String),
     options: &PlanOptions,
-) -> anyhow::Result<Option<Released>> {
+) -> Result<Option<Released>> {
     let mut tx = pool.begin().await.map_err(StoreError::from)?;
     let Some(row) = sqlx::query(
         "SELECT partition FROM parked_aggregates WHERE topic = $1 AND aggregate_type = $2 AND aggregate_id = $3",
@@ -382,7 +383,7 @@ pub async fn skip(
     partition: i32,
     offset: i64,
     why: &str,
-) -> anyhow::Result<Skipped> {
+) -> Result<Skipped> {
     let mut tx = pool.begin().await.map_err(StoreError::from)?;
     let Some(letter) = sqlx::query(
         "SELECT d.key, d.value, d.headers, d.skipped_at IS NOT NULL OR c.skipped_at IS NOT NULL,
@@ -401,20 +402,22 @@ pub async fn skip(
     .await
     .map_err(StoreError::from)?
     else {
-        anyhow::bail!(
+        return Err(OperatorError::Refused(format!(
             "no dead letter at partition {partition} offset {offset} of {topic}; \
              `cmdproc dlq list` shows the dead letters and parked aggregates"
-        );
+        )));
     };
     if letter.get::<bool, _>(3) {
-        anyhow::bail!("partition {partition} offset {offset} of {topic} was skipped already");
+        return Err(OperatorError::Refused(format!(
+            "partition {partition} offset {offset} of {topic} was skipped already"
+        )));
     }
     let was_parked: bool = letter.get(4);
     if letter.get::<bool, _>(5) {
-        anyhow::bail!(
+        return Err(OperatorError::Refused(format!(
             "partition {partition} offset {offset} of {topic} was re-applied when its aggregate \
              was released; there is nothing left to skip"
-        );
+        )));
     }
     let key: Option<Vec<u8>> = letter.get(0);
     let value: Option<Vec<u8>> = letter.get(1);
@@ -453,9 +456,9 @@ pub async fn skip(
         .await
         .map_err(StoreError::from)?;
         if let Some(outcome) = existing {
-            anyhow::bail!(
+            return Err(OperatorError::Refused(format!(
                 "command {id} from {source} already has the outcome `{outcome}`; skipping it now would change nothing"
-            );
+            )));
         }
         sqlx::query(
             "INSERT INTO processed_commands

@@ -1,8 +1,12 @@
-//! Failure injection for tests, driven by the `CMDPROC_FAILPOINT` environment variable.
+//! Failure injection for tests, driven by the `CMDPROC_FAILPOINT` environment variable, and
+//! compiled in only with the cargo feature `failpoints` (the test command enables it).
 //!
 //! The failure suites need to stop a process at an exact point (between publishing a batch
 //! to Kafka and recording it in Postgres) or make a handler panic, which no real input can
-//! do with the shipped domains. Without the variable every failpoint is a no-op.
+//! do with the shipped domains. Without the variable every failpoint is a no-op; without the
+//! feature every failpoint is an empty function the compiler removes, so production builds
+//! carry no injection checks, and a process started with the variable refuses to run
+//! ([`refuse_without_feature`]) rather than silently ignoring it.
 //!
 //! Values, comma-separated:
 //! - `relay-crash-after-publish`: abort the process right after a relay batch is committed
@@ -18,9 +22,13 @@
 //!   taking a partition again) reports failure without seeking.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+#[cfg(feature = "failpoints")]
 use std::sync::OnceLock;
 
-fn points() -> &'static Vec<String> {
+/// The failpoints set in `CMDPROC_FAILPOINT`.
+#[cfg(feature = "failpoints")]
+#[inline]
+fn points() -> &'static [String] {
     static POINTS: OnceLock<Vec<String>> = OnceLock::new();
     POINTS.get_or_init(|| {
         std::env::var("CMDPROC_FAILPOINT")
@@ -32,6 +40,27 @@ fn points() -> &'static Vec<String> {
             })
             .unwrap_or_default()
     })
+}
+
+/// No failpoints in a build without the `failpoints` feature.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+fn points() -> &'static [String] {
+    &[]
+}
+
+/// An error when `CMDPROC_FAILPOINT` is set in a build without failpoints, so a failure
+/// test run against the wrong build says why instead of passing or failing for nothing.
+pub fn refuse_without_feature() -> Result<(), String> {
+    let set = std::env::var_os("CMDPROC_FAILPOINT").is_some_and(|v| !v.is_empty());
+    if set && !cfg!(feature = "failpoints") {
+        return Err(
+            "CMDPROC_FAILPOINT is set, but this build has no failpoints; build with \
+                    `--features processor/failpoints`"
+                .to_owned(),
+        );
+    }
+    Ok(())
 }
 
 /// Whether the named failpoint is set.

@@ -45,15 +45,28 @@ pub const DEFAULT_ADDR: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
     9464,
 ));
 
+/// The endpoint's address cannot be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen for metrics on {addr}: {source}")]
+pub struct ListenError {
+    /// The address.
+    pub addr: SocketAddr,
+    /// Why.
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// Binds the endpoint's address now, before the process joins anything, so a configuration
 /// error is reported at once. An address the operator gave that cannot be bound is an error;
 /// when the default port is taken (several processes on one host) the process runs without
 /// the endpoint and says so in its log.
-pub async fn listen(addr: Option<SocketAddr>) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+pub async fn listen(
+    addr: Option<SocketAddr>,
+) -> Result<Option<tokio::net::TcpListener>, ListenError> {
     let bind = |a: SocketAddr| async move {
         tokio::net::TcpListener::bind(a)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {a}: {e}"))
+            .map_err(|source| ListenError { addr: a, source })
     };
     match addr {
         Some(a) => Ok(Some(bind(a).await?)),

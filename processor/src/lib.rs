@@ -15,12 +15,15 @@
 //! - [`http`]: the `/metrics`, `/healthz` and `/readyz` endpoint of `cmdproc run`.
 //! - [`cli`]: the `cmdproc` subcommands.
 
+#![warn(missing_docs)]
+
 pub mod batch;
 pub mod cli;
 pub mod commands_log;
 pub mod decode;
 pub mod dlq;
 pub mod engine;
+pub mod error;
 pub mod failpoint;
 pub mod http;
 pub mod inspect;

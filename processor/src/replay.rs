@@ -16,6 +16,7 @@ use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sqlx::{PgPool, Row};
 
+use crate::error::{OperatorError, Result};
 use crate::store::StoreError;
 use crate::worker::MisroutedPolicy;
 
@@ -52,7 +53,7 @@ pub struct DryRun {
     pub invalid: u64,
 }
 
-fn reader(brokers: &str) -> anyhow::Result<BaseConsumer> {
+fn reader(brokers: &str) -> Result<BaseConsumer> {
     Ok(ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "cmdproc-replay-reader")
@@ -69,16 +70,16 @@ pub fn ranges(
     partitions: Option<&[i32]>,
     from: From,
     to_offset: Option<i64>,
-) -> anyhow::Result<Vec<Range>> {
+) -> Result<Vec<Range>> {
     let consumer = reader(brokers)?;
     let all = crate::topics::partition_count(consumer.client(), topic, Duration::from_secs(10))?;
     let chosen: Vec<i32> = match partitions {
         Some(ps) => {
             if let Some(bad) = ps.iter().find(|p| **p < 0 || **p >= all) {
-                anyhow::bail!(
+                return Err(OperatorError::Refused(format!(
                     "partition {bad} does not exist: `{topic}` has {all} partitions (0 to {})",
                     all - 1
-                );
+                )));
             }
             ps.to_vec()
         }
@@ -127,7 +128,7 @@ pub async fn dry_run(
     range: &Range,
     max_command_bytes: usize,
     progress: &indicatif::ProgressBar,
-) -> anyhow::Result<DryRun> {
+) -> Result<DryRun> {
     let consumer = reader(brokers)?;
     let partitions =
         crate::topics::partition_count(consumer.client(), topic, Duration::from_secs(10))?;
@@ -175,10 +176,10 @@ pub async fn dry_run(
                     }
                 }
                 if idle.elapsed() > Duration::from_secs(30) {
-                    anyhow::bail!(
+                    return Err(OperatorError::Refused(format!(
                         "partition {} stopped delivering at offset {next}",
                         range.partition
-                    );
+                    )));
                 }
             }
         }
@@ -191,7 +192,7 @@ async fn count_processed(
     pool: &PgPool,
     pending: &mut Vec<(String, String)>,
     report: &mut DryRun,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     if pending.is_empty() {
         return Ok(());
     }
@@ -226,7 +227,7 @@ pub async fn outcome_since(
     topic: &str,
     range: &Range,
     since: DateTime<Utc>,
-) -> anyhow::Result<(i64, i64)> {
+) -> Result<(i64, i64)> {
     let applied: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM processed_commands
          WHERE topic = $1 AND partition = $2 AND \"offset\" >= $3 AND \"offset\" < $4 AND processed_at >= $5",

@@ -34,6 +34,22 @@ pub enum TopicError {
         /// Why.
         reason: String,
     },
+    /// A Kafka client call failed.
+    #[error("{what}: {source}")]
+    Kafka {
+        /// What was being done.
+        what: String,
+        /// The client's error.
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    /// A Kafka client could not be made or used.
+    #[error("kafka: {0}")]
+    Client(#[from] rdkafka::error::KafkaError),
+    /// The request does not fit the topic (a partition it lacks, a topic that does not
+    /// exist); the message says what to do.
+    #[error("{0}")]
+    Refused(String),
     /// The broker refused.
     #[error("creating topic `{topic}` failed: {reason}")]
     Failed {
@@ -80,10 +96,13 @@ pub fn partition_count<C: ClientContext>(
     client: &Client<C>,
     topic: &str,
     timeout: Duration,
-) -> anyhow::Result<i32> {
+) -> Result<i32, TopicError> {
     let md = client
         .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| anyhow::anyhow!("cannot read metadata of topic `{topic}`: {e}"))?;
+        .map_err(|source| TopicError::Kafka {
+            what: format!("cannot read metadata of topic `{topic}`"),
+            source,
+        })?;
     match md
         .topics()
         .iter()
@@ -91,7 +110,9 @@ pub fn partition_count<C: ClientContext>(
     {
         Some(t) => Ok(t.partitions().len() as i32),
         None => {
-            anyhow::bail!("topic `{topic}` does not exist; create it with `cmdproc topics create`")
+            return Err(TopicError::Refused(format!(
+                "topic `{topic}` does not exist; create it with `cmdproc topics create`"
+            )))
         }
     }
 }
@@ -224,7 +245,7 @@ pub fn watermarks(
     topic: &str,
     partitions: Option<&[i32]>,
     timeout: Duration,
-) -> anyhow::Result<Vec<(i32, i64, i64)>> {
+) -> Result<Vec<(i32, i64, i64)>, TopicError> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -235,10 +256,10 @@ pub fn watermarks(
     let chosen = match partitions {
         Some(p) => {
             if let Some(bad) = p.iter().find(|p| **p < 0 || **p >= count) {
-                anyhow::bail!(
+                return Err(TopicError::Refused(format!(
                     "partition {bad} does not exist: `{topic}` has {count} partitions (0 to {})",
                     count - 1
-                );
+                )));
             }
             p
         }
@@ -252,7 +273,10 @@ pub fn watermarks(
         .map(|p| {
             let (low, high) = consumer
                 .fetch_watermarks(topic, *p, timeout)
-                .map_err(|e| anyhow::anyhow!("cannot read the offsets of {topic} [{p}]: {e}"))?;
+                .map_err(|source| TopicError::Kafka {
+                    what: format!("cannot read the offsets of {topic} [{p}]"),
+                    source,
+                })?;
             Ok((*p, low, high))
         })
         .collect()
@@ -267,7 +291,7 @@ pub fn first_message_at(
     partition: i32,
     offset: i64,
     timeout: Duration,
-) -> anyhow::Result<Option<(i64, Option<i64>)>> {
+) -> Result<Option<(i64, Option<i64>)>, TopicError> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::Message;
     use rdkafka::{Offset, TopicPartitionList};

@@ -27,7 +27,9 @@ use sqlx::PgPool;
 use crate::batch::{
     self, AggregateKey, CommandKey, Incoming, Loaded, Outcome, PlanOptions, PoisonPolicy,
 };
+use crate::error::{OperatorError, Result};
 use crate::store;
+use crate::topics::TopicError;
 use crate::worker::MisroutedPolicy;
 
 /// Messages planned at a time: bounds memory per step while keeping the Postgres look-ups
@@ -220,7 +222,7 @@ pub async fn verify(
     registry: &Registry,
     config: &VerifyConfig,
     mut progress: impl FnMut(&str),
-) -> anyhow::Result<Report> {
+) -> Result<Report> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &config.brokers)
         // Never used to join a group or commit: partitions are assigned explicitly.
@@ -242,9 +244,9 @@ pub async fn verify(
         None => (0..partitions).collect(),
         Some(set) => {
             if let Some(bad) = set.iter().find(|p| **p >= partitions) {
-                anyhow::bail!(
+                return Err(OperatorError::Refused(format!(
                     "topic `{topic}` has {partitions} partitions; there is no partition {bad}"
-                );
+                )));
             }
             set.iter().copied().collect()
         }
@@ -338,7 +340,7 @@ async fn replay_partition(
     parked_bounds: &[(i64, AggregateKey)],
     replay: &mut Replay,
     progress: &mut impl FnMut(&str),
-) -> anyhow::Result<PartitionReport> {
+) -> Result<PartitionReport> {
     let topic = config.topic.as_str();
     let mut report = PartitionReport {
         partition,
@@ -348,7 +350,10 @@ async fn replay_partition(
     let (low, high) = tokio::task::block_in_place(|| {
         consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))
     })
-    .map_err(|e| anyhow::anyhow!("cannot read the watermarks of {topic}/{partition}: {e}"))?;
+    .map_err(|source| TopicError::Kafka {
+        what: format!("cannot read the watermarks of {topic}/{partition}"),
+        source,
+    })?;
     if low > 0 {
         report.skipped = Some(format!(
             "history truncated: the log starts at offset {low} (retention), so earlier commands cannot be re-executed"
@@ -408,10 +413,10 @@ async fn replay_partition(
                     break;
                 }
                 if last_read.elapsed() > STALL_LIMIT {
-                    anyhow::bail!(
+                    return Err(OperatorError::Refused(format!(
                         "reading {topic}/{partition} made no progress for {STALL_LIMIT:?} (at offset {:?}, stopping at {next_offset}); is Kafka reachable?",
                         position(consumer, topic, partition)
-                    );
+                    )));
                 }
                 continue;
             }
@@ -475,7 +480,7 @@ impl Chunk<'_> {
         parked: &HashSet<AggregateKey>,
         replay: &mut Replay,
         report: &mut PartitionReport,
-    ) -> anyhow::Result<()> {
+    ) -> Result<()> {
         let (pool, topic, partition) = (self.pool, self.topic, self.partition);
         let (registry, options) = (self.registry, self.options);
         if self.pending.is_empty() {

@@ -208,6 +208,10 @@ pub fn main(registry: Registry) -> std::process::ExitCode {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    if let Err(message) = crate::failpoint::refuse_without_feature() {
+        eprintln!("error: {message}");
+        return std::process::ExitCode::from(EXIT_USAGE);
+    }
     if let Err(errors) = registry.check() {
         eprintln!("error: the aggregates and their schemas disagree:");
         for error in &errors.0 {
