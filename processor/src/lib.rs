@@ -1,6 +1,21 @@
 //! The cmdproc engine: consumer-group workers that apply commands in Postgres
 //! transactions, the outbox relay, and the operator commands behind the `cmdproc` binary.
 //!
+//! A processor binary is one call: [`cli::main`] with the registry of its aggregates gives
+//! it every `cmdproc` subcommand (`migrate`, `topics`, `run`, `relay`, `produce`,
+//! `inspect`, `verify`, `replay`, `dlq`, `demo`, `bench`), run with those handlers:
+//!
+//! ```no_run
+//! fn main() -> std::process::ExitCode {
+//!     let registry = commands::Registry::new()
+//!         .with::<bank::Account>(bank::account_schemas())
+//!         .with::<bank::Room>(commands::Schemas::dir("schemas/room"));
+//!     processor::cli::main(registry)
+//! }
+//! ```
+//!
+//! To run a worker inside a larger program, build an [`engine::Processor`] instead.
+//!
 //! # Layout
 //! - [`worker`]: the consumer loop, rebalance-time fencing, micro-batches.
 //! - [`commands_log`]: checks that the commands log is the one the stored positions belong

@@ -282,7 +282,7 @@ pub fn watermarks(
         .collect()
 }
 
-/// The first message of `topic` [`partition`] at or after `offset` that a read_committed
+/// The first message of `topic` partition `partition` at or after `offset` that a read_committed
 /// consumer sees: its offset and Kafka timestamp (milliseconds), or `None` when none comes
 /// within `timeout`. Blocking: call it off the async runtime's threads.
 pub fn first_message_at(
