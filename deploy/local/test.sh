@@ -24,5 +24,7 @@ echo "[test] cargo fmt --check"
 cargo fmt --all -- --check
 echo "[test] cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked --features processor/failpoints -- -D warnings
+echo "[test] cargo doc --no-deps (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --features processor/failpoints
 echo "[test] cargo test"
 cargo test --workspace --locked --no-fail-fast --features processor/failpoints
