@@ -109,11 +109,9 @@ pub fn partition_count<C: ClientContext>(
         .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
     {
         Some(t) => Ok(t.partitions().len() as i32),
-        None => {
-            return Err(TopicError::Refused(format!(
-                "topic `{topic}` does not exist; create it with `cmdproc topics create`"
-            )))
-        }
+        None => Err(TopicError::Refused(format!(
+            "topic `{topic}` does not exist; create it with `cmdproc topics create`"
+        ))),
     }
 }
 
