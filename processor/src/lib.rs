@@ -6,6 +6,7 @@
 //! - [`commands_log`]: checks that the commands log is the one the stored positions belong
 //!   to, and the halts when it is not.
 //! - [`batch`]: the pure planning step of a batch (outcomes, events, dead letters).
+//! - [`cache`]: the aggregates a worker keeps in memory between batches.
 //! - [`store`]: every SQL statement.
 //! - [`relay`]: publishes the outbox to Kafka in order per partition.
 //! - [`topics`]: admin API.
@@ -16,6 +17,7 @@
 //! - [`cli`]: the `cmdproc` subcommands.
 
 pub mod batch;
+pub mod cache;
 pub mod cli;
 pub mod commands_log;
 pub mod decode;

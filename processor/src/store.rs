@@ -20,6 +20,9 @@ use crate::batch::{
     OutcomeKind, Plan, PlanOptions,
 };
 
+// Re-exported for callers not yet moved to `crate::cache`, where it now lives.
+pub use crate::cache::AggregateCache;
+
 /// Errors of the store layer.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -489,102 +492,6 @@ pub struct PartitionBatch<'a> {
     pub target: BatchTarget<'a>,
     /// Its messages, in strictly increasing offset order.
     pub messages: &'a [Incoming],
-}
-
-/// The aggregates a worker keeps in memory between batches, per owned partition, so a
-/// batch reads from Postgres only those it has not seen. Writes stay version-checked: an
-/// entry that went stale (which only another writer can cause) makes the batch fail with
-/// [`StoreError::Conflict`], and the batch's partitions are forgotten and read again.
-#[derive(Debug, Default)]
-pub struct AggregateCache {
-    /// Per partition: the epoch the entries were read or written under, and the entries.
-    /// A partition taken again has a new epoch, so what was cached before is not used.
-    by_partition: HashMap<i32, (i64, HashMap<AggregateKey, Loaded>)>,
-    entries: usize,
-    capacity: usize,
-}
-
-impl AggregateCache {
-    /// A cache of at most `capacity` aggregates; 0 turns it off.
-    pub fn new(capacity: usize) -> Self {
-        Self {
-            capacity,
-            ..Self::default()
-        }
-    }
-
-    /// Forgets a partition's aggregates (it was revoked or fenced, or a batch failed).
-    pub fn forget(&mut self, partition: i32) {
-        if let Some((_, gone)) = self.by_partition.remove(&partition) {
-            self.entries -= gone.len();
-        }
-    }
-
-    /// Forgets every partition `keep` rejects (those no longer owned).
-    pub fn retain(&mut self, mut keep: impl FnMut(i32) -> bool) {
-        let gone: Vec<i32> = self
-            .by_partition
-            .keys()
-            .copied()
-            .filter(|p| !keep(*p))
-            .collect();
-        for p in gone {
-            self.forget(p);
-        }
-    }
-
-    /// Aggregates held.
-    pub fn len(&self) -> usize {
-        self.entries
-    }
-
-    /// Whether it holds nothing.
-    pub fn is_empty(&self) -> bool {
-        self.entries == 0
-    }
-
-    fn get(&self, partition: i32, epoch: i64, key: &AggregateKey) -> Option<&Loaded> {
-        let (at, map) = self.by_partition.get(&partition)?;
-        if *at != epoch {
-            return None;
-        }
-        map.get(key)
-    }
-
-    /// Takes in what a committed plan wrote under `epoch`.
-    fn store(&mut self, partition: i32, epoch: i64, writes: &[batch::AggregateWrite]) {
-        if self.capacity == 0 {
-            return;
-        }
-        if self
-            .by_partition
-            .get(&partition)
-            .is_some_and(|(at, _)| *at != epoch)
-        {
-            self.forget(partition);
-        }
-        if self.entries + writes.len() > self.capacity {
-            // Simple and bounded: start over rather than track recency.
-            self.by_partition.clear();
-            self.entries = 0;
-        }
-        let (_, map) = self
-            .by_partition
-            .entry(partition)
-            .or_insert_with(|| (epoch, HashMap::new()));
-        for w in writes {
-            let loaded = Loaded {
-                version: w.new_version,
-                state: w.state.clone(),
-            };
-            if map
-                .insert((w.aggregate_type.clone(), w.aggregate_id.clone()), loaded)
-                .is_none()
-            {
-                self.entries += 1;
-            }
-        }
-    }
 }
 
 /// Applies a batch spanning several partitions of one commands topic in one transaction:
