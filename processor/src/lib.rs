@@ -6,8 +6,10 @@
 //! - [`commands_log`]: checks that the commands log is the one the stored positions belong
 //!   to, and the halts when it is not.
 //! - [`batch`]: the pure planning step of a batch (outcomes, events, dead letters).
+//! - [`pipeline`]: a batch's transaction: load through the store, plan with [`batch`],
+//!   write the plan through the store.
 //! - [`cache`]: the aggregates a worker keeps in memory between batches.
-//! - [`store`]: every SQL statement.
+//! - [`store`]: the engine's SQL statements, one file per family of tables.
 //! - [`relay`]: publishes the outbox to Kafka in order per partition.
 //! - [`topics`]: admin API.
 //! - [`producer`]: the command producer client (idempotent, `acks=all`, murmur2).
@@ -27,6 +29,7 @@ pub mod failpoint;
 pub mod http;
 pub mod inspect;
 pub mod metrics;
+pub mod pipeline;
 pub mod producer;
 pub mod relay;
 pub mod replay;
