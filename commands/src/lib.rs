@@ -77,6 +77,8 @@
 //! - [`registry`]: the `Registry` of aggregates with their `Schemas`, checked at start.
 //! - [`schema`]: the embedded envelopes and the compiled `SchemaSet`.
 //! - [`testing`]: given/when/then for aggregates.
+//! - [`wire`]: the messages the engine publishes, as bytes: events as structured-mode
+//!   CloudEvents, dead letters with their `cmdproc-error-*` and `cmdproc-original-*` headers.
 
 #![warn(missing_docs)]
 
@@ -87,6 +89,7 @@ pub mod partitioner;
 pub mod registry;
 pub mod schema;
 pub mod testing;
+pub mod wire;
 
 pub use aggregate::{
     Aggregate, CommandError, Context, Decision, DomainEvent, DynAggregate, Handled, Rejection,

@@ -21,7 +21,10 @@
 //! - [`commands_log`]: checks that the commands log is the one the stored positions belong
 //!   to, and the halts when it is not.
 //! - [`batch`]: the pure planning step of a batch (outcomes, events, dead letters).
-//! - [`store`]: every SQL statement.
+//! - [`pipeline`]: a batch's transaction: load through the store, plan with [`batch`],
+//!   write the plan through the store.
+//! - [`cache`]: the aggregates a worker keeps in memory between batches.
+//! - [`store`]: the engine's SQL statements, one file per family of tables.
 //! - [`relay`]: publishes the outbox to Kafka in order per partition.
 //! - [`topics`]: admin API.
 //! - [`producer`]: the command producer client (idempotent, `acks=all`, murmur2).
@@ -33,6 +36,7 @@
 #![warn(missing_docs)]
 
 pub mod batch;
+pub mod cache;
 pub mod cli;
 pub mod commands_log;
 pub mod decode;
@@ -43,6 +47,7 @@ pub mod failpoint;
 pub mod http;
 pub mod inspect;
 pub mod metrics;
+pub mod pipeline;
 pub mod producer;
 pub mod relay;
 pub mod replay;
