@@ -49,10 +49,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batch::Incoming;
 use crate::commands_log::{HaltReason, Halted, SharedLogChecks};
+use crate::config::PlanOptions;
 use crate::metrics::Metrics;
 use crate::store::AggregateCache;
 
-pub use crate::batch::PlanOptions;
 // The policy lives in `config`; kept here at its old path.
 pub use crate::config::MisroutedPolicy;
 pub use ownership::{Owned, OwnedPartition};
