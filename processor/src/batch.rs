@@ -13,6 +13,9 @@ use commands::{CommandError, Context, Handled, Registry, Rejection};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+// The policies live in `config`; kept here at their old paths.
+pub use crate::config::{PlanOptions, PoisonPolicy};
+
 /// A Kafka header: name and raw value.
 pub type Header = (String, Option<Vec<u8>>);
 
@@ -201,38 +204,6 @@ pub struct ParkedRow {
     pub command_id: String,
     /// Why it was set aside.
     pub reason: String,
-}
-
-/// What to do with a command whose handler keeps failing (panics) after its retries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum PoisonPolicy {
-    /// Park the aggregate: set aside this command and every later one for the aggregate,
-    /// in order, while other aggregates go on.
-    #[default]
-    Park,
-    /// Dead-letter only this command and apply the aggregate's later commands. This breaks
-    /// the aggregate's order; choose it only when commands are independent.
-    DeadLetter,
-    /// Stop the partition at this command until an operator intervenes.
-    Halt,
-}
-
-/// How a batch treats failing handlers.
-#[derive(Debug, Clone)]
-pub struct PlanOptions {
-    /// What to do after the retries.
-    pub poison: PoisonPolicy,
-    /// How many times a panicking handler is tried before the command counts as poison.
-    pub attempts: u32,
-}
-
-impl Default for PlanOptions {
-    fn default() -> Self {
-        Self {
-            poison: PoisonPolicy::Park,
-            attempts: 3,
-        }
-    }
 }
 
 impl Plan {

@@ -7,7 +7,7 @@ use commands::SchemaSet;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 
 use crate::batch::Incoming;
-use crate::worker::MisroutedPolicy;
+use crate::config::MisroutedPolicy;
 
 /// Decodes a consumed message into a command, or the reason it is a dead letter: header
 /// names that are not UTF-8, the size limit, the envelope and schema, the key, and the

@@ -2,7 +2,7 @@
 //! pruning and its `/metrics` endpoint) for a user's registry, until a token is cancelled.
 //!
 //! ```no_run
-//! # async fn example() -> anyhow::Result<()> {
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::sync::Arc;
 //! use processor::engine::{Options, Processor};
 //! use tokio_util::sync::CancellationToken;
@@ -27,11 +27,12 @@ use commands::{ContractErrors, Registry, Topic};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::batch::{PlanOptions, PoisonPolicy};
+use crate::config::{MisroutedPolicy, PlanOptions, PoisonPolicy};
 use crate::http::{self, HttpState};
 use crate::metrics::{outcome, Metrics};
 use crate::relay::Relay;
-use crate::worker::{MisroutedPolicy, RelayHandle, Worker, WorkerConfig};
+use crate::store::StoreError;
+use crate::worker::{Owned, Worker, WorkerConfig, WorkerError};
 
 /// How a processor works; `Options::default()` matches the defaults of `cmdproc run`.
 #[derive(Debug, Clone)]
@@ -106,6 +107,23 @@ pub enum BuildError {
     /// The registry knows no aggregate.
     #[error("no aggregate is registered")]
     EmptyRegistry,
+}
+
+/// Why a processor stopped on an error it cannot retry.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Postgres could not be reached or migrated at start.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The metrics address could not be bound.
+    #[error(transparent)]
+    Metrics(Box<dyn std::error::Error + Send + Sync>),
+    /// The relay could not be created.
+    #[error(transparent)]
+    Relay(#[from] crate::relay::RelayError),
+    /// The worker stopped on an error.
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
 }
 
 /// Builds a [`Processor`]; see [`Processor::builder`].
@@ -208,14 +226,14 @@ impl Processor {
     }
 
     /// Migrates the database, joins the group and applies commands until `shutdown` is
-    /// cancelled; then finishes the current batch, leaves the group and lets the relay
-    /// drain within the shutdown timeout.
+    /// cancelled; then finishes the current batch, lets the relay drain within the shutdown
+    /// timeout while the worker still owns its partitions, and leaves the group.
     ///
     /// # Errors
     ///
     /// When Postgres or Kafka cannot be reached at start, the metrics address cannot be
     /// bound, or the worker stops on an error it cannot retry.
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), RunError> {
         let options = self.options.clone();
         // A healthy batch never idles inside its transaction; a frozen worker must not keep its
         // partition locked past the point where the group has given the partition away.
@@ -228,7 +246,9 @@ impl Processor {
         .await?;
         crate::store::migrate(&pool).await?;
         // Bound before joining the group, so a configuration error is reported at once.
-        let listener = http::listen(options.metrics_addr).await?;
+        let listener = http::listen(options.metrics_addr)
+            .await
+            .map_err(|e| RunError::Metrics(e.into()))?;
         let owner = options
             .name
             .clone()
@@ -238,22 +258,10 @@ impl Processor {
             group: self.group.clone(),
             commands_topic: self.commands_topic.clone(),
             events_topic: self.events_topic.clone(),
-            batch_size: if options.naive_baseline {
-                1
-            } else {
-                options.batch_size
-            },
-            batch_linger: if options.naive_baseline {
-                Duration::ZERO
-            } else {
-                options.batch_linger
-            },
-            naive: options.naive_baseline,
-            aggregate_cache: if options.naive_baseline {
-                0
-            } else {
-                options.aggregate_cache
-            },
+            batch_size: options.batch_size,
+            batch_linger: options.batch_linger,
+            naive: false,
+            aggregate_cache: options.aggregate_cache,
             max_command_bytes: options.max_command_bytes,
             session_timeout: options.session_timeout,
             misrouted: options.misrouted,
@@ -263,10 +271,15 @@ impl Processor {
                 attempts: options.poison_attempts,
             },
         };
-        let tracker = TaskTracker::new();
+        let config = if options.naive_baseline {
+            config.naive_baseline()
+        } else {
+            config
+        };
+        let relay_tasks = TaskTracker::new();
         let metrics = Arc::new(Metrics::new());
-        let relay_shutdown = CancellationToken::new();
-        let owned: crate::relay::Owned = Default::default();
+        let relay_stop = CancellationToken::new();
+        let owned = Owned::default();
         let halted = crate::commands_log::Halted::default();
         let relay_wake = if !options.relay {
             None
@@ -281,9 +294,9 @@ impl Processor {
             .with_metrics(metrics.clone())
             .with_destinations(&[self.events_topic.as_str()]);
             let wake = relay.waker();
-            let token = relay_shutdown.clone();
+            let token = relay_stop.clone();
             let drain = options.shutdown_timeout / 2;
-            tracker.spawn(async move { relay.run(token, drain).await });
+            relay_tasks.spawn(async move { relay.run(token, drain).await });
             Some(wake)
         };
         tokio::spawn(prune(
@@ -293,8 +306,6 @@ impl Processor {
             options.prune_every,
             shutdown.clone(),
         ));
-        // The endpoint outlives the worker's drain, so a scrape during shutdown still answers
-        // (`/readyz` with 503); it stops last.
         let http_stop = CancellationToken::new();
         let http_task = http::spawn(
             listener,
@@ -309,22 +320,19 @@ impl Processor {
         );
         let worker = Worker::new(config, pool, self.registry, relay_wake, owned)
             .with_metrics(metrics.clone())
-            .with_halted(halted)
-            .with_relay(RelayHandle {
-                stop: relay_shutdown.clone(),
-                tasks: tracker.clone(),
-                deadline: options.shutdown_timeout,
-            });
-        let result = worker.run(shutdown.clone()).await;
-        // The worker has stopped taking batches; now let the relay publish what they wrote.
-        relay_shutdown.cancel();
-        tracker.close();
-        if tokio::time::timeout(options.shutdown_timeout, tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("relay did not stop within the shutdown timeout");
-        }
+            .with_halted(halted);
+        // Shutdown, in this order, owned here and nowhere else:
+        // 1. the worker finishes the batch at hand and stops taking more, still a member of
+        //    the group, so the partitions it committed to are still its own;
+        // 2. the relay drains their outbox (within the shutdown timeout), while no other
+        //    worker's relay publishes them yet;
+        // 3. the worker leaves the group, and its partitions go to the other workers;
+        // 4. the HTTP endpoint stops last, so a scrape during the drain still answers
+        //    (`/readyz` with 503 since `shutdown`).
+        // A worker that failed has left the group already; the relay still drains.
+        let stopped = worker.run(shutdown.clone()).await;
+        drain_relay(&relay_stop, &relay_tasks, options.shutdown_timeout).await;
+        let result = stopped.map(crate::worker::InGroup::leave);
         http_stop.cancel();
         if let Some(task) = http_task {
             let _ = task.await;
@@ -339,7 +347,20 @@ impl Processor {
             events_published = metrics.events_published.get(),
             "worker stopped"
         );
-        result
+        Ok(result?)
+    }
+}
+
+/// Stops the relay running beside the worker (when there is one) and waits, at most
+/// `deadline`, until it has drained the outbox.
+async fn drain_relay(stop: &CancellationToken, tasks: &TaskTracker, deadline: Duration) {
+    if !tasks.is_empty() {
+        tracing::info!("worker stopping: draining the relay");
+    }
+    stop.cancel();
+    tasks.close();
+    if tokio::time::timeout(deadline, tasks.wait()).await.is_err() {
+        tracing::warn!("relay did not drain within the shutdown timeout");
     }
 }
 

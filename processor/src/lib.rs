@@ -17,9 +17,14 @@
 //! To run a worker inside a larger program, build an [`engine::Processor`] instead.
 //!
 //! # Layout
-//! - [`worker`]: the consumer loop, rebalance-time fencing, micro-batches.
+//! - [`worker`]: the consumer loop, partition ownership (rebalance-time fencing, take-back),
+//!   micro-batches and their retries, the metrics they feed, the lag monitor.
 //! - [`commands_log`]: checks that the commands log is the one the stored positions belong
 //!   to, and the halts when it is not.
+//! - [`decode`]: a consumed message to a command or a dead-letter reason.
+//! - [`config`]: the engine's policies (misrouted and poison commands) and plan options.
+//! - [`engine`]: [`engine::Processor`], one worker with its relay and HTTP endpoint, and the
+//!   order in which they stop.
 //! - [`batch`]: the pure planning step of a batch (outcomes, events, dead letters).
 //! - [`pipeline`]: a batch's transaction: load through the store, plan with [`batch`],
 //!   write the plan through the store.
@@ -39,6 +44,7 @@ pub mod batch;
 pub mod cache;
 pub mod cli;
 pub mod commands_log;
+pub mod config;
 pub mod decode;
 pub mod dlq;
 pub mod engine;

@@ -101,8 +101,9 @@ pub enum RelayOutcome {
     Idle,
 }
 
-/// The partitions a relay may publish: all of them, or those its worker owns.
-pub type Owned = Arc<Mutex<HashMap<i32, i64>>>;
+/// The partitions a relay may publish: all of them, or those its worker owns (the worker's
+/// ownership map, read here only for its partitions).
+pub use crate::worker::Owned;
 
 /// Who this relay is in Kafka: read from the database at its first step.
 struct Identity {

@@ -4,14 +4,54 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use commands::Registry;
 use tokio_util::sync::CancellationToken;
 
 use super::{parse_duration, Common};
-use crate::batch::PoisonPolicy;
+use crate::config::{MisroutedPolicy, PoisonPolicy};
 use crate::engine::{Options, Processor};
-use crate::worker::MisroutedPolicy;
+
+/// `--misrouted`: [`MisroutedPolicy`] on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Misrouted {
+    /// Dead-letter it: it breaks the single-writer guarantee.
+    DeadLetter,
+    /// Apply it anyway (only for topics whose producers use another partitioner knowingly).
+    Accept,
+}
+
+impl From<Misrouted> for MisroutedPolicy {
+    fn from(value: Misrouted) -> Self {
+        match value {
+            Misrouted::DeadLetter => Self::DeadLetter,
+            Misrouted::Accept => Self::Accept,
+        }
+    }
+}
+
+/// `--on-poison`: [`PoisonPolicy`] on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnPoison {
+    /// Park the aggregate: set aside this command and every later one for the aggregate,
+    /// in order, while other aggregates go on.
+    Park,
+    /// Dead-letter only this command and apply the aggregate's later commands. This breaks
+    /// the aggregate's order; choose it only when commands are independent.
+    DeadLetter,
+    /// Stop the partition at this command until an operator intervenes.
+    Halt,
+}
+
+impl From<OnPoison> for PoisonPolicy {
+    fn from(value: OnPoison) -> Self {
+        match value {
+            OnPoison::Park => Self::Park,
+            OnPoison::DeadLetter => Self::DeadLetter,
+            OnPoison::Halt => Self::Halt,
+        }
+    }
+}
 
 /// Arguments of `run`.
 #[derive(Debug, Args)]
@@ -29,13 +69,13 @@ pub struct RunArgs {
     #[arg(long, env = "CMDPROC_SESSION_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub session_timeout: Duration,
     /// What to do with a command on a partition its key does not map to.
-    #[arg(long, value_enum, default_value_t = MisroutedPolicy::DeadLetter)]
-    pub misrouted: MisroutedPolicy,
+    #[arg(long, value_enum, default_value_t = Misrouted::DeadLetter)]
+    pub misrouted: Misrouted,
     /// What to do with a command whose handler keeps panicking: park its aggregate (set it
     /// and the aggregate's later commands aside, in order), dead-letter only it, or halt the
     /// partition.
-    #[arg(long, env = "CMDPROC_ON_POISON", value_enum, default_value_t = PoisonPolicy::Park)]
-    pub on_poison: PoisonPolicy,
+    #[arg(long, env = "CMDPROC_ON_POISON", value_enum, default_value_t = OnPoison::Park)]
+    pub on_poison: OnPoison,
     /// How many times a panicking handler is tried before its command counts as poison.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub poison_attempts: u32,
@@ -87,8 +127,8 @@ pub async fn run(common: &Common, registry: Arc<Registry>, args: RunArgs) -> any
         batch_linger: args.batch_linger,
         max_command_bytes: args.max_command_bytes,
         session_timeout: args.session_timeout,
-        misrouted: args.misrouted,
-        poison: args.on_poison,
+        misrouted: args.misrouted.into(),
+        poison: args.on_poison.into(),
         poison_attempts: args.poison_attempts,
         relay: !args.no_relay,
         dedupe_window: args.dedupe_window,
@@ -111,7 +151,7 @@ pub async fn run(common: &Common, registry: Arc<Registry>, args: RunArgs) -> any
         .build()?;
     let shutdown = CancellationToken::new();
     tokio::spawn(on_signal(shutdown.clone()));
-    processor.run(shutdown).await
+    Ok(processor.run(shutdown).await?)
 }
 
 /// The default worker name: `<hostname>-<pid>-<6 random hex digits>`. Host and pid alone

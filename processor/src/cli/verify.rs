@@ -4,9 +4,9 @@ use clap::Args;
 
 use commands::Registry;
 
+use super::run::Misrouted;
 use super::Common;
 use crate::verify::{self, VerifyConfig};
-use crate::worker::MisroutedPolicy;
 
 /// Arguments of `verify`.
 ///
@@ -24,8 +24,8 @@ pub struct VerifyArgs {
     #[arg(long, default_value_t = 256 * 1024)]
     pub max_command_bytes: usize,
     /// The workers' policy for commands on the wrong partition.
-    #[arg(long, value_enum, default_value_t = MisroutedPolicy::DeadLetter)]
-    pub misrouted: MisroutedPolicy,
+    #[arg(long, value_enum, default_value_t = Misrouted::DeadLetter)]
+    pub misrouted: Misrouted,
 }
 
 /// Verifies the stored aggregates against a re-execution of the retained commands.
@@ -37,7 +37,7 @@ pub async fn run(common: &Common, registry: &Registry, args: VerifyArgs) -> anyh
         topic: common.commands_topic.to_string(),
         partitions,
         max_command_bytes: args.max_command_bytes,
-        misrouted: args.misrouted,
+        misrouted: args.misrouted.into(),
     };
     let report = verify::verify(&pool, registry, &config, |line| println!("{line}")).await?;
     for d in &report.differences {
