@@ -117,7 +117,7 @@ pub enum RunError {
     Store(#[from] StoreError),
     /// The metrics address could not be bound.
     #[error(transparent)]
-    Metrics(Box<dyn std::error::Error + Send + Sync>),
+    Metrics(#[from] crate::http::ListenError),
     /// The relay could not be created.
     #[error(transparent)]
     Relay(#[from] crate::relay::RelayError),
@@ -248,7 +248,7 @@ impl Processor {
         // Bound before joining the group, so a configuration error is reported at once.
         let listener = http::listen(options.metrics_addr)
             .await
-            .map_err(|e| RunError::Metrics(e.into()))?;
+            ?;
         let owner = options
             .name
             .clone()

@@ -112,7 +112,7 @@ pub enum WorkerError {
     /// The commands topic's partition count could not be read at start (the topic does
     /// not exist, or the broker did not answer).
     #[error(transparent)]
-    PartitionCount(Box<dyn std::error::Error + Send + Sync>),
+    PartitionCount(#[from] crate::topics::TopicError),
 }
 
 /// How a committed batch's position reaches Kafka, which only mirrors it (the position in
@@ -295,7 +295,7 @@ impl Worker {
             cfg.commands_topic.as_str(),
             Duration::from_secs(10),
         )
-        .map_err(|e| WorkerError::PartitionCount(e.into()))?;
+        ?;
         // Keys are routed by the partition count: the one the first worker found is the
         // topic's, and any other halts the topic before anything is applied.
         let Some(recorded) = self.record_layout(partitions, &shutdown).await else {
