@@ -1488,11 +1488,11 @@ async fn a_hot_key_keeps_strict_order() {
     // On the events topic, acc-hot's events carry versions 1, 2, ..., N in topic order.
     let versions: Vec<i64> = support::read_topic(&topics.events)
         .iter()
-        .map(|m| m.json())
+        .map(|m| m.json().expect("JSON value"))
         .filter(|v| v["subject"] == "acc-hot")
         .map(|v| v["aggregateversion"].as_i64().expect("aggregateversion"))
         .collect();
-    let want: Vec<i64> = (1..=hot.0).collect();
+    let want: Vec<i64> = (1..=hot.version).collect();
     assert_eq!(versions.len(), want.len(), "acc-hot's events on the topic");
     if let Some(i) = versions.iter().zip(&want).position(|(a, b)| a != b) {
         panic!(
