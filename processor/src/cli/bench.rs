@@ -963,3 +963,67 @@ fn peak_mib(workers: &Workers) -> Option<f64> {
         .max()
         .map(|b| b as f64 / (1024.0 * 1024.0))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn result(run: Run, commands_per_second: f64) -> RunResult {
+        RunResult {
+            run,
+            measured: String::new(),
+            commands: 1,
+            seconds: 1.0,
+            commands_per_second,
+            latency: None,
+            peak_worker_memory_mib: None,
+            exactly_once: Some(true),
+            checks: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn targets_are_only_the_ones_given() {
+        let results = [
+            result(Run::Ceiling, 1_000.0),
+            result(Run::Uniform, 700.0),
+            result(Run::Replay, 5_000.0),
+            result(Run::Naive, 10.0),
+        ];
+        let none = Cli::parse_from(["bench"]).bench;
+        assert!(targets(&none, &results).is_empty());
+
+        let given = Cli::parse_from([
+            "bench",
+            "--target-throughput",
+            "500",
+            "--target-vs-ceiling",
+            "0.8",
+            "--target-replay",
+            "4000",
+        ])
+        .bench;
+        let judged: Vec<(&str, bool)> = targets(&given, &results)
+            .iter()
+            .map(|t| (t.what, t.met))
+            .collect();
+        assert_eq!(
+            judged,
+            [
+                (
+                    "sustained throughput, exactly-once verified (uniform)",
+                    true
+                ),
+                ("uniform / database ceiling", false),
+                ("replay of already-applied commands", true),
+            ]
+        );
+    }
+}
