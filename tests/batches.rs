@@ -13,7 +13,7 @@ use commands::{AggregateId, Command, CommandId, CommandType, Source};
 use serde_json::{json, Value};
 use sqlx::Row;
 use support::workload::{
-    assert_events_published, assert_matches_model, generate, serial_model, Model,
+    assert_events_published, assert_matches_model, generate, serial_model, stored_aggregates, Model,
 };
 use support::{
     cmdproc, cmdproc_on, ends, produce_all, produce_and_wait, send_signal, wait_processed,
@@ -58,23 +58,16 @@ fn deposits(prefix: &str, accounts: usize, count: usize) -> Vec<Command> {
 /// gap in its event versions, and the events stored are the model's. Unlike
 /// `assert_matches_model` it does not count recorded outcomes, which pruning deletes.
 async fn assert_state_matches(db: &TestDb, model: &Model) {
-    let stored: BTreeMap<(String, String), (i64, Value)> =
-        sqlx::query("SELECT aggregate_type, aggregate_id, version, state FROM aggregates")
-            .fetch_all(&db.pool)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3))))
-            .collect();
-    let differ: Vec<String> = model
-        .aggregates
+    let stored = stored_aggregates(db).await;
+    let modeled = model.stored();
+    let differ: Vec<String> = modeled
         .iter()
         .filter(|(k, want)| stored.get(*k) != Some(*want))
         .map(|(k, want)| format!("{k:?}: stored {:?}, model {want:?}", stored.get(k)))
         .chain(
             stored
                 .keys()
-                .filter(|k| !model.aggregates.contains_key(*k))
+                .filter(|k| !modeled.contains_key(*k))
                 .map(|k| format!("{k:?} stored but not in the model")),
         )
         .collect();
@@ -88,7 +81,7 @@ async fn assert_state_matches(db: &TestDb, model: &Model) {
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    assert_eq!(events as usize, model.events, "stored events");
+    assert_eq!(events as usize, model.events.len(), "stored events");
     let gaps: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT 1 FROM events e JOIN aggregates a USING (aggregate_type, aggregate_id)
            GROUP BY e.aggregate_type, e.aggregate_id, a.version

@@ -23,6 +23,20 @@ fn bench_runs_every_comparison_and_verifies_exactly_once_effects() {
             "4s",
         ])
         .args(["--partitions", "4", "--timeout", "120s"])
+        // Targets are the caller's: every one given is judged and reported (met or not,
+        // at this size and in a debug build, is not what this test checks).
+        .args([
+            "--target-throughput",
+            "20000",
+            "--target-vs-naive",
+            "15",
+            "--target-vs-ceiling",
+            "0.6",
+            "--target-p99-ms",
+            "50",
+            "--target-replay",
+            "100000",
+        ])
         .arg("--out")
         .arg(&out_dir)
         .args([
@@ -83,7 +97,12 @@ fn bench_runs_every_comparison_and_verifies_exactly_once_effects() {
         1200,
         "{latency}"
     );
-    assert_eq!(report["targets"].as_array().unwrap().len(), 5, "{report}");
+    let targets = report["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 5, "{report}");
+    assert!(
+        targets.iter().any(|t| t["target"] == "<= 50 ms"),
+        "the flags' values are the targets: {report}"
+    );
 
     let svg = std::fs::read_to_string(out_dir.join("bench.svg")).expect("bench.svg");
     for name in ["ceiling", "uniform", "replay", "zipf", "naive", "p99"] {

@@ -143,7 +143,7 @@ async fn parked_aggregates_are_listed_skipped_and_released_in_order() {
     assert_eq!((version, s["balance"].as_i64()), (4, Some(16)));
     let versions: Vec<i64> = read_topic(&topics.events)
         .iter()
-        .map(|m| m.json())
+        .map(|m| m.json().expect("JSON value"))
         .filter(|e| e["subject"] == "acc-p")
         .map(|e| e["aggregateversion"].as_i64().unwrap())
         .collect();

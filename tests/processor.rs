@@ -153,7 +153,7 @@ async fn three_workers_match_the_serial_model() {
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    assert_eq!(dups as usize, model.duplicates);
+    assert_eq!(dups as usize, model.duplicates());
     let owners: i64 = sqlx::query_scalar("SELECT count(DISTINCT owner) FROM partitions")
         .fetch_one(&db.pool)
         .await
@@ -477,7 +477,12 @@ async fn a_standalone_relay_publishes_and_inspect_shows_the_aggregate() {
     let events = support::read_topic(&topics.events);
     let types: Vec<String> = events
         .iter()
-        .map(|m| m.json()["type"].as_str().unwrap().to_owned())
+        .map(|m| {
+            m.json().expect("JSON value")["type"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
         .collect();
     assert_eq!(
         types,
@@ -485,7 +490,11 @@ async fn a_standalone_relay_publishes_and_inspect_shows_the_aggregate() {
     );
     let versions: Vec<i64> = events
         .iter()
-        .map(|m| m.json()["aggregateversion"].as_i64().unwrap())
+        .map(|m| {
+            m.json().expect("JSON value")["aggregateversion"]
+                .as_i64()
+                .unwrap()
+        })
         .collect();
     assert_eq!(versions, [1, 2, 3]);
 

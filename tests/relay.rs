@@ -232,7 +232,10 @@ async fn restore(db: &mut TestDb, dump: &PathBuf) {
 fn event_ids_on(topic: &Topic) -> HashMap<String, usize> {
     let mut seen = HashMap::new();
     for m in read_topic(topic) {
-        let id = m.json()["id"].as_str().expect("event id").to_owned();
+        let id = m.json().expect("JSON value")["id"]
+            .as_str()
+            .expect("event id")
+            .to_owned();
         *seen.entry(id).or_default() += 1;
     }
     seen
@@ -600,7 +603,7 @@ async fn oversized_dead_letters_do_not_block_their_partition() {
             m.header("cmdproc-payload-size").as_deref(),
             Some(size.to_string().as_str())
         );
-        let reference = m.json();
+        let reference = m.json().expect("JSON value");
         assert_eq!(reference["dead_letter"]["topic"], topics.commands.as_str());
         assert_eq!(reference["dead_letter"]["partition"], partition);
         assert_eq!(reference["dead_letter"]["offset"], offset);

@@ -37,6 +37,8 @@
 //! - [`metrics`]: every Prometheus metric name, and the per-process registry.
 //! - [`http`]: the `/metrics`, `/healthz` and `/readyz` endpoint of `cmdproc run`.
 //! - [`cli`]: the `cmdproc` subcommands.
+//! - [`harness`]: the workload, serial model and topic reader that `demo`, `bench` and the
+//!   integration tests share.
 
 #![warn(missing_docs)]
 
@@ -50,6 +52,7 @@ pub mod dlq;
 pub mod engine;
 pub mod error;
 pub mod failpoint;
+pub mod harness;
 pub mod http;
 pub mod inspect;
 pub mod metrics;

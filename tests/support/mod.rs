@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 
 use commands::{Command, Topic};
 use processor::producer::{CommandProducer, Delivery};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::ClientConfig;
 use sqlx::{Connection, PgPool, Row};
 
 pub mod workload;
@@ -346,107 +344,16 @@ pub async fn wait_processed(
 }
 
 /// A message read back from a topic.
-#[derive(Debug, Clone)]
-pub struct Read {
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub value: Option<Vec<u8>>,
-    pub headers: Vec<(String, Option<Vec<u8>>)>,
-}
-
-impl Read {
-    pub fn header(&self, name: &str) -> Option<String> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .and_then(|(_, v)| v.as_ref())
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-    }
-
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(self.value.as_deref().unwrap_or_default()).expect("JSON value")
-    }
-}
+pub use processor::harness::topic::Record as Read;
 
 /// Reads a whole topic from the beginning up to its current high watermarks.
 pub fn read_topic(topic: &Topic) -> Vec<Read> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", BROKERS)
-        .set("group.id", format!("reader-{}", unique()))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .create()
-        .expect("consumer");
-    let md = consumer
-        .fetch_metadata(Some(topic.as_str()), Duration::from_secs(10))
-        .expect("metadata");
-    let partitions: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
-    let mut tpl = TopicPartitionList::new();
-    let mut highs = HashMap::new();
-    for p in &partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic.as_str(), *p, Duration::from_secs(10))
-            .expect("watermarks");
-        if high > low {
-            highs.insert(*p, high);
-        }
-        tpl.add_partition_offset(topic.as_str(), *p, Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&tpl).expect("assign");
-    let mut out = Vec::new();
-    let mut done: HashMap<i32, bool> = highs.keys().map(|p| (*p, false)).collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while done.values().any(|d| !d) {
-        assert!(Instant::now() < deadline, "reading {topic} timed out");
-        match consumer.poll(Duration::from_millis(500)) {
-            Some(Ok(m)) => {
-                out.push(Read {
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key().map(<[u8]>::to_vec),
-                    value: m.payload().map(<[u8]>::to_vec),
-                    headers: m
-                        .headers()
-                        .map(|hs| {
-                            hs.iter()
-                                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                });
-                // A partition that was empty when the watermarks were read may still receive
-                // messages; they are returned, but the read does not wait for them.
-                if highs
-                    .get(&m.partition())
-                    .is_some_and(|h| m.offset() + 1 >= *h)
-                {
-                    done.insert(m.partition(), true);
-                }
-            }
-            Some(Err(e)) => panic!("reading {topic}: {e}"),
-            None => {
-                // Transaction markers or compaction can leave the last offsets unreadable.
-                for (p, d) in done.iter_mut() {
-                    if let Ok(pos) = consumer.position() {
-                        if let Some(e) = pos.find_partition(topic.as_str(), *p) {
-                            if let Offset::Offset(o) = e.offset() {
-                                if o >= highs[p] {
-                                    *d = true;
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-    out
+    processor::harness::topic::read_blocking(BROKERS, topic.as_str(), Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("reading {topic}: {e}"))
 }
 
 // ---------------------------------------------------------------------------------------
-// Helpers for the failure-injection suite (tests/failures.rs).
+// Helpers for the failure-injection suite (tests/failures/).
 
 /// The workspace root, where `deploy/local/` lives.
 pub fn repo_root() -> PathBuf {

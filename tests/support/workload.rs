@@ -1,19 +1,22 @@
-//! A deterministic mixed workload over accounts and rooms, the serial model of it, and the
-//! checks that compare a finished run with that model.
+//! The integration suites' use of the shared harness ([`processor::harness`]): a mixed
+//! workload over accounts and rooms, its serial model, and the checks that compare a
+//! finished run with that model.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use commands::{AggregateId, Command, CommandId, CommandType, Source};
-use commands::{Context, Handled};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use serde_json::{json, Value};
+use commands::Command;
+pub use processor::harness::model::Model;
+use processor::harness::model::Modeled;
+use processor::harness::workload::{Options, Workload};
+use serde_json::Value;
 use sqlx::Row;
 
 use super::TestDb;
 
-/// `count` commands over `accounts` accounts and `rooms` rooms, with about `dup_percent`
-/// percent of them re-sent duplicates of earlier ones (same source and id).
+/// `count` commands over `accounts` accounts (every 50th never opened, so that "command
+/// before Open" rejections happen too) and `rooms` rooms, then about `dup_percent` percent
+/// of them re-sent later (same source and id). The source holds the seed, so workloads of
+/// different seeds can share a topic.
 pub fn generate(
     seed: u64,
     count: usize,
@@ -21,144 +24,57 @@ pub fn generate(
     rooms: usize,
     dup_percent: u32,
 ) -> Vec<Command> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let source = Source::parse(format!("/workload/{seed}")).unwrap();
-    let mut out: Vec<Command> = Vec::with_capacity(count);
-    // Open every account up front so most later commands apply; a few stay unopened so that
-    // "command before Open" rejections happen too.
-    for a in 0..accounts {
-        if a % 50 == 49 {
-            continue;
-        }
-        out.push(command(
-            &source,
-            out.len(),
-            "account.Open",
-            &format!("acc-{a}"),
-            json!({"owner": format!("owner-{a}")}),
-        ));
-    }
-    while out.len() < count {
-        if !out.is_empty() && rng.gen_range(0..100) < dup_percent {
-            let original = out[rng.gen_range(0..out.len())].clone();
-            out.push(original);
-            continue;
-        }
-        let n = out.len();
-        if rng.gen_bool(0.6) {
-            let subject = format!("acc-{}", rng.gen_range(0..accounts));
-            let amount: i64 = rng.gen_range(1..=500);
-            let ty = if rng.gen_bool(0.5) {
-                "account.Deposit"
-            } else {
-                "account.Withdraw"
-            };
-            out.push(command(&source, n, ty, &subject, json!({"amount": amount})));
-        } else {
-            let subject = format!("room-{}", rng.gen_range(0..rooms));
-            let night = format!("2027-01-{:02}", rng.gen_range(1..=20));
-            if rng.gen_bool(0.7) {
-                let guest = format!("guest-{}", rng.gen_range(0..1000));
-                out.push(command(
-                    &source,
-                    n,
-                    "room.Book",
-                    &subject,
-                    json!({"night": night, "guest": guest}),
-                ));
-            } else {
-                out.push(command(
-                    &source,
-                    n,
-                    "room.Cancel",
-                    &subject,
-                    json!({"night": night}),
-                ));
-            }
-        }
-    }
-    out
+    Workload::generate(&Options {
+        source: format!("/workload/{seed}"),
+        accounts,
+        rooms,
+        unopened_every: 50,
+        duplicates: f64::from(dup_percent) / 100.0,
+        ..Options::new(seed, count)
+    })
+    .expect("a valid workload")
+    .commands()
 }
 
-fn command(source: &Source, n: usize, ty: &str, subject: &str, data: Value) -> Command {
-    Command::new(
-        source.clone(),
-        CommandId::parse(format!("cmd-{n}")).unwrap(),
-        CommandType::parse(ty).unwrap(),
-        AggregateId::parse(subject).unwrap(),
-        data,
-    )
-}
-
-/// The outcome of applying commands serially, one at a time, in produce order.
-#[derive(Debug, Default)]
-pub struct Model {
-    /// `(type, id)` → `(version, state)`.
-    pub aggregates: BTreeMap<(String, String), (i64, Value)>,
-    pub applied: usize,
-    pub rejected: usize,
-    pub duplicates: usize,
-    pub events: usize,
-}
-
-/// Runs the pure handlers over `commands` in order, skipping repeated `(source, id)`.
+/// Runs the bank's pure handlers over `commands` in order, skipping repeated `(source, id)`.
 pub fn serial_model(commands: &[Command]) -> Model {
-    let registry = bank::registry();
-    let mut model = Model::default();
-    let mut seen = HashSet::new();
-    for c in commands {
-        if !seen.insert((c.source.to_string(), c.id.to_string())) {
-            model.duplicates += 1;
-            continue;
-        }
-        let agg = registry.get(c.command_type.aggregate_type()).unwrap();
-        let key = (
-            c.command_type.aggregate_type().to_owned(),
-            c.subject.to_string(),
-        );
-        let entry = model.aggregates.entry(key).or_insert((0, Value::Null));
-        let context = Context::new(&c.id, &c.source, entry.0 as u64)
-            .with_time(c.time)
-            .with_correlation_id(c.correlation_id.as_deref());
-        match agg.handle(&entry.1, c.command_type.name(), &c.data, &context) {
-            Handled::Accepted(decision) => {
-                let events = decision.events;
-                model.applied += 1;
-                model.events += events.len();
-                if !events.is_empty() {
-                    entry.1 = agg.apply(&entry.1, &events);
-                    entry.0 += events.len() as i64;
-                }
-            }
-            Handled::Rejected(_) => model.rejected += 1,
-            Handled::Invalid(error) => panic!("the workload made an invalid command: {error}"),
-        }
-    }
-    model.aggregates.retain(|_, (v, _)| *v > 0);
-    model
+    Model::run(&bank::registry(), commands).expect("the workload is valid")
+}
+
+/// Every aggregate row of the test's database.
+pub async fn stored_aggregates(db: &TestDb) -> BTreeMap<(String, String), Modeled> {
+    sqlx::query("SELECT aggregate_type, aggregate_id, version, state FROM aggregates")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| {
+            (
+                (r.get(0), r.get(1)),
+                Modeled {
+                    version: r.get(2),
+                    state: r.get(3),
+                },
+            )
+        })
+        .collect()
 }
 
 /// Asserts everything a user would check after a run: every aggregate equals the serial
 /// model (state and version), no balance is negative, no night was booked twice, every
 /// aggregate's event versions run 1..=version without gaps, and the outcome counts match.
 pub async fn assert_matches_model(db: &TestDb, model: &Model) {
-    let rows = sqlx::query("SELECT aggregate_type, aggregate_id, version, state FROM aggregates")
-        .fetch_all(&db.pool)
-        .await
-        .unwrap();
-    let stored: BTreeMap<(String, String), (i64, Value)> = rows
-        .into_iter()
-        .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3))))
-        .collect();
+    let stored = stored_aggregates(db).await;
+    let modeled = model.stored();
     let mut mismatches = Vec::new();
-    for (key, want) in &model.aggregates {
+    for (key, want) in &modeled {
         match stored.get(key) {
             Some(got) if got == want => {}
             other => mismatches.push(format!("{key:?}: stored {other:?}, model {want:?}")),
         }
     }
     for key in stored.keys() {
-        if !model.aggregates.contains_key(key) {
+        if !modeled.contains_key(key) {
             mismatches.push(format!("{key:?} stored but not in the model"));
         }
     }
@@ -169,7 +85,7 @@ pub async fn assert_matches_model(db: &TestDb, model: &Model) {
         mismatches[..mismatches.len().min(20)].join("\n")
     );
 
-    for ((t, id), (_, state)) in &stored {
+    for ((t, id), Modeled { state, .. }) in &stored {
         if t == "account" {
             assert!(
                 state["balance"].as_i64().unwrap() >= 0,
@@ -185,12 +101,12 @@ pub async fn assert_matches_model(db: &TestDb, model: &Model) {
     let counts: HashMap<String, i64> = outcomes.into_iter().map(|r| (r.get(0), r.get(1))).collect();
     assert_eq!(
         counts.get("applied").copied().unwrap_or(0) as usize,
-        model.applied,
+        model.applied(),
         "applied commands"
     );
     assert_eq!(
         counts.get("rejected").copied().unwrap_or(0) as usize,
-        model.rejected,
+        model.rejected(),
         "rejected commands"
     );
 
@@ -213,7 +129,7 @@ pub async fn assert_matches_model(db: &TestDb, model: &Model) {
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    assert_eq!(events as usize, model.events, "stored events");
+    assert_eq!(events as usize, model.events.len(), "stored events");
 
     // No night booked twice: replay each room's events in version order.
     let room_events = sqlx::query(
@@ -251,7 +167,7 @@ pub async fn assert_events_published(db: &TestDb, topics: &super::TestTopics) ->
     let read = super::read_topic(&topics.events);
     let mut seen: HashMap<String, usize> = HashMap::new();
     for m in &read {
-        let v = m.json();
+        let v = m.json().expect("JSON value");
         let id = v["id"].as_str().expect("event id").to_owned();
         assert_eq!(
             m.key.as_deref(),

@@ -9,13 +9,13 @@
 //! makes the command fail.
 //!
 //! # Layout
-//! - `workload`: the seeded messages and the serial model (pure).
+//! - the seeded messages and the serial model are [`crate::harness`]'s, shared with the
+//!   bench and the integration tests.
 //! - `workers`: the worker processes and the guard that stops them.
 //! - `verify`: waiting, reading back, the summary and the invariants.
 
 pub(super) mod verify;
 pub(super) mod workers;
-pub(super) mod workload;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -34,8 +34,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};
 
 use super::{parse_duration, Common, LogFormat};
+use crate::harness::model::Model;
+use crate::harness::workload::{Options, Send, Workload};
 use workers::Workers;
-use workload::{Model, Send, Workload};
 
 /// Arguments of `demo`.
 #[derive(Debug, Args)]
@@ -65,6 +66,47 @@ pub struct DemoArgs {
     /// the demo failed; the demo's topics are always left in place.
     #[arg(long)]
     pub keep: bool,
+}
+
+/// The `source` of every demo command; with the id it is the idempotency key.
+pub(super) const SOURCE: &str = "/cmdproc-demo";
+/// Accounts the workload opens and then moves money in and out of.
+const ACCOUNTS: usize = 50;
+/// Rooms the workload books and cancels.
+const ROOMS: usize = 20;
+/// Share of valid commands that are sent a second time.
+const DUPLICATE_SHARE: f64 = 0.05;
+
+/// The demo's workload: valid commands for [`ACCOUNTS`] accounts and [`ROOMS`] rooms,
+/// some re-sent, and one message of each way a message can be invalid.
+pub(super) fn demo_workload(
+    seed: u64,
+    commands: usize,
+    partitions: i32,
+) -> anyhow::Result<Workload> {
+    Ok(Workload::generate(&Options {
+        source: SOURCE.to_owned(),
+        accounts: ACCOUNTS,
+        rooms: ROOMS,
+        duplicates: DUPLICATE_SHARE,
+        invalid: Some(partitions),
+        ..Options::new(seed, commands)
+    })?)
+}
+
+/// Refuses a registry without the domains the demo and the bench generate commands for.
+pub(super) fn require_example_domains(registry: &Registry) -> anyhow::Result<()> {
+    for needed in ["account", "room"] {
+        if registry.get(needed).is_none() {
+            anyhow::bail!(
+                "the demo and the bench generate `account` and `room` commands, and this \
+                 processor does not know `{needed}` (it knows {}); run them with the stock \
+                 `cmdproc` binary, or register `bank::Account` and `bank::Room`",
+                registry.types().collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The session timeout of the demo's workers: short, so a rebalance settles quickly.
@@ -120,12 +162,12 @@ struct InvariantsFailed(usize, usize);
 
 /// Runs the demonstration; fails if any invariant does not hold.
 pub async fn run(common: &Common, registry: &Registry, args: DemoArgs) -> anyhow::Result<()> {
-    workload::require_example_domains(registry)?;
-    let min = workload::ACCOUNTS * 2;
+    require_example_domains(registry)?;
+    let min = ACCOUNTS * 2;
     if args.commands < min {
         anyhow::bail!(
             "--commands must be at least {min}: the demo opens {} accounts first",
-            workload::ACCOUNTS
+            ACCOUNTS
         );
     }
     let started = Instant::now();
@@ -150,7 +192,7 @@ pub async fn run(common: &Common, registry: &Registry, args: DemoArgs) -> anyhow
     if args.keep || failed {
         println!("      kept database {} at {}", ns.database, redact(&url));
         println!(
-            "      look inside: cmdproc --database-url <that URL> inspect account acc-01; \
+            "      look inside: cmdproc --database-url <that URL> inspect account acc-1; \
              drop it: DROP DATABASE {} WITH (FORCE)",
             ns.database
         );
@@ -259,14 +301,14 @@ async fn scenario(
             .join(", ")
     );
 
-    let workload = Workload::generate(args.seed, args.commands, args.partitions);
+    let workload = demo_workload(args.seed, args.commands, args.partitions)?;
     let model = Model::run(registry, &workload.valid)?;
     println!(
         "[4/8] produce     {} messages: {} commands for {} accounts and {} rooms, {} re-sent duplicates, {} invalid",
         workload.messages.len(),
         workload.valid.len(),
-        workload::ACCOUNTS,
-        workload::ROOMS,
+        ACCOUNTS,
+        ROOMS,
         workload.duplicates(),
         workload.invalid()
     );

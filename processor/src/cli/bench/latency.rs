@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::producer::CommandProducer;
+use crate::producer::{CommandProducer, Delivery};
 use anyhow::Context;
 use chrono::Utc;
 use commands::Command;
@@ -101,7 +101,8 @@ impl Latency {
 /// Produces `commands` at `rate` per second to the namespace's commands topic and measures
 /// each one's end-to-end latency to its event on the events topic. Commands sent in the
 /// first `warm_up` are not counted (connections, statement caches and the broker's code
-/// warm up then). Every command must emit exactly one event.
+/// warm up then). Every command must emit exactly one event. Returns the percentiles and
+/// where each command landed, in order.
 pub(super) async fn measure(
     brokers: &str,
     ns: &Namespace,
@@ -110,7 +111,7 @@ pub(super) async fn measure(
     rate: u32,
     warm_up: Duration,
     progress: &indicatif::ProgressBar,
-) -> anyhow::Result<Latency> {
+) -> anyhow::Result<(Latency, Vec<Delivery>)> {
     let sent: Arc<Mutex<HashMap<String, (Instant, SystemTime)>>> = Arc::default();
     let expected = commands.len();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -129,13 +130,14 @@ pub(super) async fn measure(
     let producer = CommandProducer::new(brokers, ns.commands.clone(), Duration::from_secs(30))?;
     let started = Instant::now();
     let mut in_flight = FuturesUnordered::new();
+    let mut landed: Vec<(usize, Delivery)> = Vec::with_capacity(commands.len());
     let mut counted_from = None;
     for (i, c) in commands.iter_mut().enumerate() {
         let due = started + Duration::from_secs_f64(i as f64 / f64::from(rate));
         // Acknowledgements are collected while waiting for the next slot.
         while Instant::now() < due {
             tokio::select! {
-                Some(r) = in_flight.next(), if !in_flight.is_empty() => { r?; }
+                Some(r) = in_flight.next(), if !in_flight.is_empty() => { landed.push(r?); }
                 _ = tokio::time::sleep_until(due.into()) => {}
             }
         }
@@ -148,13 +150,15 @@ pub(super) async fn measure(
             .insert(c.id.to_string(), (Instant::now(), SystemTime::now()));
         let producer = &producer;
         let c: &Command = c;
-        in_flight.push(async move { producer.send(c).await.map(|_| ()) });
+        in_flight.push(async move { producer.send(c).await.map(|d| (i, d)) });
         progress.set_position(i as u64 + 1);
     }
     while let Some(r) = in_flight.next().await {
-        r?;
+        landed.push(r?);
     }
     drop(in_flight);
+    landed.sort_unstable_by_key(|(i, _)| *i);
+    let deliveries = landed.into_iter().map(|(_, d)| d).collect();
     let result = tokio::time::timeout(Duration::from_secs(60), reader).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let seen = result
@@ -170,7 +174,8 @@ pub(super) async fn measure(
         .filter(|(id, _)| !warm_up_ids.contains(id))
         .map(|(_, s)| s)
         .collect();
-    Latency::of(&samples, warm_up_ids.len()).context("no event was seen")
+    let latency = Latency::of(&samples, warm_up_ids.len()).context("no event was seen")?;
+    Ok((latency, deliveries))
 }
 
 /// Reads `topic` (read_committed) from the beginning until `expected` events are seen,

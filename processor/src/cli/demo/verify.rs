@@ -4,18 +4,15 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use crate::harness::model::{Model, ModelEvent, Modeled, Outcome};
+use crate::harness::topic;
+use crate::harness::workload::{Expect, Workload};
 use crate::producer::Delivery;
-use anyhow::Context;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message as _};
-use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use super::workers::Workers;
-use super::workload::{Expect, Model, ModelEvent, Modeled, Workload};
 
 /// How often the database is polled while waiting.
 const POLL: Duration = Duration::from_millis(250);
@@ -263,9 +260,9 @@ pub(in crate::cli) async fn observe(
     let timeout = Duration::from_secs(30);
     let mut published_events = Vec::new();
     let mut unreadable_events = 0;
-    for record in read_topic(brokers, events_topic, timeout).await? {
+    for record in topic::read(brokers, events_topic, timeout).await? {
         let id = record
-            .payload
+            .value
             .and_then(|p| serde_json::from_slice::<Value>(&p).ok())
             .and_then(|v| v.get("id").and_then(Value::as_str).map(str::to_owned))
             .and_then(|id| Uuid::parse_str(&id).ok());
@@ -275,7 +272,7 @@ pub(in crate::cli) async fn observe(
         }
     }
     let mut published_dead_letters = Vec::new();
-    for record in read_topic(brokers, dead_letter_topic, timeout).await? {
+    for record in topic::read(brokers, dead_letter_topic, timeout).await? {
         let header = |name: &str| -> Option<i64> {
             let (_, v) = record.headers.iter().find(|(k, _)| k == name)?;
             std::str::from_utf8(v.as_deref()?).ok()?.parse().ok()
@@ -294,97 +291,6 @@ pub(in crate::cli) async fn observe(
         unreadable_events,
         published_dead_letters,
     })
-}
-
-/// A message read back from a topic.
-#[derive(Debug)]
-struct Record {
-    payload: Option<Vec<u8>>,
-    headers: Vec<(String, Option<Vec<u8>>)>,
-}
-
-/// Reads every message of `topic` from the beginning up to the high watermarks as they are
-/// now, without joining a consumer group.
-async fn read_topic(brokers: &str, topic: &str, timeout: Duration) -> anyhow::Result<Vec<Record>> {
-    let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
-    // librdkafka's calls here block; keep them off the async workers.
-    tokio::task::spawn_blocking(move || read_topic_blocking(&brokers, &topic, timeout)).await?
-}
-
-fn read_topic_blocking(
-    brokers: &str,
-    topic: &str,
-    timeout: Duration,
-) -> anyhow::Result<Vec<Record>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("{topic}-demo-reader"))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()
-        .context("cannot create a Kafka consumer")?;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .with_context(|| format!("cannot read the metadata of {topic}"))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic)
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    let mut ends: HashMap<i32, i64> = HashMap::new();
-    let mut assignment = TopicPartitionList::new();
-    for p in partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, p, timeout)
-            .with_context(|| format!("cannot read the watermarks of {topic}/{p}"))?;
-        if high > low {
-            ends.insert(p, high);
-            assignment.add_partition_offset(topic, p, Offset::Beginning)?;
-        }
-    }
-    let mut out = Vec::new();
-    if ends.is_empty() {
-        return Ok(out);
-    }
-    consumer.assign(&assignment)?;
-    let deadline = Instant::now() + timeout;
-    while !ends.is_empty() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            anyhow::bail!(
-                "reading {topic} timed out with {} partition(s) not read to the end",
-                ends.len()
-            );
-        }
-        if let Some(m) = consumer.poll(left.min(Duration::from_millis(200))) {
-            let m = m.with_context(|| format!("reading {topic}"))?;
-            out.push(Record {
-                payload: m.payload().map(<[u8]>::to_vec),
-                headers: m
-                    .headers()
-                    .map(|hs| {
-                        hs.iter()
-                            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            });
-        }
-        // The relay publishes in Kafka transactions, whose commit markers take offsets too:
-        // the last message's offset stops short of the high watermark, the position does not.
-        for elem in consumer.position()?.elements() {
-            if let Offset::Offset(position) = elem.offset() {
-                if ends
-                    .get(&elem.partition())
-                    .is_some_and(|end| position >= *end)
-                {
-                    ends.remove(&elem.partition());
-                }
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// How long the phases took.
@@ -407,7 +313,7 @@ pub(in crate::cli) fn print_summary(
     let valid = workload.valid.len();
     let applied = observed.processed.values().filter(|p| p.applied).count();
     let rejected = observed.processed.len() - applied;
-    let model_applied = model.applied.iter().filter(|a| **a).count();
+    let model_applied = model.applied();
     println!(
         "  produced       {total} messages: {valid} commands, {} duplicates, {} invalid",
         workload.duplicates(),
@@ -644,8 +550,10 @@ pub(in crate::cli) fn checks(
     let refused = workload
         .valid
         .iter()
-        .zip(&model.applied)
-        .filter(|(c, applied)| c.command_type.as_str() == "room.Book" && !**applied)
+        .zip(&model.outcomes)
+        .filter(|(c, outcome)| {
+            c.command_type.as_str() == "room.Book" && **outcome != Outcome::Applied
+        })
         .count();
     out.push(check(
         'c',
@@ -756,8 +664,18 @@ pub(in crate::cli) fn checks(
         format!("{} events, each published once", table.len()),
     ));
 
+    // (f) and (g) look each message up where it landed: without a delivery for every
+    // message they would check nothing, and pass.
+    let landed = (deliveries.len() != workload.messages.len()).then(|| {
+        format!(
+            "{} deliveries for {} messages: cannot tell where the messages landed",
+            deliveries.len(),
+            workload.messages.len()
+        )
+    });
+
     // (f) Every invalid message is a dead letter of the expected kind, and nothing else is.
-    let mut problems = Vec::new();
+    let mut problems: Vec<String> = landed.iter().cloned().collect();
     let mut expected = 0;
     for (m, d) in workload.messages.iter().zip(deliveries) {
         let Expect::DeadLetter { kind, what } = &m.expect else {
@@ -787,7 +705,7 @@ pub(in crate::cli) fn checks(
     ));
 
     // (g) Each re-sent command is detected as a duplicate, at the offset it was re-sent to.
-    let mut problems = Vec::new();
+    let mut problems: Vec<String> = landed.into_iter().collect();
     let want: HashSet<(i32, i64)> = workload
         .messages
         .iter()
@@ -813,7 +731,8 @@ pub(in crate::cli) fn checks(
 
     // (h) Each valid command was processed once, with the model's outcome.
     let mut problems = Vec::new();
-    for (c, applied) in workload.valid.iter().zip(&model.applied) {
+    for (c, outcome) in workload.valid.iter().zip(&model.outcomes) {
+        let applied = &(*outcome == Outcome::Applied);
         let key = (c.source.to_string(), c.id.to_string());
         match observed.processed.get(&key) {
             None => problems.push(format!("{} ({}) was not processed", c.id, c.command_type)),
@@ -874,7 +793,8 @@ mod tests {
     use super::*;
     use commands::partitioner::partition_for_key;
 
-    use crate::cli::demo::workload::{Send, SOURCE};
+    use crate::cli::demo::SOURCE;
+    use crate::harness::workload::Send;
 
     const PARTITIONS: i32 = 6;
 
@@ -933,8 +853,9 @@ mod tests {
             processed: w
                 .valid
                 .iter()
-                .zip(&model.applied)
-                .map(|(c, applied)| {
+                .zip(&model.outcomes)
+                .map(|(c, outcome)| {
+                    let applied = &(*outcome == Outcome::Applied);
                     (
                         (SOURCE.to_owned(), c.id.to_string()),
                         Processed {
@@ -967,7 +888,7 @@ mod tests {
 
     #[test]
     fn a_faithful_run_passes_and_each_kind_of_damage_is_caught() {
-        let w = Workload::generate(5, 600, PARTITIONS);
+        let w = crate::cli::demo::demo_workload(5, 600, PARTITIONS).unwrap();
         let model = Model::run(&bank::registry(), &w.valid).unwrap();
         let d = deliveries(&w);
         let good = faithful(&w, &model, &d);
@@ -978,7 +899,7 @@ mod tests {
             f(&mut o);
             failing(&checks(&w, &model, &d, &o))
         };
-        let account = ("account".to_owned(), "acc-01".to_owned());
+        let account = ("account".to_owned(), "acc-1".to_owned());
         assert_eq!(
             damaged(&|o| o.aggregates.get_mut(&account).unwrap().state["balance"] = (-1).into()),
             ['a', 'b']
@@ -1026,6 +947,24 @@ mod tests {
             }),
             ['i']
         );
+    }
+
+    #[test]
+    fn checks_without_deliveries_fail_instead_of_passing_vacuously() {
+        let w = crate::cli::demo::demo_workload(6, 300, PARTITIONS).unwrap();
+        let model = Model::run(&bank::registry(), &w.valid).unwrap();
+        let d = deliveries(&w);
+        let good = faithful(&w, &model, &d);
+        assert_eq!(failing(&checks(&w, &model, &[], &good)), ['f', 'g']);
+        // Also for a workload of valid commands only, as the bench's.
+        let only = Workload::of_commands(w.valid.clone());
+        let d = deliveries(&only);
+        let good = faithful(&only, &model, &d);
+        assert_eq!(
+            failing(&checks(&only, &model, &d, &good)),
+            Vec::<char>::new()
+        );
+        assert_eq!(failing(&checks(&only, &model, &[], &good)), ['f', 'g']);
     }
 
     #[test]

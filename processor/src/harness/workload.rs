@@ -1,31 +1,30 @@
-//! The demo's workload: a seeded, reproducible mix of valid commands, re-sent duplicates and
-//! invalid messages, and the serial in-memory model the results are checked against.
+//! The workload: seeded, reproducible commands over accounts and rooms, for the demo, the
+//! benchmark and the integration tests alike.
 //!
-//! Everything here is pure: the same seed always yields the same messages, in the same
+//! Accounts are opened first (all of them, or all but every n-th, so that "before Open"
+//! rejections happen too); then each command moves money in or out of an account, picked
+//! uniformly or Zipf-skewed, or books or cancels a room night. On request some valid
+//! commands are re-sent later (duplicates) and one message of each way a message can be
+//! invalid is mixed in, each with what the processor must make of it.
+//!
+//! Everything here is pure: the same options always yield the same messages, in the same
 //! order, with the same ids, so the model and a rerun agree message for message.
 
-use std::collections::BTreeMap;
-
-use anyhow::Context;
 use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use commands::partitioner::partition_for_key;
 use commands::{AggregateId, Command, CommandId, CommandType, DeadLetterKind, Source};
-use commands::{Context as HandlerContext, Handled, Registry};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, Zipf};
 use serde_json::{json, Value};
 
-/// The `source` of every demo command; with the id it is the idempotency key.
-pub(in crate::cli) const SOURCE: &str = "/cmdproc-demo";
-/// Accounts the workload opens and then moves money in and out of.
-pub(in crate::cli) const ACCOUNTS: usize = 50;
-/// Rooms the workload books and cancels.
-pub(in crate::cli) const ROOMS: usize = 20;
 /// Nights each room can be booked for; few nights, so many bookings collide.
 const NIGHTS: u32 = 10;
-/// Share of valid commands that are sent a second time.
-const DUPLICATE_SHARE: f64 = 0.05;
+/// Share of the commands after the opens that go to accounts when there are rooms too.
+const ACCOUNT_SHARE: f64 = 0.55;
+/// Share of room commands that cancel a night rather than book one.
+const CANCEL_SHARE: f64 = 0.25;
 /// Bytes of padding in the oversized message: above the workers' default limit of 256 KiB,
 /// below the broker's default limit of about 1 MiB.
 const OVERSIZED_BYTES: usize = 300 * 1024;
@@ -35,9 +34,87 @@ const PEOPLE: &[&str] = &[
     "margaret", "niklaus", "radia", "tony",
 ];
 
+/// Why a workload cannot be generated.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Options that describe no workload.
+    #[error("{0}")]
+    Options(String),
+}
+
+/// How the commands pick their account.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Skew {
+    /// Every account equally likely.
+    Uniform,
+    /// Zipf with this exponent: the account of rank k (`acc-{k-1}`) with probability
+    /// proportional to 1/k^s, so `acc-0` is the hot key.
+    Zipf(f64),
+}
+
+/// What to generate. [`Options::new`] gives the demo's mix; change the fields for others.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Options {
+    /// Seed of the generator.
+    pub seed: u64,
+    /// The `source` of every command; with the id it is the idempotency key, so two
+    /// workloads meant to be sent to one topic need different sources.
+    pub source: String,
+    /// Valid commands, the opens included (duplicates and invalid messages come on top).
+    pub commands: usize,
+    /// Accounts, `acc-0`, `acc-1`, ...; only the first `commands` are used when fewer.
+    pub accounts: usize,
+    /// Rooms, `room-0`, `room-1`, ...; 0 for account commands only.
+    pub rooms: usize,
+    /// How account commands pick their account.
+    pub skew: Skew,
+    /// Share of account commands that withdraw rather than deposit.
+    pub withdrawals: f64,
+    /// Share of withdrawals far larger than any balance: business rejections.
+    pub overdrafts: f64,
+    /// Every n-th account (`acc-{n-1}`, `acc-{2n-1}`, ...) is never opened, so its commands
+    /// are rejected; 0 opens every account.
+    pub unopened_every: usize,
+    /// Share of valid commands sent a second time, later than the first.
+    pub duplicates: f64,
+    /// One message of each way a message can be invalid, for a commands topic of this many
+    /// partitions (misrouting needs two or more); `None` for none.
+    pub invalid: Option<i32>,
+}
+
+impl Options {
+    /// The demo's mix: 50 accounts and 20 rooms, half the account commands withdrawals,
+    /// some of them overdrafts, no duplicates, no invalid messages.
+    pub fn new(seed: u64, commands: usize) -> Self {
+        Self {
+            seed,
+            source: "/workload".to_owned(),
+            commands,
+            accounts: 50,
+            rooms: 20,
+            skew: Skew::Uniform,
+            withdrawals: 0.5,
+            overdrafts: 0.15,
+            unopened_every: 0,
+            duplicates: 0.0,
+            invalid: None,
+        }
+    }
+}
+
+/// The id of account number `i` (rank `i + 1` of a Zipf skew).
+pub fn account_id(i: usize) -> String {
+    format!("acc-{i}")
+}
+
+/// The id of room number `i`.
+pub fn room_id(i: usize) -> String {
+    format!("room-{i}")
+}
+
 /// How a message goes onto the commands topic.
 #[derive(Debug, Clone)]
-pub(in crate::cli) enum Send {
+pub enum Send {
     /// A valid command, by index into [`Workload::valid`], produced by the command producer
     /// (keyed by its subject, so it lands on the partition its key maps to).
     Command(usize),
@@ -59,7 +136,7 @@ pub(in crate::cli) enum Send {
 
 /// What the processor must make of a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(in crate::cli) enum Expect {
+pub enum Expect {
     /// The first delivery of valid command `i`: processed (applied or rejected).
     Processed(usize),
     /// A re-send of valid command `i`: detected as a duplicate, no effect.
@@ -75,30 +152,45 @@ pub(in crate::cli) enum Expect {
 
 /// One message of the workload.
 #[derive(Debug, Clone)]
-pub(in crate::cli) struct Message {
+pub struct Message {
     /// How to produce it.
-    pub(in crate::cli) send: Send,
+    pub send: Send,
     /// What the processor must make of it.
-    pub(in crate::cli) expect: Expect,
+    pub expect: Expect,
 }
 
 /// The whole workload, in produce order.
 #[derive(Debug, Clone)]
-pub(in crate::cli) struct Workload {
+pub struct Workload {
     /// The valid commands, each once, in produce order.
-    pub(in crate::cli) valid: Vec<Command>,
+    pub valid: Vec<Command>,
     /// Every message to produce, in order: valid commands, duplicates and invalid ones.
-    pub(in crate::cli) messages: Vec<Message>,
+    pub messages: Vec<Message>,
 }
 
 impl Workload {
-    /// Generates `commands` valid commands (at least one per account, since each account is
-    /// opened first) plus duplicates and invalid messages, from `seed`. `partitions` is the
-    /// commands topic's partition count, needed to misroute a command on purpose.
-    pub(in crate::cli) fn generate(seed: u64, commands: usize, partitions: i32) -> Self {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let accounts: Vec<String> = (1..=ACCOUNTS).map(|i| format!("acc-{i:02}")).collect();
-        let rooms: Vec<String> = (1..=ROOMS).map(|i| format!("room-{i:02}")).collect();
+    /// Generates the workload `options` describe.
+    pub fn generate(options: &Options) -> Result<Self, Error> {
+        let o = options;
+        if o.accounts == 0 {
+            return Err(Error::Options(
+                "a workload needs at least one account".into(),
+            ));
+        }
+        let source = Source::parse(o.source.as_str())
+            .map_err(|e| Error::Options(format!("invalid source {}: {e}", o.source)))?;
+        let mut rng = StdRng::seed_from_u64(o.seed);
+        let accounts: Vec<String> = (0..o.accounts.min(o.commands).max(1))
+            .map(account_id)
+            .collect();
+        let rooms: Vec<String> = (0..o.rooms).map(room_id).collect();
+        let zipf = match o.skew {
+            Skew::Uniform => None,
+            Skew::Zipf(s) => Some(
+                Zipf::new(accounts.len() as u64, s)
+                    .map_err(|e| Error::Options(format!("invalid Zipf exponent {s}: {e}")))?,
+            ),
+        };
         let first_night = NaiveDate::from_ymd_opt(2026, 12, 20).expect("a valid date");
         let nights: Vec<NaiveDate> = first_night.iter_days().take(NIGHTS as usize).collect();
         let start: DateTime<Utc> = first_night
@@ -106,33 +198,35 @@ impl Workload {
             .expect("a valid time")
             .and_utc();
 
-        let mut valid = Vec::with_capacity(commands);
+        let mut valid = Vec::with_capacity(o.commands);
         let push = |valid: &mut Vec<Command>, ty: &str, subject: &str, data: Value| {
             let n = valid.len();
-            let mut c = command(&format!("cmd-{n:06}"), ty, subject, data);
+            let mut c = command(&source, &format!("cmd-{n:06}"), ty, subject, data);
             // Handlers read no clock; a deterministic time keeps reruns byte-identical.
             c.time = Some(start + TimeDelta::seconds(n as i64));
             valid.push(c);
         };
-        // Every account is opened before anything else touches it, so deposits succeed.
-        for acc in &accounts {
+        for (i, acc) in accounts.iter().enumerate() {
+            if valid.len() == o.commands {
+                break;
+            }
+            if o.unopened_every > 0 && i % o.unopened_every == o.unopened_every - 1 {
+                continue;
+            }
             let owner = PEOPLE.choose(&mut rng).expect("people");
             push(&mut valid, "account.Open", acc, json!({ "owner": owner }));
         }
-        while valid.len() < commands {
-            if rng.gen_bool(0.55) {
-                let acc = accounts.choose(&mut rng).expect("accounts");
-                if rng.gen_bool(0.5) {
-                    let amount: i64 = rng.gen_range(100..=10_000);
-                    push(
-                        &mut valid,
-                        "account.Deposit",
-                        acc,
-                        json!({ "amount": amount }),
-                    );
-                } else {
-                    // Some withdrawals are far larger than any balance: business rejections.
-                    let amount: i64 = if rng.gen_bool(0.15) {
+        while valid.len() < o.commands {
+            if rooms.is_empty() || rng.gen_bool(ACCOUNT_SHARE) {
+                let acc = match &zipf {
+                    None => accounts.choose(&mut rng).expect("accounts"),
+                    Some(z) => {
+                        let rank = (z.sample(&mut rng) as usize).clamp(1, accounts.len());
+                        &accounts[rank - 1]
+                    }
+                };
+                if rng.gen_bool(o.withdrawals) {
+                    let amount: i64 = if rng.gen_bool(o.overdrafts) {
                         rng.gen_range(50_000..=500_000)
                     } else {
                         rng.gen_range(100..=6_000)
@@ -143,11 +237,19 @@ impl Workload {
                         acc,
                         json!({ "amount": amount }),
                     );
+                } else {
+                    let amount: i64 = rng.gen_range(100..=10_000);
+                    push(
+                        &mut valid,
+                        "account.Deposit",
+                        acc,
+                        json!({ "amount": amount }),
+                    );
                 }
             } else {
                 let room = rooms.choose(&mut rng).expect("rooms");
                 let night = nights.choose(&mut rng).expect("nights").to_string();
-                if rng.gen_bool(0.25) {
+                if rng.gen_bool(CANCEL_SHARE) {
                     push(&mut valid, "room.Cancel", room, json!({ "night": night }));
                 } else {
                     let guest = PEOPLE.choose(&mut rng).expect("people");
@@ -166,8 +268,8 @@ impl Workload {
         // slot after `j`, so the original is always processed first.
         let n = valid.len();
         let mut extra: Vec<(usize, Message)> = Vec::new();
-        let duplicates = ((n as f64) * DUPLICATE_SHARE).round() as usize;
-        for _ in 0..duplicates {
+        let duplicates = ((n as f64) * o.duplicates).round() as usize;
+        for _ in 0..if n > 0 { duplicates } else { 0 } {
             let j = rng.gen_range(0..n);
             let slot = rng.gen_range(j + 1..=n);
             extra.push((
@@ -178,8 +280,16 @@ impl Workload {
                 },
             ));
         }
-        for m in invalid_messages(&mut rng, &accounts, &rooms, &nights, partitions) {
-            extra.push((rng.gen_range(0..=n), m));
+        if let Some(partitions) = o.invalid {
+            // The room messages need a room even in an accounts-only workload.
+            let rooms = if rooms.is_empty() {
+                vec![room_id(0)]
+            } else {
+                rooms
+            };
+            for m in invalid_messages(&mut rng, &source, &accounts, &rooms, &nights, partitions) {
+                extra.push((rng.gen_range(0..=n), m));
+            }
         }
         // Stable: extra messages of one slot keep their generation order.
         extra.sort_by_key(|(slot, _)| *slot);
@@ -197,16 +307,39 @@ impl Workload {
                 });
             }
         }
+        Ok(Self { valid, messages })
+    }
+
+    /// `valid` as a workload of its own: each command sent once, in order, nothing else.
+    pub fn of_commands(valid: Vec<Command>) -> Self {
+        let messages = (0..valid.len())
+            .map(|i| Message {
+                send: Send::Command(i),
+                expect: Expect::Processed(i),
+            })
+            .collect();
         Self { valid, messages }
     }
 
+    /// The commands the command producer sends, in order, duplicates included: every
+    /// message but the raw and misrouted ones.
+    pub fn commands(&self) -> Vec<Command> {
+        self.messages
+            .iter()
+            .filter_map(|m| match m.send {
+                Send::Command(i) => Some(self.valid[i].clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// How many messages re-send an earlier command.
-    pub(in crate::cli) fn duplicates(&self) -> usize {
+    pub fn duplicates(&self) -> usize {
         self.count(|e| matches!(e, Expect::Duplicate(_)))
     }
 
     /// How many messages must become dead letters.
-    pub(in crate::cli) fn invalid(&self) -> usize {
+    pub fn invalid(&self) -> usize {
         self.count(|e| matches!(e, Expect::DeadLetter { .. }))
     }
 
@@ -216,9 +349,9 @@ impl Workload {
 }
 
 /// Builds a valid command; the generator only passes well-formed parts.
-fn command(id: &str, ty: &str, subject: &str, data: Value) -> Command {
+fn command(source: &Source, id: &str, ty: &str, subject: &str, data: Value) -> Command {
     Command::new(
-        Source::parse(SOURCE).expect("a valid source"),
+        source.clone(),
         CommandId::parse(id).expect("a valid id"),
         CommandType::parse(ty).expect("a valid type"),
         AggregateId::parse(subject).expect("a valid subject"),
@@ -227,11 +360,11 @@ fn command(id: &str, ty: &str, subject: &str, data: Value) -> Command {
 }
 
 /// A structured-mode CloudEvent as JSON, for the invalid messages to tamper with.
-fn envelope(id: &str, ty: &str, subject: &str, data: Value) -> Value {
+fn envelope(source: &Source, id: &str, ty: &str, subject: &str, data: Value) -> Value {
     json!({
         "specversion": "1.0",
         "id": id,
-        "source": SOURCE,
+        "source": source.as_str(),
         "type": ty,
         "subject": subject,
         "datacontenttype": "application/json",
@@ -243,6 +376,7 @@ fn envelope(id: &str, ty: &str, subject: &str, data: Value) -> Value {
 /// kind the contract assigns it.
 fn invalid_messages(
     rng: &mut StdRng,
+    source: &Source,
     accounts: &[String],
     rooms: &[String],
     nights: &[NaiveDate],
@@ -270,6 +404,7 @@ fn invalid_messages(
     // Malformed: not a CloudEvent at all.
     let a = acc(rng);
     let whole = json_bytes(&envelope(
+        source,
         &next_id(),
         "account.Deposit",
         &a,
@@ -313,6 +448,7 @@ fn invalid_messages(
     out.push(raw(
         Some(&a),
         Some(json_bytes(&envelope(
+            source,
             &next_id(),
             "account.Teleport",
             &a,
@@ -324,6 +460,7 @@ fn invalid_messages(
     out.push(raw(
         Some("order-1"),
         Some(json_bytes(&envelope(
+            source,
             &next_id(),
             "order.Place",
             "order-1",
@@ -338,6 +475,7 @@ fn invalid_messages(
     out.push(raw(
         Some(&a),
         Some(json_bytes(&envelope(
+            source,
             &next_id(),
             "account.Deposit",
             &a,
@@ -350,6 +488,7 @@ fn invalid_messages(
     out.push(raw(
         Some(&a),
         Some(json_bytes(&envelope(
+            source,
             &next_id(),
             "account.Withdraw",
             &a,
@@ -362,6 +501,7 @@ fn invalid_messages(
     out.push(raw(
         Some(&a),
         Some(json_bytes(&envelope(
+            source,
             &next_id(),
             "account.Open",
             &a,
@@ -374,6 +514,7 @@ fn invalid_messages(
     out.push(raw(
         Some(&r),
         Some(json_bytes(&envelope(
+            source,
             &next_id(),
             "room.Book",
             &r,
@@ -386,6 +527,7 @@ fn invalid_messages(
     out.push(raw(
         Some(&r),
         Some(json_bytes(&envelope(
+            source,
             &next_id(),
             "room.Book",
             &r,
@@ -395,7 +537,13 @@ fn invalid_messages(
         "night that is not an ISO date",
     ));
     let a = acc(rng);
-    let mut v = envelope(&next_id(), "account.Deposit", &a, json!({"amount": 5}));
+    let mut v = envelope(
+        source,
+        &next_id(),
+        "account.Deposit",
+        &a,
+        json!({"amount": 5}),
+    );
     v["specversion"] = "0.3".into();
     out.push(raw(
         Some(&a),
@@ -404,7 +552,13 @@ fn invalid_messages(
         "specversion 0.3",
     ));
     let a = acc(rng);
-    let mut v = envelope("unused", "account.Deposit", &a, json!({"amount": 5}));
+    let mut v = envelope(
+        source,
+        "unused",
+        "account.Deposit",
+        &a,
+        json!({"amount": 5}),
+    );
     v.as_object_mut().expect("an object").remove("id");
     out.push(raw(Some(&a), Some(json_bytes(&v)), Schema, "no id"));
 
@@ -416,6 +570,7 @@ fn invalid_messages(
     out.push(raw(
         Some(&b),
         Some(json_bytes(&envelope(
+            source,
             &next_id(),
             "account.Deposit",
             &a,
@@ -428,6 +583,7 @@ fn invalid_messages(
     out.push(raw(
         None,
         Some(json_bytes(&envelope(
+            source,
             &next_id(),
             "account.Deposit",
             &a,
@@ -442,8 +598,15 @@ fn invalid_messages(
         let a = acc(rng);
         let r = rooms.choose(rng).expect("rooms").clone();
         let misrouted = [
-            command(&next_id(), "account.Deposit", &a, json!({"amount": 700})),
             command(
+                source,
+                &next_id(),
+                "account.Deposit",
+                &a,
+                json!({"amount": 700}),
+            ),
+            command(
+                source,
                 &next_id(),
                 "room.Book",
                 &r,
@@ -468,7 +631,13 @@ fn invalid_messages(
 
     // Too large: otherwise a perfectly valid command.
     let a = acc(rng);
-    let mut v = envelope(&next_id(), "account.Deposit", &a, json!({"amount": 5}));
+    let mut v = envelope(
+        source,
+        &next_id(),
+        "account.Deposit",
+        &a,
+        json!({"amount": 5}),
+    );
     v["padding"] = "x".repeat(OVERSIZED_BYTES).into();
     out.push(raw(
         Some(&a),
@@ -479,126 +648,36 @@ fn invalid_messages(
     out
 }
 
-/// An aggregate as the serial model leaves it.
-#[derive(Debug, Clone, PartialEq)]
-pub(in crate::cli) struct Modeled {
-    /// Version: the number of events applied.
-    pub(in crate::cli) version: i64,
-    /// State as JSON, exactly as the engine stores it; `Null` if no event was applied.
-    pub(in crate::cli) state: Value,
-}
-
-/// The result of applying the valid commands one by one, in produce order.
-#[derive(Debug, Clone)]
-pub(in crate::cli) struct Model {
-    /// Every aggregate a valid command named, by `(type, id)`.
-    pub(in crate::cli) aggregates: BTreeMap<(String, String), Modeled>,
-    /// Whether valid command `i` is applied (`true`) or rejected (`false`).
-    pub(in crate::cli) applied: Vec<bool>,
-    /// The events the applied commands emit, in order.
-    pub(in crate::cli) events: Vec<ModelEvent>,
-}
-
-/// An event as the serial model emits it.
-#[derive(Debug, Clone, PartialEq)]
-pub(in crate::cli) struct ModelEvent {
-    /// `(type, id)` of the aggregate.
-    pub(in crate::cli) aggregate: (String, String),
-    /// The aggregate's version after the event.
-    pub(in crate::cli) version: i64,
-    /// `<aggregate_type>.<EventName>`, e.g. `account.Deposited`.
-    pub(in crate::cli) event_type: String,
-    /// The event's data.
-    pub(in crate::cli) data: Value,
-}
-
-/// Refuses a registry without the domains the demo and the bench generate commands for.
-pub(in crate::cli) fn require_example_domains(registry: &Registry) -> anyhow::Result<()> {
-    for needed in ["account", "room"] {
-        if registry.get(needed).is_none() {
-            anyhow::bail!(
-                "the demo and the bench generate `account` and `room` commands, and this \
-                 processor does not know `{needed}` (it knows {}); run them with the stock \
-                 `cmdproc` binary, or register `bank::Account` and `bank::Room`",
-                registry.types().collect::<Vec<_>>().join(", ")
-            );
-        }
-    }
-    Ok(())
-}
-
-impl Model {
-    /// Runs the domain's pure handlers over `valid` serially. Commands of one aggregate
-    /// share a partition and are produced in this order, so this is the order the workers
-    /// must apply them in; commands of different aggregates do not interact.
-    pub(in crate::cli) fn run(registry: &Registry, valid: &[Command]) -> anyhow::Result<Self> {
-        let mut aggregates: BTreeMap<(String, String), Modeled> = BTreeMap::new();
-        let mut applied = Vec::with_capacity(valid.len());
-        let mut events = Vec::new();
-        for c in valid {
-            let ty = c.command_type.aggregate_type();
-            let aggregate = registry
-                .get(ty)
-                .with_context(|| format!("no aggregate type `{ty}` in the registry"))?;
-            let key = (ty.to_owned(), c.subject.to_string());
-            let entry = aggregates.entry(key.clone()).or_insert(Modeled {
-                version: 0,
-                state: Value::Null,
-            });
-            let context = HandlerContext::new(&c.id, &c.source, entry.version as u64)
-                .with_time(c.time)
-                .with_correlation_id(c.correlation_id.as_deref());
-            match aggregate.handle(&entry.state, c.command_type.name(), &c.data, &context) {
-                Handled::Invalid(e) => {
-                    anyhow::bail!("the demo generated an invalid command {}: {e}", c.id)
-                }
-                Handled::Rejected(_rejection) => applied.push(false),
-                Handled::Accepted(decision) => {
-                    let emitted = decision.events;
-                    // The engine leaves an aggregate untouched by a command without events.
-                    if !emitted.is_empty() {
-                        entry.state = aggregate.apply(&entry.state, &emitted);
-                    }
-                    for e in emitted {
-                        entry.version += 1;
-                        events.push(ModelEvent {
-                            aggregate: key.clone(),
-                            version: entry.version,
-                            event_type: format!("{ty}.{}", e.name),
-                            data: e.data,
-                        });
-                    }
-                    applied.push(true);
-                }
-            }
-        }
-        Ok(Self {
-            aggregates,
-            applied,
-            events,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
+
+    fn demo(seed: u64, commands: usize) -> Workload {
+        Workload::generate(&Options {
+            duplicates: 0.05,
+            invalid: Some(6),
+            ..Options::new(seed, commands)
+        })
+        .unwrap()
+    }
 
     #[test]
     fn the_same_seed_gives_the_same_workload() {
-        let a = Workload::generate(7, 500, 6);
-        let b = Workload::generate(7, 500, 6);
+        let a = demo(7, 500);
+        let b = demo(7, 500);
         assert_eq!(a.valid, b.valid);
         assert_eq!(a.messages.len(), b.messages.len());
-        let c = Workload::generate(8, 500, 6);
+        let c = demo(8, 500);
         assert_ne!(a.valid, c.valid);
     }
 
     #[test]
     fn every_valid_command_is_sent_once_before_its_duplicates() {
-        let w = Workload::generate(1, 1000, 6);
+        let w = demo(1, 1000);
         assert_eq!(w.valid.len(), 1000);
         assert_eq!(w.duplicates(), 50);
+        assert_eq!(w.commands().len(), 1050);
         let mut first = vec![None; w.valid.len()];
         for (pos, m) in w.messages.iter().enumerate() {
             match m.expect {
@@ -620,7 +699,7 @@ mod tests {
 
     #[test]
     fn valid_commands_pass_the_schemas_and_invalid_ones_get_their_kind() {
-        let w = Workload::generate(3, 300, 6);
+        let w = demo(3, 300);
         let registry = bank::registry();
         let schemas = registry.schemas();
         for c in &w.valid {
@@ -644,16 +723,76 @@ mod tests {
         assert!(w.invalid() >= 20);
     }
 
+    fn accounts_only(seed: u64, commands: usize, accounts: usize, skew: Skew) -> Vec<Command> {
+        Workload::generate(&Options {
+            accounts,
+            rooms: 0,
+            skew,
+            withdrawals: 0.2,
+            overdrafts: 0.0,
+            ..Options::new(seed, commands)
+        })
+        .unwrap()
+        .valid
+    }
+
     #[test]
-    fn the_model_rejects_overdrafts_and_double_bookings() {
-        let w = Workload::generate(42, 2000, 6);
-        let model = Model::run(&bank::registry(), &w.valid).expect("a valid workload");
-        let rejected = model.applied.iter().filter(|a| !**a).count();
-        assert!(rejected > 100, "only {rejected} rejections");
-        for ((ty, _), m) in &model.aggregates {
-            if ty == "account" {
-                assert!(m.state["balance"].as_i64().is_some_and(|b| b >= 0));
-            }
+    fn opens_every_account_first_and_is_reproducible() {
+        let a = accounts_only(1, 1_000, 50, Skew::Uniform);
+        assert_eq!(a.len(), 1_000);
+        assert!(a[..50]
+            .iter()
+            .all(|c| c.command_type.as_str() == "account.Open"));
+        assert!(a[50..]
+            .iter()
+            .all(|c| c.command_type.as_str() != "account.Open"
+                && c.command_type.aggregate_type() == "account"));
+        assert_eq!(a, accounts_only(1, 1_000, 50, Skew::Uniform));
+        // Fewer commands than accounts: only as many accounts are opened.
+        let few = accounts_only(1, 10, 50, Skew::Uniform);
+        assert!(few
+            .iter()
+            .all(|c| c.command_type.as_str() == "account.Open"));
+    }
+
+    #[test]
+    fn zipf_makes_the_first_account_hot() {
+        let c = accounts_only(2, 20_000, 1_000, Skew::Zipf(1.1));
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        for c in &c[1_000..] {
+            *counts.entry(c.subject.as_str()).or_default() += 1;
         }
+        let hot = counts[account_id(0).as_str()];
+        let median = {
+            let mut v: Vec<usize> = counts.values().copied().collect();
+            v.sort_unstable();
+            v[v.len() / 2]
+        };
+        assert!(hot > 2_000, "the hot key got {hot} of 19,000");
+        assert!(hot > 50 * median, "hot {hot}, median {median}");
+    }
+
+    #[test]
+    fn deposits_only_and_unopened_accounts() {
+        let w = Workload::generate(&Options {
+            withdrawals: 0.0,
+            rooms: 0,
+            unopened_every: 10,
+            ..Options::new(4, 500)
+        })
+        .unwrap();
+        let opens = w
+            .valid
+            .iter()
+            .filter(|c| c.command_type.as_str() == "account.Open")
+            .count();
+        assert_eq!(opens, 45);
+        assert!(!w
+            .valid
+            .iter()
+            .any(|c| c.command_type.as_str() == "account.Open" && c.subject.as_str() == "acc-9"));
+        assert!(w.valid[45..]
+            .iter()
+            .all(|c| c.command_type.as_str() == "account.Deposit"));
     }
 }

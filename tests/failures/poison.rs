@@ -331,7 +331,10 @@ async fn a_relay_killed_between_publishing_and_recording_publishes_nothing_twice
     )
     .await;
     drop(next);
-    assert_eq!(assert_events_published(&db, &topics).await, model.events);
+    assert_eq!(
+        assert_events_published(&db, &topics).await,
+        model.events.len()
+    );
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         text.contains("resuming after what Kafka committed"),
