@@ -110,41 +110,14 @@ fn inventory_on(
 /// An `inventory run` worker with the flags `support::WorkerProcess::spawn` gives `cmdproc
 /// run`, killed when dropped.
 fn spawn_worker(db: &TestDb, topics: &TestTopics, name: &str) -> WorkerProcess {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("worker-logs");
-    std::fs::create_dir_all(&dir).unwrap();
-    let log = dir.join(format!("{}-{name}.log", topics.group));
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log)
-        .unwrap();
-    let child = std::process::Command::new(inventory_bin())
-        .args([
-            "run",
-            "--brokers",
-            BROKERS,
-            "--database-url",
-            &db.url,
-            "--group",
-            &topics.group,
-        ])
-        .args([
-            "--commands-topic",
-            topics.commands.as_str(),
-            "--events-topic",
-            topics.events.as_str(),
-        ])
-        .args(["--session-timeout", "6s", "--name", name])
-        .env("CMDPROC_LOG", "info,sqlx=warn,rdkafka=warn")
-        .stdout(Stdio::null())
-        .stderr(file)
-        .spawn()
-        .expect("spawn inventory run");
-    WorkerProcess {
-        child,
-        log,
-        name: name.to_owned(),
-    }
+    WorkerProcess::spawn_program(
+        std::process::Command::new(inventory_bin()),
+        db,
+        topics,
+        name,
+        &[],
+        &[],
+    )
 }
 
 /// Waits until every partition has an owner and each worker owns some, so that both take

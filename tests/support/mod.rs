@@ -193,13 +193,26 @@ impl WorkerProcess {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> WorkerProcess {
+        Self::spawn_program(cmdproc(), db, topics, name, extra, env)
+    }
+
+    /// `<program> run` with the test's database, topics and group: `cmdproc`, or a user's
+    /// processor binary built with `processor::cli::main`.
+    pub fn spawn_program(
+        mut program: std::process::Command,
+        db: &TestDb,
+        topics: &TestTopics,
+        name: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> WorkerProcess {
         let log = log_dir().join(format!("{}-{name}.log", topics.group));
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .unwrap();
-        let child = cmdproc()
+        let child = program
             .args([
                 "run",
                 "--brokers",
