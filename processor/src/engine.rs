@@ -129,49 +129,44 @@ pub enum RunError {
 /// Builds a [`Processor`]; see [`Processor::builder`].
 #[derive(Debug)]
 pub struct ProcessorBuilder {
-    registry: Arc<Registry>,
-    database_url: String,
-    brokers: String,
-    group: String,
-    commands_topic: Topic,
-    events_topic: Topic,
-    options: Options,
+    /// The processor as configured so far; `build` checks it.
+    processor: Processor,
 }
 
 impl ProcessorBuilder {
     /// The Postgres URL (default: the local database of `deploy/local`).
     pub fn database_url(mut self, url: &str) -> Self {
-        url.clone_into(&mut self.database_url);
+        url.clone_into(&mut self.processor.database_url);
         self
     }
 
     /// Kafka bootstrap servers (default `127.0.0.1:9092`).
     pub fn brokers(mut self, brokers: &str) -> Self {
-        brokers.clone_into(&mut self.brokers);
+        brokers.clone_into(&mut self.processor.brokers);
         self
     }
 
     /// The consumer group of the workers (default `cmdproc`).
     pub fn group(mut self, group: &str) -> Self {
-        group.clone_into(&mut self.group);
+        group.clone_into(&mut self.processor.group);
         self
     }
 
     /// The commands topic (default `commands`); dead letters go to `<topic>.dlq`.
     pub fn commands_topic(mut self, topic: Topic) -> Self {
-        self.commands_topic = topic;
+        self.processor.commands_topic = topic;
         self
     }
 
     /// The events topic (default `events`).
     pub fn events_topic(mut self, topic: Topic) -> Self {
-        self.events_topic = topic;
+        self.processor.events_topic = topic;
         self
     }
 
     /// How the processor works.
     pub fn options(mut self, options: Options) -> Self {
-        self.options = options;
+        self.processor.options = options;
         self
     }
 
@@ -182,19 +177,11 @@ impl ProcessorBuilder {
     /// Every contract error of the registry (a command or event without a schema, a type
     /// registered twice, ...), or an empty registry.
     pub fn build(self) -> Result<Processor, BuildError> {
-        self.registry.check()?;
-        if self.registry.types().next().is_none() {
+        self.processor.registry.check()?;
+        if self.processor.registry.types().next().is_none() {
             return Err(BuildError::EmptyRegistry);
         }
-        Ok(Processor {
-            registry: self.registry,
-            database_url: self.database_url,
-            brokers: self.brokers,
-            group: self.group,
-            commands_topic: self.commands_topic,
-            events_topic: self.events_topic,
-            options: self.options,
-        })
+        Ok(self.processor)
     }
 }
 
@@ -215,13 +202,15 @@ impl Processor {
     /// A builder with the defaults of `cmdproc run`, for the aggregates of `registry`.
     pub fn builder(registry: Arc<Registry>) -> ProcessorBuilder {
         ProcessorBuilder {
-            registry,
-            database_url: crate::cli::DEFAULT_DATABASE_URL.to_owned(),
-            brokers: "127.0.0.1:9092".to_owned(),
-            group: "cmdproc".to_owned(),
-            commands_topic: Topic::parse("commands").expect("a valid topic name"),
-            events_topic: Topic::parse("events").expect("a valid topic name"),
-            options: Options::default(),
+            processor: Processor {
+                registry,
+                database_url: crate::cli::DEFAULT_DATABASE_URL.to_owned(),
+                brokers: "127.0.0.1:9092".to_owned(),
+                group: "cmdproc".to_owned(),
+                commands_topic: Topic::parse("commands").expect("a valid topic name"),
+                events_topic: Topic::parse("events").expect("a valid topic name"),
+                options: Options::default(),
+            },
         }
     }
 
@@ -246,9 +235,7 @@ impl Processor {
         .await?;
         crate::store::migrate(&pool).await?;
         // Bound before joining the group, so a configuration error is reported at once.
-        let listener = http::listen(options.metrics_addr)
-            .await
-            ?;
+        let listener = http::listen(options.metrics_addr).await?;
         let owner = options
             .name
             .clone()
