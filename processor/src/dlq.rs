@@ -6,11 +6,11 @@ use chrono::{DateTime, Utc};
 use commands::envelope::Command;
 use commands::Registry;
 use rdkafka::message::{Header as KafkaHeader, OwnedHeaders};
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 
-use crate::batch::{self, headers_from_json, Incoming, PlanOptions};
+use crate::batch::{self, Incoming, PlanOptions};
 use crate::error::{OperatorError, Result};
-use crate::store::{self, BatchTarget, StoreError};
+use crate::store::{self, BatchTarget, SkippedCommand, StoreError};
 
 /// Which dead letters an operator means.
 #[derive(Debug, Clone, Default)]
@@ -85,51 +85,34 @@ pub async fn list(
     filter: &Filter,
     limit: i64,
 ) -> store::Result<Vec<DeadLetter>> {
-    let (parts, offs): (Vec<i32>, Vec<i64>) = filter.ids.iter().copied().unzip();
-    let rows = sqlx::query(
-        "SELECT d.partition, d.\"offset\", d.kind, d.message, d.aggregate_type, d.aggregate_id, d.key,
-                d.value, d.headers, d.created_at, COALESCE(d.redriven_at, c.redriven_at),
-                COALESCE(d.skipped_at, c.skipped_at), COALESCE(d.skip_reason, c.skip_reason)
-         FROM dead_letters d
-         LEFT JOIN parked_commands c
-           ON c.topic = d.topic AND c.partition = d.partition AND c.\"offset\" = d.\"offset\"
-         WHERE d.topic = $1
-           AND ($2::text IS NULL OR d.kind = $2)
-           AND ($3::text IS NULL OR (d.aggregate_type = $3 AND d.aggregate_id = $4))
-           AND (cardinality($5::int[]) = 0
-                OR (d.partition, d.\"offset\") IN (SELECT * FROM UNNEST($5::int[], $6::bigint[])))
-         ORDER BY d.created_at, d.partition, d.\"offset\"
-         LIMIT $7",
+    let rows = store::list_dead_letters(
+        pool,
+        topic,
+        filter.reason.as_deref(),
+        filter
+            .aggregate
+            .as_ref()
+            .map(|a| (a.0.as_str(), a.1.as_str())),
+        &filter.ids,
+        limit,
     )
-    .bind(topic)
-    .bind(filter.reason.as_deref())
-    .bind(filter.aggregate.as_ref().map(|a| a.0.as_str()))
-    .bind(filter.aggregate.as_ref().map(|a| a.1.as_str()))
-    .bind(&parts)
-    .bind(&offs)
-    .bind(limit)
-    .fetch_all(pool)
     .await?;
     Ok(rows
         .into_iter()
-        .map(|r| {
-            let t: Option<String> = r.get(4);
-            let i: Option<String> = r.get(5);
-            DeadLetter {
-                partition: r.get(0),
-                offset: r.get(1),
-                kind: r.get(2),
-                message: r.get(3),
-                aggregate: t.zip(i),
-                key: r.get(6),
-                value: r.get(7),
-                headers: headers_from_json(&r.get::<serde_json::Value, _>(8)),
-                created_at: r.get(9),
-                redriven_at: r.get(10),
-                skipped: r
-                    .get::<Option<DateTime<Utc>>, _>(11)
-                    .map(|at| (at, r.get::<Option<String>, _>(12).unwrap_or_default())),
-            }
+        .map(|r| DeadLetter {
+            partition: r.partition,
+            offset: r.offset,
+            kind: r.kind,
+            message: r.message,
+            aggregate: r.aggregate_type.zip(r.aggregate_id),
+            key: r.key,
+            value: r.value,
+            headers: r.headers,
+            created_at: r.created_at,
+            redriven_at: r.redriven_at,
+            skipped: r
+                .skipped_at
+                .map(|at| (at, r.skip_reason.unwrap_or_default())),
         })
         .collect())
 }
@@ -140,33 +123,19 @@ pub async fn parked(
     topic: &str,
     aggregate: Option<&(String, String)>,
 ) -> store::Result<Vec<Parked>> {
-    let rows = sqlx::query(
-        "SELECT a.aggregate_type, a.aggregate_id, a.reason, a.partition, a.first_offset, a.parked_at,
-                count(c.*) FILTER (WHERE c.redriven_at IS NULL AND c.skipped_at IS NULL),
-                count(c.*) FILTER (WHERE c.skipped_at IS NOT NULL)
-         FROM parked_aggregates a
-         LEFT JOIN parked_commands c
-           ON c.aggregate_type = a.aggregate_type AND c.aggregate_id = a.aggregate_id AND c.topic = a.topic
-         WHERE a.topic = $1 AND ($2::text IS NULL OR (a.aggregate_type = $2 AND a.aggregate_id = $3))
-         GROUP BY 1, 2, 3, 4, 5, 6
-         ORDER BY a.parked_at",
-    )
-    .bind(topic)
-    .bind(aggregate.map(|a| a.0.as_str()))
-    .bind(aggregate.map(|a| a.1.as_str()))
-    .fetch_all(pool)
-    .await?;
+    let rows =
+        store::list_parked(pool, topic, aggregate.map(|a| (a.0.as_str(), a.1.as_str()))).await?;
     Ok(rows
         .into_iter()
         .map(|r| Parked {
-            aggregate_type: r.get(0),
-            aggregate_id: r.get(1),
-            reason: r.get(2),
-            partition: r.get(3),
-            first_offset: r.get(4),
-            parked_at: r.get(5),
-            waiting: r.get(6),
-            skipped: r.get(7),
+            aggregate_type: r.aggregate_type,
+            aggregate_id: r.aggregate_id,
+            reason: r.reason,
+            partition: r.partition,
+            first_offset: r.first_offset,
+            parked_at: r.parked_at,
+            waiting: r.waiting,
+            skipped: r.skipped,
         })
         .collect())
 }
@@ -193,17 +162,7 @@ pub async fn resubmit(
             .await?;
         sent.push((dl.partition, dl.offset));
     }
-    let (parts, offs): (Vec<i32>, Vec<i64>) = sent.iter().copied().unzip();
-    sqlx::query(
-        "UPDATE dead_letters SET redriven_at = now()
-         WHERE topic = $1 AND (partition, \"offset\") IN (SELECT * FROM UNNEST($2::int[], $3::bigint[]))",
-    )
-    .bind(producer.topic().as_str())
-    .bind(&parts)
-    .bind(&offs)
-    .execute(pool)
-    .await
-    .map_err(StoreError::from)?;
+    store::mark_redriven(pool, producer.topic().as_str(), &sent).await?;
     Ok(sent.len())
 }
 
@@ -246,74 +205,45 @@ pub async fn release(
     options: &PlanOptions,
 ) -> Result<Option<Released>> {
     let mut tx = pool.begin().await.map_err(StoreError::from)?;
-    let Some(row) = sqlx::query(
-        "SELECT partition FROM parked_aggregates WHERE topic = $1 AND aggregate_type = $2 AND aggregate_id = $3",
-    )
-    .bind(topics.commands)
-    .bind(&aggregate.0)
-    .bind(&aggregate.1)
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(StoreError::from)?
+    let parked_aggregate = (aggregate.0.as_str(), aggregate.1.as_str());
+    let Some(partition) =
+        store::parked_partition(&mut tx, topics.commands, parked_aggregate).await?
     else {
         return Ok(None);
     };
-    let partition: i32 = row.get(0);
-    let locked = sqlx::query(
-        "SELECT epoch, outbox_seq FROM partitions WHERE topic = $1 AND partition = $2 FOR UPDATE",
-    )
-    .bind(topics.commands)
-    .bind(partition)
-    .fetch_one(&mut *tx)
-    .await
-    .map_err(StoreError::from)?;
-    let (epoch, outbox_seq): (i64, i64) = (locked.get(0), locked.get(1));
+    let locked = store::lock_partition(&mut tx, topics.commands, partition).await?;
+    let (epoch, outbox_seq) = (locked.epoch, locked.outbox_seq);
 
-    let waiting = sqlx::query(
-        "SELECT c.\"offset\", c.skipped_at IS NOT NULL, d.key, d.value, d.headers
-         FROM parked_commands c
-         JOIN dead_letters d ON d.topic = c.topic AND d.partition = c.partition AND d.\"offset\" = c.\"offset\"
-         WHERE c.topic = $1 AND c.aggregate_type = $2 AND c.aggregate_id = $3 AND c.redriven_at IS NULL
-         ORDER BY c.partition, c.\"offset\"",
-    )
-    .bind(topics.commands)
-    .bind(&aggregate.0)
-    .bind(&aggregate.1)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(StoreError::from)?;
+    let waiting = store::waiting_commands(&mut tx, topics.commands, parked_aggregate).await?;
     let mut released = Released::default();
     let mut messages = Vec::new();
-    for r in &waiting {
-        if r.get::<bool, _>(1) {
+    for command in waiting {
+        if command.skipped {
             released.skipped += 1;
             continue;
         }
-        let key: Option<Vec<u8>> = r.get(2);
-        let value: Option<Vec<u8>> = r.get(3);
-        let headers = headers_from_json(&r.get::<serde_json::Value, _>(4));
-        let hs: Vec<(&str, Option<&[u8]>)> = headers
+        let hs: Vec<(&str, Option<&[u8]>)> = command
+            .headers
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_deref()))
             .collect();
-        let decoded = Command::decode(key.as_deref(), &hs, value.as_deref(), registry.schemas());
+        let decoded = Command::decode(
+            command.key.as_deref(),
+            &hs,
+            command.value.as_deref(),
+            registry.schemas(),
+        );
         messages.push(Incoming {
-            offset: r.get(0),
+            offset: command.offset,
             timestamp: None,
-            key,
-            value,
-            headers,
+            key: command.key,
+            value: command.value,
+            headers: command.headers,
             decoded,
         });
     }
 
-    sqlx::query("DELETE FROM parked_aggregates WHERE topic = $1 AND aggregate_type = $2 AND aggregate_id = $3")
-        .bind(topics.commands)
-        .bind(&aggregate.0)
-        .bind(&aggregate.1)
-        .execute(&mut *tx)
-        .await
-        .map_err(StoreError::from)?;
+    store::unpark(&mut tx, topics.commands, parked_aggregate).await?;
     let target = BatchTarget {
         topic: topics.commands,
         dead_letter_topic: topics.dead_letters,
@@ -326,29 +256,14 @@ pub async fn release(
     // fails again it parks the aggregate anew.
     let (plan, outbox_end) =
         store::plan_and_write(&mut tx, &target, registry, options, &messages, outbox_seq).await?;
-    sqlx::query("UPDATE partitions SET outbox_seq = $3, updated_at = now() WHERE topic = $1 AND partition = $2")
-        .bind(topics.commands)
-        .bind(partition)
-        .bind(outbox_end)
-        .execute(&mut *tx)
-        .await
-        .map_err(StoreError::from)?;
+    store::store_outbox_seq(&mut tx, topics.commands, partition, outbox_end).await?;
     let done: Vec<i64> = plan
         .processed
         .iter()
         .map(|p| p.offset)
         .chain(plan.duplicates.iter().map(|d| d.offset))
         .collect();
-    sqlx::query(
-        "UPDATE parked_commands SET redriven_at = now()
-         WHERE topic = $1 AND partition = $2 AND \"offset\" = ANY($3::bigint[])",
-    )
-    .bind(topics.commands)
-    .bind(partition)
-    .bind(&done)
-    .execute(&mut *tx)
-    .await
-    .map_err(StoreError::from)?;
+    store::mark_parked_redriven(&mut tx, topics.commands, partition, &done).await?;
     tx.commit().await.map_err(StoreError::from)?;
     released.applied = plan.applied();
     released.rejected = plan.rejected();
@@ -385,120 +300,80 @@ pub async fn skip(
     why: &str,
 ) -> Result<Skipped> {
     let mut tx = pool.begin().await.map_err(StoreError::from)?;
-    let Some(letter) = sqlx::query(
-        "SELECT d.key, d.value, d.headers, d.skipped_at IS NOT NULL OR c.skipped_at IS NOT NULL,
-                c.\"offset\" IS NOT NULL, c.redriven_at IS NOT NULL, c.source, c.command_id,
-                c.aggregate_type, c.aggregate_id, d.aggregate_type, d.aggregate_id
-         FROM dead_letters d
-         LEFT JOIN parked_commands c
-           ON c.topic = d.topic AND c.partition = d.partition AND c.\"offset\" = d.\"offset\"
-         WHERE d.topic = $1 AND d.partition = $2 AND d.\"offset\" = $3
-         FOR UPDATE OF d",
-    )
-    .bind(topic)
-    .bind(partition)
-    .bind(offset)
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(StoreError::from)?
-    else {
+    let Some(letter) = store::lock_dead_letter(&mut tx, topic, partition, offset).await? else {
         return Err(OperatorError::Refused(format!(
             "no dead letter at partition {partition} offset {offset} of {topic}; \
              `cmdproc dlq list` shows the dead letters and parked aggregates"
         )));
     };
-    if letter.get::<bool, _>(3) {
+    if letter.skipped {
         return Err(OperatorError::Refused(format!(
             "partition {partition} offset {offset} of {topic} was skipped already"
         )));
     }
-    let was_parked: bool = letter.get(4);
-    if letter.get::<bool, _>(5) {
+    let was_parked = letter.parked.is_some();
+    if letter.parked.as_ref().is_some_and(|c| c.redriven) {
         return Err(OperatorError::Refused(format!(
             "partition {partition} offset {offset} of {topic} was re-applied when its aggregate \
              was released; there is nothing left to skip"
         )));
     }
-    let key: Option<Vec<u8>> = letter.get(0);
-    let value: Option<Vec<u8>> = letter.get(1);
-    let headers = headers_from_json(&letter.get::<serde_json::Value, _>(2));
-    let hs: Vec<(&str, Option<&[u8]>)> = headers
+    let hs: Vec<(&str, Option<&[u8]>)> = letter
+        .headers
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_deref()))
         .collect();
-    let decoded = Command::decode(key.as_deref(), &hs, value.as_deref(), registry.schemas()).ok();
+    let decoded = Command::decode(
+        letter.key.as_deref(),
+        &hs,
+        letter.value.as_deref(),
+        registry.schemas(),
+    )
+    .ok();
     // A parked command decoded when it was parked; its row names it even if the schemas
     // changed since. Another dead letter names its command only if it decodes.
-    let command: Option<(String, String, String, String, String)> = match &decoded {
-        Some(c) => Some((
+    let command: Option<(String, String, String, String, String)> = match (&decoded, &letter.parked)
+    {
+        (Some(c), _) => Some((
             c.source.to_string(),
             c.id.to_string(),
             c.command_type.aggregate_type().to_owned(),
             c.subject.to_string(),
             c.command_type.to_string(),
         )),
-        None if was_parked => Some((
-            letter.get(6),
-            letter.get(7),
-            letter.get(8),
-            letter.get(9),
+        (None, Some(parked)) => Some((
+            parked.source.clone(),
+            parked.command_id.clone(),
+            parked.aggregate_type.clone(),
+            parked.aggregate_id.clone(),
             String::from("unknown"),
         )),
-        None => None,
+        (None, None) => None,
     };
     if let Some((source, id, aggregate_type, aggregate_id, command_type)) = &command {
-        let existing: Option<String> = sqlx::query_scalar(
-            "SELECT outcome FROM processed_commands WHERE source = $1 AND command_id = $2",
-        )
-        .bind(source)
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(StoreError::from)?;
+        let existing = store::recorded_outcome(&mut tx, source, id).await?;
         if let Some(outcome) = existing {
             return Err(OperatorError::Refused(format!(
                 "command {id} from {source} already has the outcome `{outcome}`; skipping it now would change nothing"
             )));
         }
-        sqlx::query(
-            "INSERT INTO processed_commands
-               (source, command_id, aggregate_type, aggregate_id, command_type, outcome, reason, version,
-                event_ids, topic, partition, \"offset\")
-             VALUES ($1, $2, $3, $4, $5, 'skipped', $6, 0, '{}', $7, $8, $9)",
-        )
-        .bind(source)
-        .bind(id)
-        .bind(aggregate_type)
-        .bind(aggregate_id)
-        .bind(command_type)
-        .bind(why)
-        .bind(topic)
-        .bind(partition)
-        .bind(offset)
-        .execute(&mut *tx)
-        .await
-        .map_err(StoreError::from)?;
+        let skipped = SkippedCommand {
+            source,
+            command_id: id,
+            aggregate_type,
+            aggregate_id,
+            command_type,
+            reason: why,
+            topic,
+            partition,
+            offset,
+        };
+        store::record_skipped(&mut tx, &skipped).await?;
     }
-    let mark = [
-        "UPDATE dead_letters SET skipped_at = now(), skip_reason = $4
-         WHERE topic = $1 AND partition = $2 AND \"offset\" = $3",
-        "UPDATE parked_commands SET skipped_at = now(), skip_reason = $4
-         WHERE topic = $1 AND partition = $2 AND \"offset\" = $3",
-    ];
-    for sql in mark {
-        sqlx::query(sql)
-            .bind(topic)
-            .bind(partition)
-            .bind(offset)
-            .bind(why)
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::from)?;
-    }
+    store::mark_dead_letter_skipped(&mut tx, topic, partition, offset, why).await?;
+    store::mark_parked_skipped(&mut tx, topic, partition, offset, why).await?;
     tx.commit().await.map_err(StoreError::from)?;
-    let named: Option<(String, String)> = letter
-        .get::<Option<String>, _>(10)
-        .zip(letter.get::<Option<String>, _>(11));
+    let named: Option<(String, String)> = letter.aggregate_type.zip(letter.aggregate_id);
     Ok(Skipped {
         aggregate: command
             .as_ref()

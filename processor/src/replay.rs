@@ -6,7 +6,6 @@
 //! again and seeks to the stored position. Commands already applied come back as
 //! duplicates and have no effect; commands never applied are applied.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -14,10 +13,10 @@ use commands::Registry;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 
 use crate::error::{OperatorError, Result};
-use crate::store::StoreError;
+use crate::store;
 use crate::worker::MisroutedPolicy;
 
 /// Where a partition's replay starts.
@@ -196,21 +195,7 @@ async fn count_processed(
     if pending.is_empty() {
         return Ok(());
     }
-    let (sources, ids): (Vec<&str>, Vec<&str>) = pending
-        .iter()
-        .map(|(s, i)| (s.as_str(), i.as_str()))
-        .unzip();
-    let rows = sqlx::query(
-        "SELECT p.source, p.command_id FROM processed_commands p
-         JOIN UNNEST($1::text[], $2::text[]) AS k(source, command_id)
-           ON p.source = k.source AND p.command_id = k.command_id",
-    )
-    .bind(&sources)
-    .bind(&ids)
-    .fetch_all(pool)
-    .await
-    .map_err(StoreError::from)?;
-    let known: HashSet<(String, String)> = rows.into_iter().map(|r| (r.get(0), r.get(1))).collect();
+    let known = store::with_outcome(pool, pending).await?;
     for key in pending.drain(..) {
         if known.contains(&key) {
             report.processed += 1;
@@ -228,29 +213,13 @@ pub async fn outcome_since(
     range: &Range,
     since: DateTime<Utc>,
 ) -> Result<(i64, i64)> {
-    let applied: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM processed_commands
-         WHERE topic = $1 AND partition = $2 AND \"offset\" >= $3 AND \"offset\" < $4 AND processed_at >= $5",
+    let recorded = store::recorded_since(
+        pool,
+        topic,
+        range.partition,
+        (range.start, range.end),
+        since,
     )
-    .bind(topic)
-    .bind(range.partition)
-    .bind(range.start)
-    .bind(range.end)
-    .bind(since)
-    .fetch_one(pool)
-    .await
-    .map_err(StoreError::from)?;
-    let duplicates: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM duplicate_deliveries
-         WHERE topic = $1 AND partition = $2 AND \"offset\" >= $3 AND \"offset\" < $4 AND seen_at >= $5",
-    )
-    .bind(topic)
-    .bind(range.partition)
-    .bind(range.start)
-    .bind(range.end)
-    .bind(since)
-    .fetch_one(pool)
-    .await
-    .map_err(StoreError::from)?;
-    Ok((applied, duplicates))
+    .await?;
+    Ok((recorded.processed, recorded.duplicates))
 }

@@ -7,6 +7,15 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use super::{Result, StoreError};
 use crate::batch::{AggregateKey, AggregateWrite, Loaded};
 
+/// An aggregate as `cmdproc inspect` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct StoredAggregate {
+    /// Its version.
+    pub(crate) version: i64,
+    /// Its state.
+    pub(crate) state: serde_json::Value,
+}
+
 /// An aggregate from a row of `aggregate_type, aggregate_id, version, state`.
 fn loaded_row(r: &sqlx::postgres::PgRow) -> (AggregateKey, Loaded) {
     (
@@ -134,4 +143,22 @@ pub async fn aggregates_of_topic(
     .fetch_all(pool)
     .await?;
     Ok(rows.iter().map(loaded_row).collect())
+}
+
+/// The stored aggregate `aggregate_type`/`aggregate_id`, `None` when it is not stored.
+pub(crate) async fn stored_aggregate(
+    pool: &PgPool,
+    aggregate_type: &str,
+    aggregate_id: &str,
+) -> Result<Option<StoredAggregate>> {
+    // `updated_at` is read but not shown.
+    let row = sqlx::query("SELECT version, state, updated_at FROM aggregates WHERE aggregate_type = $1 AND aggregate_id = $2")
+        .bind(aggregate_type)
+        .bind(aggregate_id)
+        .fetch_optional(pool)
+        .await?;
+    Ok(row.map(|r| StoredAggregate {
+        version: r.get(0),
+        state: r.get(1),
+    }))
 }

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::Result;
@@ -94,4 +94,47 @@ pub(crate) async fn load_outcomes_from_events(
         outcome.event_ids.push(r.get(3));
     }
     Ok(out)
+}
+
+/// A stored event as `cmdproc inspect` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct StoredEvent {
+    /// Its id.
+    pub(crate) event_id: Uuid,
+    /// The aggregate's version it made.
+    pub(crate) version: i64,
+    /// Its type.
+    pub(crate) event_type: String,
+    /// Its data.
+    pub(crate) data: serde_json::Value,
+    /// The id of the command that produced it.
+    pub(crate) command_id: String,
+}
+
+/// The latest `limit` events of the aggregate `aggregate_type`/`aggregate_id`, newest first.
+pub(crate) async fn recent_events(
+    pool: &PgPool,
+    aggregate_type: &str,
+    aggregate_id: &str,
+    limit: i64,
+) -> Result<Vec<StoredEvent>> {
+    let rows = sqlx::query(
+        "SELECT event_id, version, event_type, data, command_id FROM events
+         WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY version DESC LIMIT $3",
+    )
+    .bind(aggregate_type)
+    .bind(aggregate_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| StoredEvent {
+            event_id: r.get(0),
+            version: r.get(1),
+            event_type: r.get(2),
+            data: r.get(3),
+            command_id: r.get(4),
+        })
+        .collect())
 }

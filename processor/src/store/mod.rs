@@ -1,12 +1,14 @@
 //! The engine's storage: the SQL statements of the workers, the relay and the operator
-//! commands that move positions, one file per family of tables, each statement in one
-//! place. (`inspect`, `replay` and `dlq` still keep their own queries beside their logic.)
+//! commands (`replay`, `dlq`, `inspect`, ...), one file per family of tables, each
+//! statement in one place. The operator commands open and commit their own transactions
+//! where several statements must hold together, and pass them in.
 //!
 //! - `partitions`: the partition rows (epochs, stored positions, outbox sequences), topic
 //!   layouts and the operator's log decisions.
 //! - `outcomes`: recorded outcomes (`processed_commands`), duplicate deliveries, and their
 //!   pruning with its horizons.
-//! - `aggregates`, `events`, `dead_letters`: the batch's effects.
+//! - `aggregates`, `events`, `dead_letters`: the batch's effects (and what an operator did
+//!   with a dead letter).
 //! - `parking`: parked aggregates and the commands set aside for them.
 //! - `outbox`: the outbox, the relay's positions, the identities it found published, and
 //!   the deployment id.
@@ -28,24 +30,35 @@ mod parking;
 mod partitions;
 
 pub use aggregates::aggregates_of_topic;
-pub(crate) use aggregates::{load_aggregates, write_aggregates};
-pub(crate) use dead_letters::write_dead_letters;
-pub(crate) use events::{load_outcomes_from_events, write_events};
+pub(crate) use aggregates::{load_aggregates, stored_aggregate, write_aggregates};
+pub(crate) use dead_letters::{
+    list_dead_letters, lock_dead_letter, mark_dead_letter_skipped, mark_redriven,
+    write_dead_letters,
+};
+pub(crate) use events::{load_outcomes_from_events, recent_events, write_events};
 pub use outbox::{
     dead_letter_message_id, forget_found_published, found_published, lock_relay_position,
     mark_published, next_outbox_rows, outbox_backlog, outbox_topics, record_found_published,
     relay_deployment, relay_published_at, Backlog, OutboxMessage,
 };
 pub(crate) use outbox::{write_outbox, OutboxRow};
-pub(crate) use outcomes::{load_outcomes, write_duplicates, write_processed};
+pub(crate) use outcomes::{
+    load_outcomes, recent_commands, record_skipped, recorded_outcome, recorded_since, with_outcome,
+    write_duplicates, write_processed, SkippedCommand,
+};
 pub use outcomes::{outcomes_recorded_elsewhere, prune, prune_horizon, Pruned};
-pub(crate) use parking::{load_parked, write_parked};
+pub(crate) use parking::{
+    list_parked, load_parked, mark_parked_redriven, mark_parked_skipped, parked_partition, unpark,
+    waiting_commands, write_parked,
+};
 pub use parking::{parked_since, ParkedSince};
 pub use partitions::{
     accept_log, accept_partitions, acquire_partition, epochs, record_layout, recorded_layout,
     rewind_partition, stored_next_offsets, stored_position, Acquired, PartitionState,
 };
-pub(crate) use partitions::{lock_partitions, store_positions, Position};
+pub(crate) use partitions::{
+    lock_partition, lock_partitions, store_outbox_seq, store_positions, Position,
+};
 
 // Re-exported for callers not yet moved to the modules these items now live in
 // (`crate::pipeline`, `crate::cache`); new code names those modules.

@@ -1,9 +1,10 @@
 //! Recorded outcomes (`processed_commands`) and duplicate deliveries: what deduplicates a
 //! command delivered again. Pruned after the dedupe window, with the horizon recorded.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
@@ -227,6 +228,201 @@ pub async fn outcomes_recorded_elsewhere(
     .fetch_all(pool)
     .await?;
     Ok(rows.iter().map(outcome_row).collect())
+}
+
+/// The recorded outcome (`applied`, `rejected`, `skipped`, ...) of the command `source`/`id`,
+/// if it has one.
+pub(crate) async fn recorded_outcome(
+    tx: &mut Transaction<'_, Postgres>,
+    source: &str,
+    id: &str,
+) -> Result<Option<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT outcome FROM processed_commands WHERE source = $1 AND command_id = $2",
+    )
+    .bind(source)
+    .bind(id)
+    .fetch_optional(&mut **tx)
+    .await?)
+}
+
+/// A command an operator skipped, and the dead letter it was.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SkippedCommand<'a> {
+    /// The command's source.
+    pub(crate) source: &'a str,
+    /// The command's id.
+    pub(crate) command_id: &'a str,
+    /// Its aggregate type.
+    pub(crate) aggregate_type: &'a str,
+    /// Its aggregate id.
+    pub(crate) aggregate_id: &'a str,
+    /// Its command type (`unknown` when it no longer decodes).
+    pub(crate) command_type: &'a str,
+    /// The operator's reason.
+    pub(crate) reason: &'a str,
+    /// The commands topic of the dead letter.
+    pub(crate) topic: &'a str,
+    /// Its partition.
+    pub(crate) partition: i32,
+    /// Its offset.
+    pub(crate) offset: i64,
+}
+
+/// Records the outcome `skipped` for a command, so every later delivery of it is a
+/// duplicate without effect. Fails with [`StoreError::Conflict`] when it has an outcome.
+pub(crate) async fn record_skipped(
+    tx: &mut Transaction<'_, Postgres>,
+    skipped: &SkippedCommand<'_>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO processed_commands
+           (source, command_id, aggregate_type, aggregate_id, command_type, outcome, reason, version,
+            event_ids, topic, partition, \"offset\")
+         VALUES ($1, $2, $3, $4, $5, 'skipped', $6, 0, '{}', $7, $8, $9)",
+    )
+    .bind(skipped.source)
+    .bind(skipped.command_id)
+    .bind(skipped.aggregate_type)
+    .bind(skipped.aggregate_id)
+    .bind(skipped.command_type)
+    .bind(skipped.reason)
+    .bind(skipped.topic)
+    .bind(skipped.partition)
+    .bind(skipped.offset)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Which of the commands `keys` names (`(source, command id)`) have a recorded outcome.
+pub(crate) async fn with_outcome(
+    pool: &PgPool,
+    keys: &[CommandKey],
+) -> Result<HashSet<CommandKey>> {
+    let (sources, ids): (Vec<&str>, Vec<&str>) =
+        keys.iter().map(|(s, i)| (s.as_str(), i.as_str())).unzip();
+    let rows = sqlx::query(
+        "SELECT p.source, p.command_id FROM processed_commands p
+         JOIN UNNEST($1::text[], $2::text[]) AS k(source, command_id)
+           ON p.source = k.source AND p.command_id = k.command_id",
+    )
+    .bind(&sources)
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// What the workers recorded for the offsets `[start, end)` of `topic`/`partition` since a
+/// time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct RecordedSince {
+    /// Outcomes recorded (commands processed for the first time).
+    pub(crate) processed: i64,
+    /// Duplicate deliveries recorded (or seen again).
+    pub(crate) duplicates: i64,
+}
+
+/// Counts the outcomes and duplicate deliveries recorded for the offsets `[start, end)` of
+/// `topic`/`partition` at or after `since`.
+pub(crate) async fn recorded_since(
+    pool: &PgPool,
+    topic: &str,
+    partition: i32,
+    (start, end): (i64, i64),
+    since: DateTime<Utc>,
+) -> Result<RecordedSince> {
+    let processed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM processed_commands
+         WHERE topic = $1 AND partition = $2 AND \"offset\" >= $3 AND \"offset\" < $4 AND processed_at >= $5",
+    )
+    .bind(topic)
+    .bind(partition)
+    .bind(start)
+    .bind(end)
+    .bind(since)
+    .fetch_one(pool)
+    .await?;
+    let duplicates: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM duplicate_deliveries
+         WHERE topic = $1 AND partition = $2 AND \"offset\" >= $3 AND \"offset\" < $4 AND seen_at >= $5",
+    )
+    .bind(topic)
+    .bind(partition)
+    .bind(start)
+    .bind(end)
+    .bind(since)
+    .fetch_one(pool)
+    .await?;
+    Ok(RecordedSince {
+        processed,
+        duplicates,
+    })
+}
+
+/// A recorded outcome of a command of one aggregate, as `cmdproc inspect` shows it.
+#[derive(Debug, Clone)]
+pub(crate) struct RecordedCommand {
+    /// The command's source.
+    pub(crate) source: String,
+    /// The command's id.
+    pub(crate) command_id: String,
+    /// Its command type.
+    pub(crate) command_type: String,
+    /// Its outcome (`applied`, `rejected`, `skipped`, ...).
+    pub(crate) outcome: String,
+    /// The rejection code, for a rejection.
+    pub(crate) code: Option<String>,
+    /// The reason of a rejection or a skip.
+    pub(crate) reason: Option<String>,
+    /// The aggregate's version after it.
+    pub(crate) version: i64,
+    /// The ids of the events it produced.
+    pub(crate) event_ids: Vec<Uuid>,
+    /// Its commands partition.
+    pub(crate) partition: i32,
+    /// Its offset there.
+    pub(crate) offset: i64,
+    /// When it was processed.
+    pub(crate) processed_at: DateTime<Utc>,
+}
+
+/// The latest `limit` recorded outcomes of commands of the aggregate
+/// `aggregate_type`/`aggregate_id`, newest first.
+pub(crate) async fn recent_commands(
+    pool: &PgPool,
+    aggregate_type: &str,
+    aggregate_id: &str,
+    limit: i64,
+) -> Result<Vec<RecordedCommand>> {
+    let rows = sqlx::query(
+        "SELECT source, command_id, command_type, outcome, reason, version, event_ids, partition, \"offset\", processed_at,
+                code
+         FROM processed_commands WHERE aggregate_type = $1 AND aggregate_id = $2
+         ORDER BY processed_at DESC, \"offset\" DESC LIMIT $3",
+    )
+    .bind(aggregate_type)
+    .bind(aggregate_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| RecordedCommand {
+            source: r.get(0),
+            command_id: r.get(1),
+            command_type: r.get(2),
+            outcome: r.get(3),
+            reason: r.get(4),
+            version: r.get(5),
+            event_ids: r.get(6),
+            partition: r.get(7),
+            offset: r.get(8),
+            processed_at: r.get(9),
+            code: r.get(10),
+        })
+        .collect())
 }
 
 /// Event ids as one comma-separated text, which the statement splits back into an array

@@ -177,6 +177,53 @@ pub(crate) async fn lock_partitions(
     .collect())
 }
 
+/// The outbox position of a partition row locked by [`lock_partition`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LockedOutboxSeq {
+    /// The current epoch.
+    pub(crate) epoch: i64,
+    /// The last outbox sequence the partition used.
+    pub(crate) outbox_seq: i64,
+}
+
+/// Locks the row of `partition` of `topic` until `tx` ends and reads its epoch and outbox
+/// sequence, for an operator's write into the partition (releasing a parked aggregate):
+/// its owner cannot commit a batch meanwhile. Fails when no worker ever took the partition.
+pub(crate) async fn lock_partition(
+    tx: &mut Transaction<'_, Postgres>,
+    topic: &str,
+    partition: i32,
+) -> Result<LockedOutboxSeq> {
+    let row = sqlx::query(
+        "SELECT epoch, outbox_seq FROM partitions WHERE topic = $1 AND partition = $2 FOR UPDATE",
+    )
+    .bind(topic)
+    .bind(partition)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(LockedOutboxSeq {
+        epoch: row.get(0),
+        outbox_seq: row.get(1),
+    })
+}
+
+/// Stores the last outbox sequence a partition used, inside `tx`, which holds its row
+/// locked ([`lock_partition`]). Its position stays as it is.
+pub(crate) async fn store_outbox_seq(
+    tx: &mut Transaction<'_, Postgres>,
+    topic: &str,
+    partition: i32,
+    outbox_seq: i64,
+) -> Result<()> {
+    sqlx::query("UPDATE partitions SET outbox_seq = $3, updated_at = now() WHERE topic = $1 AND partition = $2")
+        .bind(topic)
+        .bind(partition)
+        .bind(outbox_seq)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 /// Where a batch leaves a partition it holds locked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Position {
