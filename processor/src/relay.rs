@@ -1194,12 +1194,7 @@ impl Scan {
 /// rows. Called after the rows are committed; a lost notification only delays them until
 /// the relay's next poll.
 pub async fn notify(pool: &PgPool, commands_topic: &str) {
-    if let Err(e) = sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(OUTBOX_CHANNEL)
-        .bind(commands_topic)
-        .execute(pool)
-        .await
-    {
+    if let Err(e) = store::announce_outbox(pool, OUTBOX_CHANNEL, commands_topic).await {
         tracing::debug!(error = %e, "could not notify the relay; it finds the rows at its next poll");
     }
 }

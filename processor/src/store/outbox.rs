@@ -295,3 +295,14 @@ pub async fn forget_found_published(
     .await?;
     Ok(())
 }
+
+/// Sends `topic` on the notification `channel` (`pg_notify`), for listeners in other
+/// processes.
+pub(crate) async fn announce_outbox(pool: &PgPool, channel: &str, topic: &str) -> Result<()> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(channel)
+        .bind(topic)
+        .execute(pool)
+        .await?;
+    Ok(())
+}

@@ -294,8 +294,7 @@ impl Worker {
             consumer.client(),
             cfg.commands_topic.as_str(),
             Duration::from_secs(10),
-        )
-        ?;
+        )?;
         // Keys are routed by the partition count: the one the first worker found is the
         // topic's, and any other halts the topic before anything is applied.
         let Some(recorded) = self.record_layout(partitions, &shutdown).await else {
