@@ -54,9 +54,7 @@ use crate::store::{self, StoreError};
 /// How long a Kafka transaction step may take before the relay gives up and retries.
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The Postgres notification channel on which workers without a relay of their own
-/// announce committed outbox rows; the payload is the commands topic.
-pub const OUTBOX_CHANNEL: &str = "cmdproc_outbox";
+use crate::store::OUTBOX_CHANNEL;
 
 /// The header holding an outbox row's stable identity.
 pub const MESSAGE_ID_HEADER: &str = "cmdproc-message-id";
@@ -1187,15 +1185,6 @@ impl Scan {
             }
         }
         Ok(found)
-    }
-}
-
-/// Tells relays in other processes (`cmdproc relay`) that `commands_topic` has new outbox
-/// rows. Called after the rows are committed; a lost notification only delays them until
-/// the relay's next poll.
-pub async fn notify(pool: &PgPool, commands_topic: &str) {
-    if let Err(e) = store::announce_outbox(pool, OUTBOX_CHANNEL, commands_topic).await {
-        tracing::debug!(error = %e, "could not notify the relay; it finds the rows at its next poll");
     }
 }
 

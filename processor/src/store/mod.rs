@@ -36,12 +36,13 @@ pub(crate) use dead_letters::{
     write_dead_letters,
 };
 pub(crate) use events::{load_outcomes_from_events, recent_events, write_events};
-pub(crate) use outbox::{announce_outbox, write_outbox, OutboxRow};
 pub use outbox::{
     dead_letter_message_id, forget_found_published, found_published, lock_relay_position,
     mark_published, next_outbox_rows, outbox_backlog, outbox_topics, record_found_published,
     relay_deployment, relay_published_at, Backlog, OutboxMessage,
 };
+pub use outbox::{notify_outbox, OUTBOX_CHANNEL};
+pub(crate) use outbox::{write_outbox, OutboxRow};
 pub(crate) use outcomes::{
     load_outcomes, recent_commands, record_skipped, recorded_outcome, recorded_since, with_outcome,
     write_duplicates, write_processed, SkippedCommand,

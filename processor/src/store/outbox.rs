@@ -296,13 +296,20 @@ pub async fn forget_found_published(
     Ok(())
 }
 
-/// Sends `topic` on the notification `channel` (`pg_notify`), for listeners in other
-/// processes.
-pub(crate) async fn announce_outbox(pool: &PgPool, channel: &str, topic: &str) -> Result<()> {
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(channel)
-        .bind(topic)
+/// The Postgres notification channel on which workers running without a relay announce
+/// new outbox rows (the payload is the commands topic) to `cmdproc relay`.
+pub const OUTBOX_CHANNEL: &str = "cmdproc_outbox";
+
+/// Tells relays in other processes (`cmdproc relay`) that `commands_topic` has new outbox
+/// rows. Called after the rows are committed; a lost notification only delays them until
+/// the relay's next poll.
+pub async fn notify_outbox(pool: &PgPool, commands_topic: &str) {
+    if let Err(e) = sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(OUTBOX_CHANNEL)
+        .bind(commands_topic)
         .execute(pool)
-        .await?;
-    Ok(())
+        .await
+    {
+        tracing::debug!(error = %e, "could not notify the relay; it finds the rows at its next poll");
+    }
 }

@@ -399,7 +399,7 @@ impl Worker {
                 // Off the batch loop: the next batch need not wait for it.
                 None => {
                     let (pool, topic) = (self.pool.clone(), cfg.commands_topic.to_string());
-                    tokio::spawn(async move { crate::relay::notify(&pool, &topic).await });
+                    tokio::spawn(async move { crate::store::notify_outbox(&pool, &topic).await });
                 }
             }
         }
