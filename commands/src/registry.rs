@@ -98,9 +98,18 @@ impl Schemas {
         match &self.files {
             SchemaFiles::Dir(dir) => {
                 if !dir.is_dir() {
+                    // A relative path depends on where the process was started (a service
+                    // manager's working directory is often `/`), so say where it was looked up.
+                    let problem = match std::env::current_dir() {
+                        Ok(cwd) if dir.is_relative() => format!(
+                            "is not a directory (looked up from the working directory {})",
+                            cwd.display()
+                        ),
+                        _ => "is not a directory".to_owned(),
+                    };
                     return Err(RegistryError::SchemaDirectory {
                         path: dir.display().to_string(),
-                        problem: "is not a directory".into(),
+                        problem,
                     });
                 }
                 for kind in [DataKind::Command, DataKind::Event] {
@@ -817,6 +826,12 @@ mod tests {
         );
         let missing = Registry::new().with::<Shelf>(Schemas::dir(dir.join("nope")));
         assert!(errors(&missing)[0].ends_with("nope is not a directory"));
+        let relative = Registry::new().with::<Shelf>(Schemas::dir("no/such/schemas"));
+        let message = &errors(&relative)[0];
+        assert!(
+            message.starts_with("schema directory no/such/schemas is not a directory (looked up from the working directory /"),
+            "{message}"
+        );
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }
