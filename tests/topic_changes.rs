@@ -391,6 +391,30 @@ async fn partitions_added_under_a_running_worker_halt_the_topic_before_anything_
         "the log says what to run"
     );
 
+    // Restarting the worker is not a way past the halt: the new process derives it again
+    // from the broker and the database, and applies nothing of the moved keys.
+    let mut worker = worker;
+    worker.terminate(Duration::from_secs(20));
+    let addr = free_addr();
+    let worker = WorkerProcess::spawn(&db, &topics, "w2", &["--metrics-addr", &addr]);
+    let ready = wait_halted(&addr, metrics::halt_reason::PARTITION_COUNT, &worker);
+    assert!(
+        ready.contains("whole topic"),
+        "readyz after a restart: {ready}"
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let applied_moved: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM processed_commands WHERE source = '/after' AND command_id = ANY($1)",
+    )
+    .bind(&moved_ids)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        applied_moved, 0,
+        "nothing routed by the new count applied after a restart"
+    );
+
     // The operator accepts the new count (no command of a moved key was applied before on
     // its old partition, so here the order holds): everything is applied once.
     let (ok, out) = cmdproc_on(
