@@ -102,14 +102,39 @@ async fn parked_aggregates_are_listed_skipped_and_released_in_order() {
         "{listed}"
     );
 
-    // The operator drops the 20 deposit, then skipping it again is refused.
+    // Two operators drop the 20 deposit at the same moment: one skip is recorded, the
+    // other is refused; skipping it again later is refused too.
     let d20 = format!("{}:{}", d[2].partition, d[2].offset);
-    let (ok, out) = dlq(
-        &db,
-        &topics,
-        &["skip", &d20, "--why", "charged twice upstream"],
+    let (first, second) = std::thread::scope(|scope| {
+        let a = scope.spawn(|| {
+            dlq(
+                &db,
+                &topics,
+                &["skip", &d20, "--why", "charged twice upstream"],
+            )
+        });
+        let b = scope.spawn(|| {
+            dlq(
+                &db,
+                &topics,
+                &["skip", &d20, "--why", "charged twice upstream"],
+            )
+        });
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert!(
+        first.0 != second.0,
+        "exactly one skip succeeds: {first:?} {second:?}"
     );
-    assert!(ok, "{out}");
+    let refused = if first.0 { &second.1 } else { &first.1 };
+    assert!(refused.contains("was skipped already"), "{refused}");
+    let skipped: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM processed_commands WHERE source = '/dlq' AND command_id = 'd20' AND outcome = 'skipped'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(skipped, 1, "the skip is recorded once");
     let (ok, out) = dlq(&db, &topics, &["skip", &d20, "--why", "again"]);
     assert!(!ok && out.contains("was skipped already"), "{out}");
 
