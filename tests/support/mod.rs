@@ -419,23 +419,6 @@ pub async fn outbox_backlog(db: &TestDb, topic: &Topic) -> i64 {
     .expect("read outbox backlog")
 }
 
-/// Waits until the relay has published every outbox row of `topic`'s partitions, so that a
-/// read of the events topic sees them all. Panics after `within`.
-pub async fn wait_published(db: &TestDb, topic: &Topic, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let backlog = outbox_backlog(db, topic).await;
-        if backlog == 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{backlog} outbox rows of {topic} still unpublished after {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Produces `commands` in the background, `slice` at a time with `pause` between slices, so
 /// that load keeps arriving while a test injects a failure. Returns every delivery.
 pub fn produce_in_slices(

@@ -164,7 +164,22 @@ pub async fn assert_events_published(db: &TestDb, topics: &super::TestTopics) ->
         .await
         .unwrap();
     let stored: HashSet<String> = stored.into_iter().map(|u| u.to_string()).collect();
-    let read = super::read_topic(&topics.events);
+    // A relay records its position right after its Kafka transaction commits; a reader
+    // asking the broker at that moment can still see the partition's end before the batch,
+    // so a short read is read again (up to 30 s) before anything counts as missing.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let read = loop {
+        let read = super::read_topic(&topics.events);
+        let ids: HashSet<String> = read
+            .iter()
+            .filter_map(|m| m.json().ok())
+            .filter_map(|v| v["id"].as_str().map(str::to_owned))
+            .collect();
+        if stored.iter().all(|id| ids.contains(id)) || std::time::Instant::now() > deadline {
+            break read;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
     let mut seen: HashMap<String, usize> = HashMap::new();
     for m in &read {
         let v = m.json().expect("JSON value");
