@@ -17,6 +17,11 @@ pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
 /// Namespace of the UUIDv5 event ids, fixed forever so re-derived events keep their ids.
 pub const EVENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6d3c_2f1e_8a4b_4c59_9b0e_5f7a_1d2c_3e4f);
 
+/// Namespace of the UUIDv5 payload digests (see [`payload_digest`]), fixed forever: digests
+/// are stored with recorded outcomes and compared with those of later deliveries.
+pub const PAYLOAD_DIGEST_NAMESPACE: Uuid =
+    Uuid::from_u128(0x184c_3c4b_49b6_47ee_b3eb_2bd6_7511_426c);
+
 /// Why a message became a dead letter. The string forms are the wire contract (the
 /// `cmdproc-error-kind` header and the `dead_letters.kind` column).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -409,6 +414,60 @@ pub fn event_id(source: &Source, command_id: &CommandId, index: usize) -> Uuid {
     Uuid::new_v5(&EVENT_ID_NAMESPACE, name.as_bytes())
 }
 
+/// The digest of what a command asks for: UUIDv5 of its type, subject and data
+/// (`type \0 subject \0 data`, the data as compact JSON with object keys sorted).
+///
+/// Stored with a command's recorded outcome, it tells a re-delivery of the command (same
+/// digest: a duplicate) from another command that reuses its idempotency key `(source, id)`
+/// (another digest: refused as `key_reused`). The envelope's other attributes (`time`,
+/// `expectedversion`, `correlationid`) are not part of it: a client retrying later with a
+/// new timestamp sends the same command.
+///
+/// Keys are sorted here rather than by relying on serde_json's default map, so the digest
+/// does not change when some dependency turns on serde_json's `preserve_order` feature.
+pub fn payload_digest(command: &Command) -> Uuid {
+    let mut name = String::with_capacity(64);
+    name.push_str(command.command_type.as_str());
+    name.push('\u{0}');
+    name.push_str(command.subject.as_str());
+    name.push('\u{0}');
+    canonical_json(&command.data, &mut name);
+    Uuid::new_v5(&PAYLOAD_DIGEST_NAMESPACE, name.as_bytes())
+}
+
+/// `value` as compact JSON with every object's keys in sorted order: what
+/// `serde_json::to_string` writes with its default (sorted) map.
+fn canonical_json(value: &Value, out: &mut String) {
+    match value {
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical_json(item, out);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            out.push('{');
+            for (i, (key, item)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(key.clone()).to_string());
+                out.push(':');
+                canonical_json(item, out);
+            }
+            out.push('}');
+        }
+        // Strings, numbers, booleans and null have one compact form.
+        scalar => out.push_str(&scalar.to_string()),
+    }
+}
+
 /// An event as published on the events topic.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventEnvelope {
@@ -633,5 +692,57 @@ mod tests {
             event_id(&s, &c, 0),
             event_id(&Source::parse("/b").unwrap(), &c, 0)
         );
+    }
+
+    fn command(ty: &str, subject: &str, data: Value) -> Command {
+        Command::new(
+            Source::parse("/a").unwrap(),
+            CommandId::parse("1").unwrap(),
+            CommandType::parse(ty).unwrap(),
+            AggregateId::parse(subject).unwrap(),
+            data,
+        )
+    }
+
+    #[test]
+    fn payload_digests_name_type_subject_and_data() {
+        let deposit = command("account.Deposit", "acc-1", json!({"amount": 500}));
+        let expected = Uuid::new_v5(
+            &PAYLOAD_DIGEST_NAMESPACE,
+            b"account.Deposit\0acc-1\0{\"amount\":500}",
+        );
+        assert_eq!(payload_digest(&deposit), expected);
+
+        // What is not the payload does not count: the id, source, time, expected version.
+        let mut retried = deposit.clone();
+        retried.time = Some(Utc::now());
+        retried.expected_version = Some(3);
+        retried.source = Source::parse("/b").unwrap();
+        assert_eq!(payload_digest(&retried), expected);
+
+        for other in [
+            command("account.Deposit", "acc-1", json!({"amount": 700})),
+            command("account.Withdraw", "acc-1", json!({"amount": 500})),
+            command("account.Deposit", "acc-2", json!({"amount": 500})),
+            command("account.Deposit", "acc-1", json!({"amount": "500"})),
+        ] {
+            assert_ne!(payload_digest(&other), expected, "{other:?}");
+        }
+    }
+
+    #[test]
+    fn payload_digests_ignore_the_order_of_object_keys() {
+        let sorted = command(
+            "room.Book",
+            "r",
+            json!({"guest": "g", "night": "2026-12-24", "extra": {"b": [1, {"d": 1, "c": null}], "a": "\u{1}\""}}),
+        );
+        let text = r#"{"night":"2026-12-24","extra":{"a":"\u0001\"","b":[1,{"c":null,"d":1}]},"guest":"g"}"#;
+        let reordered = command("room.Book", "r", serde_json::from_str(text).unwrap());
+        assert_eq!(payload_digest(&sorted), payload_digest(&reordered));
+        // With serde_json's default (sorted) map, the canonical form is its compact output.
+        let mut canonical = String::new();
+        canonical_json(&sorted.data, &mut canonical);
+        assert_eq!(canonical, serde_json::to_string(&sorted.data).unwrap());
     }
 }

@@ -8,7 +8,9 @@
 use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use commands::envelope::{event_id, preview, Command, DeadLetterKind, DecodeError, EventEnvelope};
+use commands::envelope::{
+    event_id, payload_digest, preview, Command, DeadLetterKind, DecodeError, EventEnvelope,
+};
 use commands::{CommandError, Context, Handled, Registry, Rejection};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -50,6 +52,11 @@ pub struct Outcome {
     pub version: i64,
     /// Ids of the events the command emitted.
     pub event_ids: Vec<Uuid>,
+    /// The [`payload_digest`] of the command this outcome belongs to. `None` when unknown:
+    /// outcomes recorded before digests were, skips, and outcomes rebuilt from stored events
+    /// after pruning. Without it a later delivery of the key is a plain duplicate, whatever
+    /// its payload.
+    pub digest: Option<Uuid>,
 }
 
 /// Applied, rejected, or skipped by an operator.
@@ -112,16 +119,28 @@ pub struct ProcessedRow {
     pub outcome: Outcome,
 }
 
-/// A delivery of an already processed command.
+/// A delivery of a command whose key `(source, id)` was processed before: a duplicate, or a
+/// refused reuse of the key with another payload. Either way it has no effect.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DuplicateRow {
-    /// Offset of the duplicate.
+    /// Offset of the delivery.
     pub offset: i64,
     /// The command's source.
     pub source: String,
     /// The command's id.
     pub command_id: String,
-    /// The original's outcome, which is the duplicate's too.
+    /// The aggregate this delivery names (a reused key may name another one than the
+    /// original did).
+    pub aggregate: AggregateKey,
+    /// This delivery's command type.
+    pub command_type: String,
+    /// This delivery's [`payload_digest`].
+    pub digest: Uuid,
+    /// Whether the key was reused with another payload: the recorded outcome has a digest
+    /// and it is not this delivery's. Outcome `key_reused`, not `duplicate`.
+    pub key_reused: bool,
+    /// The outcome recorded for the key. A duplicate's outcome is the original's; a refused
+    /// reuse of the key keeps it as what the key stands for.
     pub outcome: Outcome,
 }
 
@@ -222,6 +241,12 @@ impl Plan {
             .filter(|p| p.outcome.outcome == OutcomeKind::Rejected)
             .count()
     }
+
+    /// Deliveries refused because they reused a processed command's key with another
+    /// payload (outcome `key_reused`); the rest of [`Plan::duplicates`] are duplicates.
+    pub fn key_reused(&self) -> usize {
+        self.duplicates.iter().filter(|d| d.key_reused).count()
+    }
 }
 
 /// The identity of a command for deduplication: `(source, id)`.
@@ -234,6 +259,10 @@ pub type AggregateKey = (String, String);
 /// `known` holds the recorded outcomes of the batch's commands that were processed before;
 /// `aggregates` the stored state of the aggregates the batch names (absent ones are new);
 /// `parked` the batch's aggregates that are parked.
+///
+/// A command whose key `(source, id)` has an outcome (in `known`, or planned earlier in the
+/// batch) has no effect: it is a duplicate when its [`payload_digest`] is the recorded one
+/// (or the recorded outcome has none), and `key_reused` when the digests differ.
 pub fn plan(
     registry: &Registry,
     options: &PlanOptions,
@@ -262,11 +291,19 @@ pub fn plan(
             command.source.as_str().to_owned(),
             command.id.as_str().to_owned(),
         );
+        let digest = payload_digest(command);
         if let Some(outcome) = seen.get(&ckey).or_else(|| known.get(&ckey)) {
             out.duplicates.push(DuplicateRow {
                 offset: m.offset,
                 source: ckey.0,
                 command_id: ckey.1,
+                aggregate: (
+                    command.command_type.aggregate_type().to_owned(),
+                    command.subject.as_str().to_owned(),
+                ),
+                command_type: command.command_type.to_string(),
+                digest,
+                key_reused: outcome.digest.is_some_and(|recorded| recorded != digest),
                 outcome: outcome.clone(),
             });
             continue;
@@ -401,6 +438,7 @@ pub fn plan(
                 reason: Some(rejection.reason),
                 version: loaded.version,
                 event_ids: Vec::new(),
+                digest: Some(digest),
             },
             Ok(Handled::Accepted(decision)) => {
                 let events = decision.events;
@@ -437,6 +475,7 @@ pub fn plan(
                     reason: None,
                     version: loaded.version,
                     event_ids: ids,
+                    digest: Some(digest),
                 }
             }
         };
@@ -605,6 +644,7 @@ mod tests {
             reason: None,
             version: 1,
             event_ids: vec![],
+            digest: None,
         };
         known.insert(("/t".to_owned(), "1".to_owned()), recorded.clone());
         let mut aggregates = HashMap::new();
@@ -706,5 +746,223 @@ mod tests {
             .all(|d| d.kind == DeadLetterKind::Parked));
         assert!(p.newly_parked.is_empty());
         assert_eq!(p.next_offset, 4);
+    }
+
+    /// The account `a`, opened, with a balance of 500 after the deposit `dep-1`.
+    fn account_after_deposit() -> HashMap<AggregateKey, Loaded> {
+        [(
+            ("account".to_owned(), "a".to_owned()),
+            Loaded {
+                version: 2,
+                state: json!({"opened": true, "owner": "ada", "balance": 500}),
+            },
+        )]
+        .into()
+    }
+
+    /// The recorded outcome of `dep-1` (`account.Deposit` of `amount` on `a`), with the
+    /// digest of that payload or without one (recorded before digests were).
+    fn deposit_recorded(amount: i64, with_digest: bool) -> HashMap<CommandKey, Outcome> {
+        let original = msg(
+            1,
+            "/t",
+            "dep-1",
+            "account.Deposit",
+            "a",
+            json!({"amount": amount}),
+        );
+        let digest = payload_digest(original.decoded.as_ref().unwrap());
+        [(
+            ("/t".to_owned(), "dep-1".to_owned()),
+            Outcome {
+                outcome: OutcomeKind::Applied,
+                code: None,
+                reason: None,
+                version: 2,
+                event_ids: vec![event_id(
+                    &commands::Source::parse("/t").unwrap(),
+                    &commands::CommandId::parse("dep-1").unwrap(),
+                    0,
+                )],
+                digest: with_digest.then_some(digest),
+            },
+        )]
+        .into()
+    }
+
+    fn plan_of(messages: &[Incoming], known: &HashMap<CommandKey, Outcome>) -> Plan {
+        plan(
+            registry(),
+            &PlanOptions::default(),
+            messages,
+            known,
+            &account_after_deposit(),
+            &HashSet::new(),
+        )
+    }
+
+    #[test]
+    fn the_same_payload_again_is_a_duplicate() {
+        let known = deposit_recorded(500, true);
+        let again = msg(
+            7,
+            "/t",
+            "dep-1",
+            "account.Deposit",
+            "a",
+            json!({"amount": 500}),
+        );
+        let p = plan_of(&[again], &known);
+        assert_eq!(p.duplicates.len(), 1);
+        let d = &p.duplicates[0];
+        assert!(!d.key_reused);
+        assert_eq!(d.outcome, known[&("/t".to_owned(), "dep-1".to_owned())]);
+        assert_eq!(Some(d.digest), d.outcome.digest);
+        assert_eq!(p.key_reused(), 0);
+        assert!(p.processed.is_empty() && p.events.is_empty() && p.writes.is_empty());
+        assert_eq!(p.next_offset, 8);
+    }
+
+    #[test]
+    fn another_payload_under_a_recorded_key_is_refused_without_effect() {
+        let known = deposit_recorded(500, true);
+        let reused = msg(
+            7,
+            "/t",
+            "dep-1",
+            "account.Deposit",
+            "a",
+            json!({"amount": 700}),
+        );
+        let p = plan_of(&[reused], &known);
+        assert_eq!(p.key_reused(), 1);
+        let d = &p.duplicates[0];
+        assert!(d.key_reused);
+        assert_eq!(d.aggregate, ("account".to_owned(), "a".to_owned()));
+        assert_eq!(d.command_type, "account.Deposit");
+        assert_ne!(Some(d.digest), d.outcome.digest);
+        // The recorded outcome stays what the key stands for; nothing is written.
+        assert_eq!(d.outcome, known[&("/t".to_owned(), "dep-1".to_owned())]);
+        assert!(p.processed.is_empty(), "no outcome recorded or replaced");
+        assert!(p.events.is_empty() && p.writes.is_empty() && p.dead_letters.is_empty());
+        assert_eq!(p.next_offset, 8);
+
+        // Another command type or aggregate under the key is refused alike.
+        let other_type = msg(
+            8,
+            "/t",
+            "dep-1",
+            "account.Withdraw",
+            "a",
+            json!({"amount": 500}),
+        );
+        let other_subject = msg(
+            9,
+            "/t",
+            "dep-1",
+            "account.Deposit",
+            "b",
+            json!({"amount": 500}),
+        );
+        let p = plan_of(&[other_type, other_subject], &known);
+        assert_eq!(p.key_reused(), 2);
+        assert_eq!(
+            p.duplicates[1].aggregate,
+            ("account".to_owned(), "b".to_owned())
+        );
+        assert!(p.processed.is_empty() && p.writes.is_empty());
+    }
+
+    #[test]
+    fn a_key_reused_within_one_batch_is_refused() {
+        let msgs = vec![
+            msg(
+                1,
+                "/t",
+                "open",
+                "account.Open",
+                "n",
+                json!({"owner": "ada"}),
+            ),
+            msg(
+                2,
+                "/t",
+                "dep-1",
+                "account.Deposit",
+                "n",
+                json!({"amount": 500}),
+            ),
+            msg(
+                3,
+                "/t",
+                "dep-1",
+                "account.Deposit",
+                "n",
+                json!({"amount": 500}),
+            ),
+            msg(
+                4,
+                "/t",
+                "dep-1",
+                "account.Deposit",
+                "n",
+                json!({"amount": 700}),
+            ),
+            msg(
+                5,
+                "/t",
+                "dep-1",
+                "account.Deposit",
+                "n",
+                json!({"amount": 500}),
+            ),
+        ];
+        let p = plan_of(&msgs, &HashMap::new());
+        assert_eq!(p.applied(), 2);
+        let deposit = &p.processed[1];
+        assert_eq!(
+            deposit.outcome.digest,
+            Some(payload_digest(msgs[1].decoded.as_ref().unwrap())),
+            "the recorded outcome carries its digest"
+        );
+        let refused: Vec<(i64, bool)> = p
+            .duplicates
+            .iter()
+            .map(|d| (d.offset, d.key_reused))
+            .collect();
+        assert_eq!(refused, vec![(3, false), (4, true), (5, false)]);
+        assert_eq!(p.events.len(), 2);
+        assert_eq!(p.writes.len(), 1);
+        assert_eq!(
+            p.writes[0].state["balance"], 500,
+            "only the first deposit counted"
+        );
+    }
+
+    #[test]
+    fn a_recorded_outcome_without_a_digest_makes_any_payload_a_duplicate() {
+        let known = deposit_recorded(500, false);
+        let msgs = vec![
+            msg(
+                7,
+                "/t",
+                "dep-1",
+                "account.Deposit",
+                "a",
+                json!({"amount": 700}),
+            ),
+            msg(
+                8,
+                "/t",
+                "dep-1",
+                "account.Deposit",
+                "a",
+                json!({"amount": 500}),
+            ),
+        ];
+        let p = plan_of(&msgs, &known);
+        assert_eq!(p.duplicates.len(), 2);
+        assert_eq!(p.key_reused(), 0);
+        assert!(p.processed.is_empty() && p.events.is_empty() && p.writes.is_empty());
     }
 }

@@ -173,7 +173,8 @@ pub struct Released {
     pub applied: usize,
     /// Commands rejected by the aggregate.
     pub rejected: usize,
-    /// Commands that were duplicates of ones applied before.
+    /// Commands that were duplicates of ones applied before, or refused for reusing the key
+    /// of one processed before with another payload (`key_reused`).
     pub duplicates: usize,
     /// Commands skipped by an operator earlier, left out.
     pub skipped: usize,
@@ -265,6 +266,15 @@ pub async fn release(
         .collect();
     store::mark_parked_redriven(&mut tx, topics.commands, partition, &done).await?;
     tx.commit().await.map_err(StoreError::from)?;
+    for refused in plan.duplicates.iter().filter(|d| d.key_reused) {
+        tracing::info!(
+            partition,
+            offset = refused.offset,
+            source = %refused.source,
+            command_id = %refused.command_id,
+            "idempotency key reused with another payload: refused (key_reused), no effect"
+        );
+    }
     released.applied = plan.applied();
     released.rejected = plan.rejected();
     released.duplicates = plan.duplicates.len();

@@ -328,6 +328,7 @@ impl Processor {
             applied = metrics.commands_with(outcome::APPLIED),
             rejected = metrics.commands_with(outcome::REJECTED),
             duplicates = metrics.commands_with(outcome::DUPLICATE),
+            key_reused = metrics.commands_with(outcome::KEY_REUSED),
             dead_letters = metrics.commands_with(outcome::DEAD_LETTERED),
             parked = metrics.commands_with(outcome::PARKED),
             fenced = metrics.fenced_batches.get(),

@@ -10,8 +10,8 @@ use prometheus::{
     TextEncoder,
 };
 
-/// Commands by outcome (`outcome` = `applied`, `rejected`, `duplicate`, `dead_lettered`,
-/// `parked`). The outcomes partition the messages a worker committed: a parked command is
+/// Commands by outcome (`outcome` = `applied`, `rejected`, `duplicate`, `key_reused`,
+/// `dead_lettered`, `parked`). The outcomes partition the messages a worker committed: a parked command is
 /// counted as `parked`, not also as `dead_lettered`, although it goes to the dead-letter
 /// topic too.
 pub const COMMANDS_TOTAL: &str = "cmdproc_commands_total";
@@ -80,12 +80,22 @@ pub mod outcome {
     pub const REJECTED: &str = "rejected";
     /// A re-delivery of a command already processed: no effect.
     pub const DUPLICATE: &str = "duplicate";
+    /// A command reusing the idempotency key `(source, id)` of one processed before, with
+    /// another type, subject or data: refused, no effect.
+    pub const KEY_REUSED: &str = "key_reused";
     /// Dead-lettered (everything but parked).
     pub const DEAD_LETTERED: &str = "dead_lettered";
     /// Set aside because its aggregate is parked (the poison command included).
     pub const PARKED: &str = "parked";
     /// Every value, so that each series exists (at 0) from the start.
-    pub const ALL: [&str; 5] = [APPLIED, REJECTED, DUPLICATE, DEAD_LETTERED, PARKED];
+    pub const ALL: [&str; 6] = [
+        APPLIED,
+        REJECTED,
+        DUPLICATE,
+        KEY_REUSED,
+        DEAD_LETTERED,
+        PARKED,
+    ];
 }
 
 /// Buckets for latencies from a millisecond to a minute.

@@ -30,6 +30,9 @@ pub struct BatchResult {
     pub rejected: usize,
     /// Duplicate deliveries.
     pub duplicates: usize,
+    /// Deliveries refused for reusing a processed command's key with another payload
+    /// (outcome `key_reused`, not counted in `duplicates`), in offset order.
+    pub key_reused: Vec<KeyReused>,
     /// Dead letters.
     pub dead_letters: usize,
     /// Events stored.
@@ -42,6 +45,17 @@ pub struct BatchResult {
     pub halted_at: Option<i64>,
     /// The stored next offset after the batch.
     pub next_offset: i64,
+}
+
+/// A delivery refused as `key_reused`: where it was and the key it reused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyReused {
+    /// Its offset.
+    pub offset: i64,
+    /// The command's source.
+    pub source: String,
+    /// The command's id.
+    pub command_id: String,
 }
 
 /// Where a batch goes.
@@ -301,7 +315,17 @@ async fn process_group(
                 messages: plan.processed.len() + plan.duplicates.len() + plan.dead_letters.len(),
                 applied: plan.applied(),
                 rejected: plan.rejected(),
-                duplicates: plan.duplicates.len(),
+                duplicates: plan.duplicates.len() - plan.key_reused(),
+                key_reused: plan
+                    .duplicates
+                    .iter()
+                    .filter(|d| d.key_reused)
+                    .map(|d| KeyReused {
+                        offset: d.offset,
+                        source: d.source.clone(),
+                        command_id: d.command_id.clone(),
+                    })
+                    .collect(),
                 dead_letters: plan.dead_letters.len(),
                 events: plan.events.len(),
                 parked: plan.parked.len(),

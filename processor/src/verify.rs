@@ -118,6 +118,8 @@ pub struct PartitionReport {
     pub commands: u64,
     /// Deliveries of commands already processed.
     pub duplicates: u64,
+    /// Deliveries refused for reusing a processed command's key with another payload.
+    pub key_reused: u64,
     /// Messages that became dead letters (including parked ones).
     pub dead_letters: u64,
     /// Commands set aside because their aggregate is parked.
@@ -130,12 +132,13 @@ impl PartitionReport {
         match &self.skipped {
             Some(why) => format!("partition {}: skipped: {why}", self.partition),
             None => format!(
-                "partition {}: {} messages up to offset {}, {} commands re-executed, {} duplicates, {} dead letters, {} set aside (parked)",
+                "partition {}: {} messages up to offset {}, {} commands re-executed, {} duplicates, {} refused (key reused), {} dead letters, {} set aside (parked)",
                 self.partition,
                 self.messages,
                 self.next_offset,
                 self.commands,
                 self.duplicates,
+                self.key_reused,
                 self.dead_letters,
                 self.parked
             ),
@@ -505,7 +508,11 @@ impl Chunk<'_> {
             parked,
         );
         report.commands += plan.processed.len() as u64;
-        report.duplicates += plan.duplicates.len() as u64;
+        // Outcomes carry their payload digests (those recorded elsewhere from Postgres, the
+        // others from this re-execution), so a delivery that reused a key is refused again.
+        let key_reused = plan.key_reused() as u64;
+        report.key_reused += key_reused;
+        report.duplicates += plan.duplicates.len() as u64 - key_reused;
         report.dead_letters += plan.dead_letters.len() as u64;
         report.parked += plan.parked.len() as u64;
         for p in plan.processed {

@@ -89,6 +89,9 @@ pub(crate) async fn load_outcomes_from_events(
             reason: None,
             version: 0,
             event_ids: Vec::new(),
+            // The events do not say what payload the command carried: without a digest,
+            // any later delivery of the key is a plain duplicate.
+            digest: None,
         });
         outcome.version = r.get(2);
         outcome.event_ids.push(r.get(3));

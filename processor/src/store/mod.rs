@@ -44,8 +44,8 @@ pub use outbox::{
 pub use outbox::{notify_outbox, OUTBOX_CHANNEL};
 pub(crate) use outbox::{write_outbox, OutboxRow};
 pub(crate) use outcomes::{
-    load_outcomes, recent_commands, record_skipped, recorded_outcome, recorded_since, with_outcome,
-    write_duplicates, write_processed, SkippedCommand,
+    load_outcomes, recent_commands, record_skipped, recorded_outcome, recorded_since,
+    refused_deliveries, with_outcome, write_duplicates, write_processed, SkippedCommand,
 };
 pub use outcomes::{outcomes_recorded_elsewhere, prune, prune_horizon, Pruned};
 pub(crate) use parking::{

@@ -102,7 +102,7 @@ pub async fn prune_horizon(
 }
 
 /// A recorded outcome from a row of `source, command_id, outcome, reason, version, event_ids,
-/// code`.
+/// code, digest`.
 fn outcome_row(r: &sqlx::postgres::PgRow) -> (CommandKey, Outcome) {
     let recorded = Outcome {
         outcome: OutcomeKind::parse(r.get::<&str, _>(2)),
@@ -110,6 +110,7 @@ fn outcome_row(r: &sqlx::postgres::PgRow) -> (CommandKey, Outcome) {
         reason: r.get(3),
         version: r.get(4),
         event_ids: r.get(5),
+        digest: r.get(7),
     };
     ((r.get(0), r.get(1)), recorded)
 }
@@ -124,7 +125,8 @@ pub(crate) async fn load_outcomes<'k>(
         return Ok(HashMap::new());
     }
     let rows = sqlx::query(
-        "SELECT p.source, p.command_id, p.outcome, p.reason, p.version, p.event_ids, p.code
+        "SELECT p.source, p.command_id, p.outcome, p.reason, p.version, p.event_ids, p.code,
+                p.digest
          FROM processed_commands p
          JOIN UNNEST($1::text[], $2::text[]) AS k(source, command_id)
            ON p.source = k.source AND p.command_id = k.command_id",
@@ -137,7 +139,7 @@ pub(crate) async fn load_outcomes<'k>(
 }
 
 /// Records the outcomes of commands processed for the first time, each with its
-/// partition, on `topic`.
+/// partition and payload digest, on `topic`.
 pub(crate) async fn write_processed(
     tx: &mut Transaction<'_, Postgres>,
     topic: &str,
@@ -148,12 +150,14 @@ pub(crate) async fn write_processed(
         sqlx::query(
             "INSERT INTO processed_commands
                (source, command_id, aggregate_type, aggregate_id, command_type, outcome, code, reason,
-                version, event_ids, topic, partition, \"offset\")
-             SELECT s, c, t, i, ct, o, code, r, v, COALESCE(string_to_array(e, ',')::uuid[], '{}'), $10,
-                    part, off
+                version, event_ids, topic, partition, \"offset\", digest)
+             SELECT source, command_id, aggregate_type, aggregate_id, command_type, outcome, code,
+                    reason, version, COALESCE(string_to_array(event_ids, ',')::uuid[], '{}'), $10,
+                    partition, command_offset, digest
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                         $8::bigint[], $9::text[], $11::int[], $12::bigint[], $13::text[])
-               AS u(s, c, t, i, ct, o, r, v, e, part, off, code)",
+                         $8::bigint[], $9::text[], $11::int[], $12::bigint[], $13::text[], $14::uuid[])
+               AS u(source, command_id, aggregate_type, aggregate_id, command_type, outcome, reason,
+                    version, event_ids, partition, command_offset, code, digest)",
         )
         .bind(p.iter().map(|(_, r)| r.source.as_str()).collect::<Vec<_>>())
         .bind(p.iter().map(|(_, r)| r.command_id.as_str()).collect::<Vec<_>>())
@@ -168,14 +172,17 @@ pub(crate) async fn write_processed(
         .bind(p.iter().map(|(part, _)| *part).collect::<Vec<_>>())
         .bind(p.iter().map(|(_, r)| r.offset).collect::<Vec<_>>())
         .bind(p.iter().map(|(_, r)| r.outcome.code.as_deref()).collect::<Vec<_>>())
+        .bind(p.iter().map(|(_, r)| r.outcome.digest).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?;
     }
     Ok(())
 }
 
-/// Records deliveries of commands already processed, each with its partition, on `topic`
-/// (a delivery seen again only gets its time updated).
+/// Records deliveries of commands whose key was processed before, each with its partition,
+/// on `topic`: duplicates and refused reuses of the key (`key_reused`), with the aggregate,
+/// type and payload digest the delivery named. A delivery seen again only gets its time
+/// updated: what it was is decided once, when it was first recorded.
 pub(crate) async fn write_duplicates(
     tx: &mut Transaction<'_, Postgres>,
     topic: &str,
@@ -184,8 +191,15 @@ pub(crate) async fn write_duplicates(
     if !duplicates.is_empty() {
         let d = duplicates;
         sqlx::query(
-            "INSERT INTO duplicate_deliveries (topic, partition, \"offset\", source, command_id)
-             SELECT $1, part, off, s, c FROM UNNEST($2::int[], $3::bigint[], $4::text[], $5::text[]) AS u(part, off, s, c)
+            "INSERT INTO duplicate_deliveries
+               (topic, partition, \"offset\", source, command_id, key_reused, digest, aggregate_type,
+                aggregate_id, command_type)
+             SELECT $1, partition, delivery_offset, source, command_id, key_reused, digest,
+                    aggregate_type, aggregate_id, command_type
+             FROM UNNEST($2::int[], $3::bigint[], $4::text[], $5::text[], $6::bool[], $7::uuid[],
+                         $8::text[], $9::text[], $10::text[])
+               AS u(partition, delivery_offset, source, command_id, key_reused, digest, aggregate_type,
+                    aggregate_id, command_type)
              ON CONFLICT (topic, partition, \"offset\") DO UPDATE SET seen_at = now()",
         )
         .bind(topic)
@@ -193,6 +207,11 @@ pub(crate) async fn write_duplicates(
         .bind(d.iter().map(|(_, r)| r.offset).collect::<Vec<_>>())
         .bind(d.iter().map(|(_, r)| r.source.as_str()).collect::<Vec<_>>())
         .bind(d.iter().map(|(_, r)| r.command_id.as_str()).collect::<Vec<_>>())
+        .bind(d.iter().map(|(_, r)| r.key_reused).collect::<Vec<_>>())
+        .bind(d.iter().map(|(_, r)| r.digest).collect::<Vec<_>>())
+        .bind(d.iter().map(|(_, r)| r.aggregate.0.as_str()).collect::<Vec<_>>())
+        .bind(d.iter().map(|(_, r)| r.aggregate.1.as_str()).collect::<Vec<_>>())
+        .bind(d.iter().map(|(_, r)| r.command_type.as_str()).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?;
     }
@@ -215,7 +234,8 @@ pub async fn outcomes_recorded_elsewhere(
     let (sources, ids): (Vec<&str>, Vec<&str>) =
         keys.iter().map(|(s, i)| (s.as_str(), i.as_str())).unzip();
     let rows = sqlx::query(
-        "SELECT p.source, p.command_id, p.outcome, p.reason, p.version, p.event_ids, p.code
+        "SELECT p.source, p.command_id, p.outcome, p.reason, p.version, p.event_ids, p.code,
+                p.digest
          FROM processed_commands p
          JOIN UNNEST($1::text[], $2::text[]) AS k(source, command_id)
            ON p.source = k.source AND p.command_id = k.command_id
@@ -421,6 +441,82 @@ pub(crate) async fn recent_commands(
             offset: r.get(8),
             processed_at: r.get(9),
             code: r.get(10),
+        })
+        .collect())
+}
+
+/// A delivery refused for reusing a processed command's key with another payload, as
+/// `cmdproc inspect` shows it under the aggregate the delivery named.
+#[derive(Debug, Clone)]
+pub(crate) struct RefusedDelivery {
+    /// The delivery's source.
+    pub(crate) source: String,
+    /// The delivery's id.
+    pub(crate) command_id: String,
+    /// Its command type.
+    pub(crate) command_type: Option<String>,
+    /// Its commands partition.
+    pub(crate) partition: i32,
+    /// Its offset there.
+    pub(crate) offset: i64,
+    /// When it was seen (last, if delivered again).
+    pub(crate) seen_at: DateTime<Utc>,
+    /// The command recorded under the key, unless its outcome was pruned since.
+    pub(crate) original: Option<KeyHolder>,
+}
+
+/// The command a key `(source, id)` was recorded for.
+#[derive(Debug, Clone)]
+pub(crate) struct KeyHolder {
+    /// Its command type.
+    pub(crate) command_type: String,
+    /// Its aggregate type.
+    pub(crate) aggregate_type: String,
+    /// Its aggregate id.
+    pub(crate) aggregate_id: String,
+    /// Its outcome (`applied`, `rejected`, `skipped`).
+    pub(crate) outcome: String,
+}
+
+/// The latest `limit` deliveries refused as `key_reused` that named the aggregate
+/// `aggregate_type`/`aggregate_id`, newest first, each with the command its key was used for.
+pub(crate) async fn refused_deliveries(
+    pool: &PgPool,
+    aggregate_type: &str,
+    aggregate_id: &str,
+    limit: i64,
+) -> Result<Vec<RefusedDelivery>> {
+    let rows = sqlx::query(
+        "SELECT d.source, d.command_id, d.command_type, d.partition, d.\"offset\", d.seen_at,
+                p.command_type, p.aggregate_type, p.aggregate_id, p.outcome
+         FROM duplicate_deliveries d
+         LEFT JOIN processed_commands p ON p.source = d.source AND p.command_id = d.command_id
+         WHERE d.key_reused AND d.aggregate_type = $1 AND d.aggregate_id = $2
+         ORDER BY d.seen_at DESC, d.\"offset\" DESC LIMIT $3",
+    )
+    .bind(aggregate_type)
+    .bind(aggregate_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let original_type: Option<String> = r.get(6);
+            RefusedDelivery {
+                source: r.get(0),
+                command_id: r.get(1),
+                command_type: r.get(2),
+                partition: r.get(3),
+                offset: r.get(4),
+                seen_at: r.get(5),
+                original: original_type.map(|command_type| KeyHolder {
+                    command_type,
+                    aggregate_type: r.get(7),
+                    aggregate_id: r.get(8),
+                    outcome: r.get(9),
+                }),
+            }
         })
         .collect())
 }

@@ -40,6 +40,17 @@ impl Worker {
         m.count_commands(outcome::APPLIED, r.applied);
         m.count_commands(outcome::REJECTED, r.rejected);
         m.count_commands(outcome::DUPLICATE, r.duplicates);
+        m.count_commands(outcome::KEY_REUSED, r.key_reused.len());
+        for refused in &r.key_reused {
+            // Never the data: payloads may carry personal data, so logs name commands by key.
+            tracing::info!(
+                partition,
+                offset = refused.offset,
+                source = %refused.source,
+                command_id = %refused.command_id,
+                "idempotency key reused with another payload: refused (key_reused), no effect"
+            );
+        }
         // Every parked command is also a dead letter (kind `parked`, or `handler_panic` for
         // the poison one); counting it once keeps the outcomes a partition of the messages.
         m.count_commands(
@@ -128,6 +139,7 @@ pub(super) fn log_progress(m: &Metrics) {
         applied = m.commands_with(outcome::APPLIED),
         rejected = m.commands_with(outcome::REJECTED),
         duplicates = m.commands_with(outcome::DUPLICATE),
+        key_reused = m.commands_with(outcome::KEY_REUSED),
         dead_letters = m.commands_with(outcome::DEAD_LETTERED),
         parked = m.commands_with(outcome::PARKED),
         fenced = m.fenced_batches.get(),
@@ -191,6 +203,7 @@ mod tests {
             applied: 0,
             rejected: 0,
             duplicates: 0,
+            key_reused: Vec::new(),
             dead_letters,
             events: 0,
             parked,
