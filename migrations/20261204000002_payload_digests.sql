@@ -6,10 +6,11 @@
 -- plain duplicate.
 ALTER TABLE processed_commands ADD COLUMN digest UUID;
 
--- A delivery of an already processed command records what it asked for, and whether it was
--- refused for reusing the key with another payload. The aggregate is the one the delivery
--- named (not necessarily the original's), so `cmdproc inspect` of that aggregate shows the
--- refusal. Rows recorded before this migration have NULLs and `key_reused = false`.
+-- A delivery of an already processed command records whether it was refused for reusing the
+-- key with another payload; a refused one also records what it asked for. The aggregate is
+-- the one the delivery named (not necessarily the original's), so `cmdproc inspect` of that
+-- aggregate shows the refusal. Plain duplicates, and rows recorded before this migration,
+-- have NULLs there and `key_reused = false`.
 ALTER TABLE duplicate_deliveries
     ADD COLUMN key_reused     BOOLEAN NOT NULL DEFAULT false,
     ADD COLUMN digest         UUID,

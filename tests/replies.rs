@@ -26,9 +26,13 @@ fn cmd(id: &str, ty: &str, subject: &str, data: Value) -> Command {
     )
 }
 
+/// What the deliveries recorded for `dep-1` after its first name: nothing for a plain
+/// duplicate, the digest, aggregate and type for a refused reuse of the key.
+type Named = Option<(Uuid, String, String, String)>;
+
 /// The deliveries recorded for `dep-1` after its first, in offset order: whether each was
-/// refused as `key_reused`, its digest, and the aggregate and type it named.
-async fn deliveries_of_dep_1(db: &TestDb) -> Vec<(bool, Option<Uuid>, String, String, String)> {
+/// refused as `key_reused`, and what it named.
+async fn deliveries_of_dep_1(db: &TestDb) -> Vec<(bool, Named)> {
     sqlx::query(
         "SELECT key_reused, digest, aggregate_type, aggregate_id, command_type
          FROM duplicate_deliveries WHERE source = '/test' AND command_id = 'dep-1'
@@ -38,7 +42,12 @@ async fn deliveries_of_dep_1(db: &TestDb) -> Vec<(bool, Option<Uuid>, String, St
     .await
     .unwrap()
     .into_iter()
-    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+    .map(|r| {
+        let named = r
+            .get::<Option<Uuid>, _>(1)
+            .map(|digest| (digest, r.get(2), r.get(3), r.get(4)));
+        (r.get(0), named)
+    })
     .collect()
 }
 
@@ -110,19 +119,15 @@ async fn a_key_reused_with_another_payload_is_refused_without_effect() {
     assert_eq!(
         deliveries_of_dep_1(&db).await,
         vec![
-            (
-                false,
-                Some(payload_digest(&deposit)),
-                account.0.clone(),
-                account.1.clone(),
-                account.2.clone()
-            ),
+            (false, None),
             (
                 true,
-                Some(payload_digest(&reused)),
-                account.0.clone(),
-                account.1.clone(),
-                account.2.clone()
+                Some((
+                    payload_digest(&reused),
+                    account.0.clone(),
+                    account.1.clone(),
+                    account.2.clone()
+                ))
             ),
         ],
         "a duplicate, then the refused reuse"
@@ -190,17 +195,7 @@ async fn a_key_reused_with_another_payload_is_refused_without_effect() {
     assert_eq!(balance(&db).await, 500);
     let deliveries = deliveries_of_dep_1(&db).await;
     assert_eq!(deliveries.len(), 3);
-    assert_eq!(
-        deliveries[2],
-        (
-            false,
-            Some(payload_digest(&before_digests)),
-            account.0,
-            account.1,
-            account.2
-        ),
-        "a plain duplicate"
-    );
+    assert_eq!(deliveries[2], (false, None), "a plain duplicate");
     wait_for_count(&addr, metrics::outcome::DUPLICATE, 2.0, &worker);
     assert_eq!(
         scrape(

@@ -180,9 +180,11 @@ pub(crate) async fn write_processed(
 }
 
 /// Records deliveries of commands whose key was processed before, each with its partition,
-/// on `topic`: duplicates and refused reuses of the key (`key_reused`), with the aggregate,
-/// type and payload digest the delivery named. A delivery seen again only gets its time
-/// updated: what it was is decided once, when it was first recorded.
+/// on `topic`: duplicates and refused reuses of the key (`key_reused`). A refused reuse also
+/// records the aggregate, type and payload digest it named (what `inspect` shows); a plain
+/// duplicate leaves them empty, so that a replay, which re-delivers every command, writes
+/// no more than it did before. A delivery seen again only gets its time updated: what it
+/// was is decided once, when it was first recorded.
 pub(crate) async fn write_duplicates(
     tx: &mut Transaction<'_, Postgres>,
     topic: &str,
@@ -208,14 +210,24 @@ pub(crate) async fn write_duplicates(
         .bind(d.iter().map(|(_, r)| r.source.as_str()).collect::<Vec<_>>())
         .bind(d.iter().map(|(_, r)| r.command_id.as_str()).collect::<Vec<_>>())
         .bind(d.iter().map(|(_, r)| r.key_reused).collect::<Vec<_>>())
-        .bind(d.iter().map(|(_, r)| r.digest).collect::<Vec<_>>())
-        .bind(d.iter().map(|(_, r)| r.aggregate.0.as_str()).collect::<Vec<_>>())
-        .bind(d.iter().map(|(_, r)| r.aggregate.1.as_str()).collect::<Vec<_>>())
-        .bind(d.iter().map(|(_, r)| r.command_type.as_str()).collect::<Vec<_>>())
+        .bind(refused(d, |r| Some(r.digest)).collect::<Vec<_>>())
+        .bind(refused(d, |r| Some(r.aggregate.0.as_str())).collect::<Vec<_>>())
+        .bind(refused(d, |r| Some(r.aggregate.1.as_str())).collect::<Vec<_>>())
+        .bind(refused(d, |r| Some(r.command_type.as_str())).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?;
     }
     Ok(())
+}
+
+/// `field` of each refused reuse of a key among `duplicates`, `None` for plain duplicates.
+fn refused<'d, T: 'd>(
+    duplicates: &'d [(i32, &'d DuplicateRow)],
+    field: impl Fn(&'d DuplicateRow) -> Option<T> + 'd,
+) -> impl Iterator<Item = Option<T>> + 'd {
+    duplicates
+        .iter()
+        .map(move |(_, row)| if row.key_reused { field(row) } else { None })
 }
 
 /// The recorded outcomes of `keys` whose first delivery was processed somewhere other than
