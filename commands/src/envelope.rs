@@ -426,46 +426,65 @@ pub fn event_id(source: &Source, command_id: &CommandId, index: usize) -> Uuid {
 /// Keys are sorted here rather than by relying on serde_json's default map, so the digest
 /// does not change when some dependency turns on serde_json's `preserve_order` feature.
 pub fn payload_digest(command: &Command) -> Uuid {
-    let mut name = String::with_capacity(64);
-    name.push_str(command.command_type.as_str());
-    name.push('\u{0}');
-    name.push_str(command.subject.as_str());
-    name.push('\u{0}');
+    let mut name = Vec::with_capacity(128);
+    name.extend_from_slice(command.command_type.as_str().as_bytes());
+    name.push(0);
+    name.extend_from_slice(command.subject.as_str().as_bytes());
+    name.push(0);
     canonical_json(&command.data, &mut name);
-    Uuid::new_v5(&PAYLOAD_DIGEST_NAMESPACE, name.as_bytes())
+    Uuid::new_v5(&PAYLOAD_DIGEST_NAMESPACE, &name)
 }
 
-/// `value` as compact JSON with every object's keys in sorted order: what
-/// `serde_json::to_string` writes with its default (sorted) map.
-fn canonical_json(value: &Value, out: &mut String) {
+/// Appends `value` as compact JSON with every object's keys in sorted order: what
+/// `serde_json::to_string` writes with its default (sorted) map. Written straight into
+/// `out`, without a string per key or value: every command of a batch (and of a replay) has
+/// its digest computed.
+fn canonical_json(value: &Value, out: &mut Vec<u8>) {
     match value {
         Value::Array(items) => {
-            out.push('[');
+            out.push(b'[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
                 canonical_json(item, out);
             }
-            out.push(']');
+            out.push(b']');
         }
         Value::Object(map) => {
-            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            out.push('{');
-            for (i, (key, item)) in entries.into_iter().enumerate() {
+            out.push(b'{');
+            // The default map iterates in key order already; sort only a map that does not.
+            let in_order = map.keys().zip(map.keys().skip(1)).all(|(a, b)| a < b);
+            let mut write = |i: usize, key: &String, item: &Value| {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
-                out.push_str(&Value::String(key.clone()).to_string());
-                out.push(':');
+                write_scalar(key, out);
+                out.push(b':');
                 canonical_json(item, out);
+            };
+            if in_order {
+                for (i, (key, item)) in map.iter().enumerate() {
+                    write(i, key, item);
+                }
+            } else {
+                let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+                entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                for (i, (key, item)) in entries.into_iter().enumerate() {
+                    write(i, key, item);
+                }
             }
-            out.push('}');
+            out.push(b'}');
         }
         // Strings, numbers, booleans and null have one compact form.
-        scalar => out.push_str(&scalar.to_string()),
+        scalar => write_scalar(scalar, out),
     }
+}
+
+/// Appends the compact JSON of a string or scalar.
+fn write_scalar<T: serde::Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) {
+    // Writing JSON of a string or scalar into memory cannot fail.
+    serde_json::to_writer(&mut *out, value).expect("JSON of a scalar writes into memory");
 }
 
 /// An event as published on the events topic.
@@ -741,8 +760,11 @@ mod tests {
         let reordered = command("room.Book", "r", serde_json::from_str(text).unwrap());
         assert_eq!(payload_digest(&sorted), payload_digest(&reordered));
         // With serde_json's default (sorted) map, the canonical form is its compact output.
-        let mut canonical = String::new();
+        let mut canonical = Vec::new();
         canonical_json(&sorted.data, &mut canonical);
-        assert_eq!(canonical, serde_json::to_string(&sorted.data).unwrap());
+        assert_eq!(
+            String::from_utf8(canonical).unwrap(),
+            serde_json::to_string(&sorted.data).unwrap()
+        );
     }
 }
