@@ -129,19 +129,31 @@ pub struct DuplicateRow {
     pub source: String,
     /// The command's id.
     pub command_id: String,
-    /// The aggregate this delivery names (a reused key may name another one than the
-    /// original did).
-    pub aggregate: AggregateKey,
-    /// This delivery's command type.
-    pub command_type: String,
-    /// This delivery's [`payload_digest`].
-    pub digest: Uuid,
-    /// Whether the key was reused with another payload: the recorded outcome has a digest
-    /// and it is not this delivery's. Outcome `key_reused`, not `duplicate`.
-    pub key_reused: bool,
+    /// What the delivery asked for, when it reused the key with another payload (outcome
+    /// `key_reused`, not `duplicate`); `None` for a plain duplicate, which keeps nothing of
+    /// its own so a replay (every command a duplicate) builds and writes no more than before.
+    pub refused: Option<RefusedReuse>,
     /// The outcome recorded for the key. A duplicate's outcome is the original's; a refused
     /// reuse of the key keeps it as what the key stands for.
     pub outcome: Outcome,
+}
+
+impl DuplicateRow {
+    /// Whether the delivery reused the key with another payload.
+    pub fn key_reused(&self) -> bool {
+        self.refused.is_some()
+    }
+}
+
+/// A delivery that reused a recorded key `(source, id)` with another payload: what it named.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefusedReuse {
+    /// The aggregate it named (possibly another one than the original did).
+    pub aggregate: AggregateKey,
+    /// Its command type.
+    pub command_type: String,
+    /// Its [`payload_digest`], which differs from the recorded one.
+    pub digest: Uuid,
 }
 
 /// An event to store and publish.
@@ -245,7 +257,7 @@ impl Plan {
     /// Deliveries refused because they reused a processed command's key with another
     /// payload (outcome `key_reused`); the rest of [`Plan::duplicates`] are duplicates.
     pub fn key_reused(&self) -> usize {
-        self.duplicates.iter().filter(|d| d.key_reused).count()
+        self.duplicates.iter().filter(|d| d.key_reused()).count()
     }
 }
 
@@ -293,17 +305,24 @@ pub fn plan(
         );
         let digest = payload_digest(command);
         if let Some(outcome) = seen.get(&ckey).or_else(|| known.get(&ckey)) {
+            // Only a recorded digest that differs refuses the key; without one (recorded
+            // before digests, skipped, rebuilt from events) a delivery is a duplicate.
+            let refused = outcome
+                .digest
+                .is_some_and(|recorded| recorded != digest)
+                .then(|| RefusedReuse {
+                    aggregate: (
+                        command.command_type.aggregate_type().to_owned(),
+                        command.subject.as_str().to_owned(),
+                    ),
+                    command_type: command.command_type.to_string(),
+                    digest,
+                });
             out.duplicates.push(DuplicateRow {
                 offset: m.offset,
                 source: ckey.0,
                 command_id: ckey.1,
-                aggregate: (
-                    command.command_type.aggregate_type().to_owned(),
-                    command.subject.as_str().to_owned(),
-                ),
-                command_type: command.command_type.to_string(),
-                digest,
-                key_reused: outcome.digest.is_some_and(|recorded| recorded != digest),
+                refused,
                 outcome: outcome.clone(),
             });
             continue;
@@ -812,12 +831,15 @@ mod tests {
             "a",
             json!({"amount": 500}),
         );
-        let p = plan_of(&[again], &known);
+        let p = plan_of(std::slice::from_ref(&again), &known);
         assert_eq!(p.duplicates.len(), 1);
         let d = &p.duplicates[0];
-        assert!(!d.key_reused);
+        assert!(!d.key_reused());
         assert_eq!(d.outcome, known[&("/t".to_owned(), "dep-1".to_owned())]);
-        assert_eq!(Some(d.digest), d.outcome.digest);
+        assert_eq!(
+            Some(payload_digest(again.decoded.as_ref().unwrap())),
+            d.outcome.digest
+        );
         assert_eq!(p.key_reused(), 0);
         assert!(p.processed.is_empty() && p.events.is_empty() && p.writes.is_empty());
         assert_eq!(p.next_offset, 8);
@@ -837,10 +859,11 @@ mod tests {
         let p = plan_of(&[reused], &known);
         assert_eq!(p.key_reused(), 1);
         let d = &p.duplicates[0];
-        assert!(d.key_reused);
-        assert_eq!(d.aggregate, ("account".to_owned(), "a".to_owned()));
-        assert_eq!(d.command_type, "account.Deposit");
-        assert_ne!(Some(d.digest), d.outcome.digest);
+        assert!(d.key_reused());
+        let refused = d.refused.as_ref().expect("refused");
+        assert_eq!(refused.aggregate, ("account".to_owned(), "a".to_owned()));
+        assert_eq!(refused.command_type, "account.Deposit");
+        assert_ne!(Some(refused.digest), d.outcome.digest);
         // The recorded outcome stays what the key stands for; nothing is written.
         assert_eq!(d.outcome, known[&("/t".to_owned(), "dep-1".to_owned())]);
         assert!(p.processed.is_empty(), "no outcome recorded or replaced");
@@ -867,8 +890,11 @@ mod tests {
         let p = plan_of(&[other_type, other_subject], &known);
         assert_eq!(p.key_reused(), 2);
         assert_eq!(
-            p.duplicates[1].aggregate,
-            ("account".to_owned(), "b".to_owned())
+            p.duplicates[1]
+                .refused
+                .as_ref()
+                .map(|r| r.aggregate.clone()),
+            Some(("account".to_owned(), "b".to_owned()))
         );
         assert!(p.processed.is_empty() && p.writes.is_empty());
     }
@@ -928,7 +954,7 @@ mod tests {
         let refused: Vec<(i64, bool)> = p
             .duplicates
             .iter()
-            .map(|d| (d.offset, d.key_reused))
+            .map(|d| (d.offset, d.key_reused()))
             .collect();
         assert_eq!(refused, vec![(3, false), (4, true), (5, false)]);
         assert_eq!(p.events.len(), 2);

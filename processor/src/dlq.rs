@@ -266,7 +266,7 @@ pub async fn release(
         .collect();
     store::mark_parked_redriven(&mut tx, topics.commands, partition, &done).await?;
     tx.commit().await.map_err(StoreError::from)?;
-    for refused in plan.duplicates.iter().filter(|d| d.key_reused) {
+    for refused in plan.duplicates.iter().filter(|d| d.key_reused()) {
         tracing::info!(
             partition,
             offset = refused.offset,

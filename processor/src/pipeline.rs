@@ -319,7 +319,7 @@ async fn process_group(
                 key_reused: plan
                     .duplicates
                     .iter()
-                    .filter(|d| d.key_reused)
+                    .filter(|d| d.key_reused())
                     .map(|d| KeyReused {
                         offset: d.offset,
                         source: d.source.clone(),

@@ -209,25 +209,15 @@ pub(crate) async fn write_duplicates(
         .bind(d.iter().map(|(_, r)| r.offset).collect::<Vec<_>>())
         .bind(d.iter().map(|(_, r)| r.source.as_str()).collect::<Vec<_>>())
         .bind(d.iter().map(|(_, r)| r.command_id.as_str()).collect::<Vec<_>>())
-        .bind(d.iter().map(|(_, r)| r.key_reused).collect::<Vec<_>>())
-        .bind(refused(d, |r| Some(r.digest)).collect::<Vec<_>>())
-        .bind(refused(d, |r| Some(r.aggregate.0.as_str())).collect::<Vec<_>>())
-        .bind(refused(d, |r| Some(r.aggregate.1.as_str())).collect::<Vec<_>>())
-        .bind(refused(d, |r| Some(r.command_type.as_str())).collect::<Vec<_>>())
+        .bind(d.iter().map(|(_, r)| r.key_reused()).collect::<Vec<_>>())
+        .bind(d.iter().map(|(_, r)| r.refused.as_ref().map(|x| x.digest)).collect::<Vec<_>>())
+        .bind(d.iter().map(|(_, r)| r.refused.as_ref().map(|x| x.aggregate.0.as_str())).collect::<Vec<_>>())
+        .bind(d.iter().map(|(_, r)| r.refused.as_ref().map(|x| x.aggregate.1.as_str())).collect::<Vec<_>>())
+        .bind(d.iter().map(|(_, r)| r.refused.as_ref().map(|x| x.command_type.as_str())).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?;
     }
     Ok(())
-}
-
-/// `field` of each refused reuse of a key among `duplicates`, `None` for plain duplicates.
-fn refused<'d, T: 'd>(
-    duplicates: &'d [(i32, &'d DuplicateRow)],
-    field: impl Fn(&'d DuplicateRow) -> Option<T> + 'd,
-) -> impl Iterator<Item = Option<T>> + 'd {
-    duplicates
-        .iter()
-        .map(move |(_, row)| if row.key_reused { field(row) } else { None })
 }
 
 /// The recorded outcomes of `keys` whose first delivery was processed somewhere other than
