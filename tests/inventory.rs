@@ -20,7 +20,7 @@ use inventory::{Inventory, InventoryCommand, InventoryState};
 use serde_json::{json, Value};
 use sqlx::{Connection, Row};
 use support::workload::assert_events_published;
-use support::{admin_url, unique, wait_processed, TestDb, TestTopics, WorkerProcess, BROKERS};
+use support::{admin_url, unique, wait_processed, TestDb, TestTopics, WorkerProcess};
 
 /// The source of every command this test produces.
 const SOURCE: &str = "/inventory-e2e";
@@ -72,15 +72,9 @@ fn inventory_on(
     args: &[&str],
     stdin: Option<&str>,
 ) -> (bool, String, String) {
-    let mut child = std::process::Command::new(inventory_bin())
-        .args(args)
-        .args(["--database-url", db_url, "--brokers", BROKERS])
-        .args([
-            "--commands-topic",
-            topics.commands.as_str(),
-            "--events-topic",
-            topics.events.as_str(),
-        ])
+    let mut program = std::process::Command::new(inventory_bin());
+    program.args(args);
+    let mut child = support::on_test_services(program, db_url, topics)
         .env("CMDPROC_LOG", "warn")
         .stdin(if stdin.is_some() {
             Stdio::piped()

@@ -105,7 +105,7 @@ pub enum BuildError {
     #[error("the aggregates and their schemas disagree:\n{0}")]
     Contract(#[from] ContractErrors),
     /// The registry knows no aggregate.
-    #[error("no aggregate is registered")]
+    #[error("no aggregate is registered; add one with Registry::with")]
     EmptyRegistry,
 }
 
@@ -124,6 +124,20 @@ pub enum RunError {
     /// The worker stopped on an error.
     #[error(transparent)]
     Worker(#[from] WorkerError),
+}
+
+/// Checks what a processor needs of its registry before it touches Kafka or Postgres: a
+/// sound contract between aggregates and schemas, and at least one aggregate.
+///
+/// # Errors
+///
+/// Every contract error, or an empty registry.
+pub fn check_registry(registry: &Registry) -> Result<(), BuildError> {
+    registry.check()?;
+    if registry.types().next().is_none() {
+        return Err(BuildError::EmptyRegistry);
+    }
+    Ok(())
 }
 
 /// Builds a [`Processor`]; see [`Processor::builder`].
@@ -177,10 +191,7 @@ impl ProcessorBuilder {
     /// Every contract error of the registry (a command or event without a schema, a type
     /// registered twice, ...), or an empty registry.
     pub fn build(self) -> Result<Processor, BuildError> {
-        self.processor.registry.check()?;
-        if self.processor.registry.types().next().is_none() {
-            return Err(BuildError::EmptyRegistry);
-        }
+        check_registry(&self.processor.registry)?;
         Ok(self.processor)
     }
 }

@@ -147,16 +147,9 @@ pub fn cmdproc_on(
     subcommand: &str,
     args: &[&str],
 ) -> (bool, String) {
-    let out = cmdproc()
-        .arg(subcommand)
-        .args(args)
-        .args(["--database-url", &db.url, "--brokers", BROKERS])
-        .args([
-            "--commands-topic",
-            topics.commands.as_str(),
-            "--events-topic",
-            topics.events.as_str(),
-        ])
+    let mut command = cmdproc();
+    command.arg(subcommand).args(args);
+    let out = on_test_services(command, &db.url, topics)
         .output()
         .expect("run cmdproc");
     let text = format!(
@@ -165,6 +158,24 @@ pub fn cmdproc_on(
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.success(), text)
+}
+
+/// `program` (`cmdproc`, or a user's processor binary) pointed at a test's database,
+/// topics and the local broker.
+pub fn on_test_services(
+    mut program: std::process::Command,
+    database_url: &str,
+    topics: &TestTopics,
+) -> std::process::Command {
+    program
+        .args(["--database-url", database_url, "--brokers", BROKERS])
+        .args([
+            "--commands-topic",
+            topics.commands.as_str(),
+            "--events-topic",
+            topics.events.as_str(),
+        ]);
+    program
 }
 
 fn log_dir() -> PathBuf {

@@ -212,15 +212,8 @@ pub fn main(registry: Registry) -> std::process::ExitCode {
         eprintln!("error: {message}");
         return std::process::ExitCode::from(EXIT_USAGE);
     }
-    if let Err(errors) = registry.check() {
-        eprintln!("error: the aggregates and their schemas disagree:");
-        for error in &errors.0 {
-            eprintln!("  {error}");
-        }
-        return std::process::ExitCode::from(EXIT_USAGE);
-    }
-    if registry.types().next().is_none() {
-        eprintln!("error: no aggregate is registered; add one with Registry::with");
+    if let Err(error) = crate::engine::check_registry(&registry) {
+        eprintln!("error: {error}");
         return std::process::ExitCode::from(EXIT_USAGE);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
