@@ -17,8 +17,8 @@ use serde_json::json;
 use sqlx::Row;
 use support::workload::assert_events_published;
 use support::{
-    cmdproc, cmdproc_on, ends, free_addr, produce_all, read_topic, repo_root, scrape,
-    wait_processed, KillOnDrop, TestDb, TestTopics, WorkerProcess, BROKERS,
+    cmdproc, cmdproc_on, ends, free_addr, produce_all, read_topic, read_topic_at_least, repo_root,
+    scrape, wait_processed, KillOnDrop, TestDb, TestTopics, WorkerProcess, BROKERS,
 };
 
 fn open(id: &str, subject: &str) -> Command {
@@ -341,14 +341,10 @@ async fn a_relay_group_reset_to_latest_loses_nothing() {
         &[&worker],
     )
     .await;
-    // The relay may record its position before every message is readable: wait for them.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while read_topic(&topics.events).len() < 40 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    let on_topic = read_topic_at_least(&topics.events, 40, Duration::from_secs(30));
     assert_events_published(&db, &topics).await;
     assert_eq!(
-        read_topic(&topics.events).len(),
+        on_topic.len(),
         40,
         "{}",
         std::fs::read_to_string(&log).unwrap_or_default()
@@ -437,10 +433,7 @@ async fn after_a_restore_and_a_redrive_every_stored_event_is_on_the_topic_once()
         &[&worker],
     )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while read_topic(&topics.events).len() < 33 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    read_topic_at_least(&topics.events, 33, Duration::from_secs(30));
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(&db.pool)
         .await
@@ -579,10 +572,7 @@ async fn oversized_dead_letters_do_not_block_their_partition() {
         &[&worker],
     )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while read_topic(&topics.events).len() < 20 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    read_topic_at_least(&topics.events, 20, Duration::from_secs(30));
     assert_events_published(&db, &topics).await;
     assert_eq!(read_topic(&topics.events).len(), 20);
 
@@ -674,11 +664,12 @@ async fn a_failing_partition_does_not_slow_the_others() {
     assert_eq!(stuck, 0, "partition 0 kept failing");
     let on_partition_0 = d.iter().filter(|x| x.partition == 0).count();
     assert!(on_partition_0 > 0 && on_partition_0 < 240);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while read_topic(&topics.events).len() < 240 - on_partition_0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    assert_eq!(read_topic(&topics.events).len(), 240 - on_partition_0);
+    let on_topic = read_topic_at_least(
+        &topics.events,
+        240 - on_partition_0,
+        Duration::from_secs(30),
+    );
+    assert_eq!(on_topic.len(), 240 - on_partition_0);
     drop(worker);
     db.drop_db().await;
 }

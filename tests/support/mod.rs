@@ -376,6 +376,20 @@ pub fn read_topic(topic: &Topic) -> Vec<Read> {
         .unwrap_or_else(|e| panic!("reading {topic}: {e}"))
 }
 
+/// Reads `topic` to its end until it holds at least `at_least` messages, or `within`
+/// passes (a relay records its position right after its Kafka commit, and the broker can
+/// still report the partition's end from before it); returns the last read.
+pub fn read_topic_at_least(topic: &Topic, at_least: usize, within: Duration) -> Vec<Read> {
+    let deadline = Instant::now() + within;
+    loop {
+        let read = read_topic(topic);
+        if read.len() >= at_least || Instant::now() > deadline {
+            return read;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Helpers for the failure-injection suite (tests/failures/).
 
