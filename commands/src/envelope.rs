@@ -8,7 +8,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::ids::{AggregateId, CommandId, CommandType, IdError, Source};
+use crate::ids::{AggregateId, CommandId, CommandType, IdError, Source, Topic};
 use crate::schema::{SchemaError, SchemaSet};
 
 /// The content type of a structured-mode CloudEvent.
@@ -124,6 +124,9 @@ pub struct Command {
     pub correlation_id: Option<String>,
     /// When the sender issued the command; the only clock a handler sees.
     pub time: Option<DateTime<Utc>>,
+    /// The `replyto` extension: the topic that gets a [`crate::reply::Reply`] for every
+    /// delivery of the command.
+    pub reply_to: Option<Topic>,
 }
 
 impl Command {
@@ -144,7 +147,14 @@ impl Command {
             expected_version: None,
             correlation_id: None,
             time: None,
+            reply_to: None,
         }
+    }
+
+    /// The same command, asking for its outcome on `topic`.
+    pub fn with_reply_to(mut self, topic: Topic) -> Self {
+        self.reply_to = Some(topic);
+        self
     }
 
     /// The structured-mode CloudEvent.
@@ -167,6 +177,9 @@ impl Command {
                 "time".into(),
                 t.to_rfc3339_opts(SecondsFormat::AutoSi, true).into(),
             );
+        }
+        if let Some(r) = &self.reply_to {
+            m.insert("replyto".into(), r.as_str().into());
         }
         m.insert("data".into(), self.data.clone());
         Value::Object(m)
@@ -295,6 +308,13 @@ impl Command {
             ),
         };
         let correlation_id = text(&m, "correlationid");
+        let reply_to = match text(&m, "replyto") {
+            None => None,
+            Some(t) => Some(
+                Topic::parse(t)
+                    .map_err(|e| with_aggregate(DeadLetterKind::Schema, format!("replyto: {e}")))?,
+            ),
+        };
         let data = m.remove("data").unwrap_or(Value::Null);
         // Postgres stores neither `text` nor `jsonb` with U+0000, so a command carrying it
         // could never be recorded; it is refused here rather than retried forever.
@@ -330,6 +350,69 @@ impl Command {
             expected_version,
             correlation_id,
             time,
+            reply_to,
+        })
+    }
+}
+
+/// Where the reply to a message goes, read leniently from its envelope: the `replyto`
+/// topic, `source` and `id` of a message that did not decode as a command (a dead letter
+/// still answers its caller when it named a valid topic and its idempotency key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyAddress {
+    /// The reply topic.
+    pub topic: Topic,
+    /// The command's `source`.
+    pub source: String,
+    /// The command's `id`.
+    pub id: String,
+    /// The command's `correlationid`, if any.
+    pub correlation_id: Option<String>,
+}
+
+impl ReplyAddress {
+    /// The reply address of a decoded command, if it asked for replies.
+    pub fn of(command: &Command) -> Option<Self> {
+        Some(Self {
+            topic: command.reply_to.clone()?,
+            source: command.source.to_string(),
+            id: command.id.to_string(),
+            correlation_id: command.correlation_id.clone(),
+        })
+    }
+
+    /// The reply address of a raw message (structured or binary mode), whatever else is
+    /// wrong with it; `None` unless `replyto`, `source` and `id` are all present and valid.
+    pub fn read(headers: &[(&str, Option<&[u8]>)], value: Option<&[u8]>) -> Option<Self> {
+        let binary = headers.iter().any(|(k, _)| *k == "ce_specversion");
+        let attr = |name: &str| -> Option<String> {
+            if binary {
+                let header = format!("ce_{name}");
+                let (_, v) = headers.iter().find(|(k, _)| *k == header)?;
+                std::str::from_utf8((*v)?).ok().map(str::to_owned)
+            } else {
+                None
+            }
+        };
+        let (topic, source, id, correlation_id) = if binary {
+            (
+                attr("replyto")?,
+                attr("source")?,
+                attr("id")?,
+                attr("correlationid"),
+            )
+        } else {
+            let v: Value = serde_json::from_slice(value?).ok()?;
+            let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+            (s("replyto")?, s("source")?, s("id")?, s("correlationid"))
+        };
+        let source = Source::parse(source).ok()?.to_string();
+        let id = CommandId::parse(id).ok()?.to_string();
+        Some(Self {
+            topic: Topic::parse(topic).ok()?,
+            source,
+            id,
+            correlation_id: correlation_id.filter(|c| !c.contains('\0')),
         })
     }
 }

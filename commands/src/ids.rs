@@ -189,6 +189,11 @@ impl Topic {
         Topic(format!("{}.dlq", self.0))
     }
 
+    /// The default reply topic of a commands topic: `<topic>.replies`.
+    pub fn replies(&self) -> Topic {
+        Topic(format!("{}.replies", self.0))
+    }
+
     /// The topic name.
     pub fn as_str(&self) -> &str {
         &self.0

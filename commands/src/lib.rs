@@ -75,6 +75,7 @@
 //! - [`aggregate`]: the `Aggregate` trait, its context, decision and rejection, and the
 //!   type-erased `DynAggregate` the engine drives.
 //! - [`registry`]: the `Registry` of aggregates with their `Schemas`, checked at start.
+//! - [`reply`]: the `cmdproc.reply` a command with `replyto` gets for every delivery.
 //! - [`schema`]: the embedded envelopes and the compiled `SchemaSet`.
 //! - [`testing`]: given/when/then for aggregates.
 //! - [`wire`]: the messages the engine publishes, as bytes: events as structured-mode
@@ -87,6 +88,7 @@ pub mod envelope;
 pub mod ids;
 pub mod partitioner;
 pub mod registry;
+pub mod reply;
 pub mod schema;
 pub mod testing;
 pub mod wire;
@@ -94,7 +96,8 @@ pub mod wire;
 pub use aggregate::{
     Aggregate, CommandError, Context, Decision, DomainEvent, DynAggregate, Handled, Rejection,
 };
-pub use envelope::{Command, DeadLetterKind, DecodeError, EventEnvelope};
+pub use envelope::{Command, DeadLetterKind, DecodeError, EventEnvelope, ReplyAddress};
 pub use ids::{AggregateId, CommandId, CommandType, Source, Topic};
 pub use registry::{ContractErrors, Registry, RegistryError, Schemas, Typed};
+pub use reply::{Reply, ReplyCommand, ReplyOutcome};
 pub use schema::{DataKind, SchemaError, SchemaSet};

@@ -6,6 +6,7 @@
 //! them as they are.
 
 use crate::envelope::{DeadLetterKind, EventEnvelope, CLOUDEVENTS_JSON};
+use crate::reply::Reply;
 
 /// A Kafka header: name and raw value.
 pub type Header = (String, Option<Vec<u8>>);
@@ -43,6 +44,23 @@ pub fn event_message(envelope: &EventEnvelope, sequence: u64) -> Message {
     Message {
         key: Some(envelope.subject.clone().into_bytes()),
         payload: Some(serde_json::to_vec(&envelope.to_json()).expect("JSON serializes")),
+        headers: vec![(
+            CONTENT_TYPE.into(),
+            Some(CLOUDEVENTS_JSON.as_bytes().to_vec()),
+        )],
+    }
+}
+
+/// A reply to one delivery of a command, whose stable identity is `message_id`: the
+/// structured-mode CloudEvent `cmdproc.reply`, keyed by the command's id (a waiter reads the
+/// partition murmur2 gives that id).
+pub fn reply_message(reply: &Reply, message_id: &str, correlation_id: Option<&str>) -> Message {
+    Message {
+        key: Some(reply.command.id.clone().into_bytes()),
+        payload: Some(
+            serde_json::to_vec(&reply.to_cloudevent(message_id, correlation_id))
+                .expect("JSON serializes"),
+        ),
         headers: vec![(
             CONTENT_TYPE.into(),
             Some(CLOUDEVENTS_JSON.as_bytes().to_vec()),
