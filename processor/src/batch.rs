@@ -11,7 +11,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use commands::envelope::{
     event_id, payload_digest, preview, Command, DeadLetterKind, DecodeError, EventEnvelope,
 };
-use commands::{CommandError, Context, Handled, Registry, Rejection};
+use commands::{CommandError, Context, Handled, Registry, Rejection, ReplyOutcome};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -57,6 +57,36 @@ pub struct Outcome {
     /// after pruning. Without it a later delivery of the key is a plain duplicate, whatever
     /// its payload.
     pub digest: Option<Uuid>,
+}
+
+impl Outcome {
+    /// What a reply says of this recorded outcome.
+    pub fn reply_outcome(&self) -> ReplyOutcome {
+        match self.outcome {
+            OutcomeKind::Applied => ReplyOutcome::Applied {
+                version: self.version.max(0) as u64,
+                events: self.event_ids.clone(),
+            },
+            OutcomeKind::Rejected => ReplyOutcome::Rejected {
+                code: self.code.clone(),
+                reason: self.reason.clone().unwrap_or_default(),
+            },
+            OutcomeKind::Skipped => ReplyOutcome::Skipped {
+                reason: self.reason.clone(),
+            },
+        }
+    }
+}
+
+/// What a reply says of a delivery that reused the key of `recorded` with another payload.
+pub fn key_reused_outcome(recorded: &Outcome) -> ReplyOutcome {
+    ReplyOutcome::KeyReused {
+        reason: format!(
+            "this idempotency key was already used by another command (outcome {}); \
+             send a new command with a new id",
+            recorded.outcome.as_str()
+        ),
+    }
 }
 
 /// Applied, rejected, or skipped by an operator.
