@@ -8,7 +8,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use commands::envelope::payload_digest;
-use commands::{AggregateId, Command, CommandId, CommandType, Source};
+use commands::{AggregateId, Command, CommandId, CommandType, Reply, ReplyOutcome, Source};
 use processor::metrics;
 use serde_json::{json, Value};
 use sqlx::Row;
@@ -210,4 +210,179 @@ async fn a_key_reused_with_another_payload_is_refused_without_effect() {
     assert_eq!(assert_events_published(&db, &topics).await, 2);
     drop(worker);
     db.drop_db().await;
+}
+
+/// The replies on `topic`, read until there are at least `at_least`, by command id, each
+/// with its stable message id.
+fn replies_on(topic: &commands::Topic, at_least: usize) -> Vec<(String, Reply, String)> {
+    support::read_topic_at_least(topic, at_least, Duration::from_secs(30))
+        .into_iter()
+        .map(|r| {
+            let key = String::from_utf8(r.key.clone().expect("a reply has a key")).unwrap();
+            let reply = Reply::from_cloudevent(r.value.as_deref().unwrap()).expect("a reply");
+            assert_eq!(
+                reply.command.id, key,
+                "a reply is keyed by its command's id"
+            );
+            assert_eq!(
+                r.partition,
+                commands::partitioner::partition_for_key(key.as_bytes(), 2).unwrap(),
+                "a reply lands where murmur2 puts its command's id"
+            );
+            let message_id = r.header("cmdproc-message-id").expect("message id");
+            (key, reply, message_id)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_delivery_with_replyto_gets_one_reply_and_a_duplicate_the_recorded_outcome() {
+    let db = TestDb::new().await;
+    let topics = TestTopics::new(2).await;
+    let addr = free_addr();
+    let worker = WorkerProcess::spawn(&db, &topics, "w1", &["--metrics-addr", &addr]);
+    let timeout = Duration::from_secs(90);
+    let to = topics.replies.clone();
+    let asks = |c: Command| c.with_reply_to(to.clone());
+
+    let open = asks(cmd(
+        "open",
+        "account.Open",
+        "acc-1",
+        json!({"owner": "ada"}),
+    ));
+    let deposit = asks(cmd(
+        "dep-1",
+        "account.Deposit",
+        "acc-1",
+        json!({"amount": 500}),
+    ));
+    let too_much = asks(cmd(
+        "wd-1",
+        "account.Withdraw",
+        "acc-1",
+        json!({"amount": 9000}),
+    ));
+    let bad_data = asks(cmd(
+        "bad-1",
+        "account.Deposit",
+        "acc-1",
+        json!({"amount": "x"}),
+    ));
+    let reused = asks(cmd(
+        "dep-1",
+        "account.Deposit",
+        "acc-1",
+        json!({"amount": 700}),
+    ));
+    let silent = cmd("dep-2", "account.Deposit", "acc-1", json!({"amount": 1}));
+    let nowhere = cmd("dep-3", "account.Deposit", "acc-1", json!({"amount": 2}))
+        .with_reply_to(commands::Topic::parse(format!("{}-missing", topics.replies)).unwrap());
+    let first = vec![
+        open.clone(),
+        deposit.clone(),
+        too_much,
+        bad_data,
+        silent,
+        nowhere,
+    ];
+    produce_and_wait(&db, &topics, &first, timeout, &[&worker]).await;
+    // In a later batch: the duplicate and the reuse are answered from the recorded outcome.
+    produce_and_wait(
+        &db,
+        &topics,
+        &[deposit.clone(), reused],
+        timeout,
+        &[&worker],
+    )
+    .await;
+
+    let replies = replies_on(&topics.replies, 6);
+    let by_id = |id: &str| -> Vec<&Reply> {
+        replies
+            .iter()
+            .filter(|(k, _, _)| k == id)
+            .map(|(_, r, _)| r)
+            .collect()
+    };
+    assert_eq!(
+        replies.len(),
+        6,
+        "one reply per delivery that asked: {replies:#?}"
+    );
+    let ids: std::collections::HashSet<&str> = replies.iter().map(|(_, _, m)| m.as_str()).collect();
+    assert_eq!(ids.len(), 6, "every reply has its own message id");
+
+    assert!(matches!(
+        by_id("open")[..],
+        [Reply {
+            outcome: ReplyOutcome::Applied { version: 1, .. },
+            duplicate: false,
+            ..
+        }]
+    ));
+    let deposits = by_id("dep-1");
+    assert_eq!(deposits.len(), 3, "{deposits:#?}");
+    let ReplyOutcome::Applied { version, events } = &deposits[0].outcome else {
+        panic!("{deposits:#?}")
+    };
+    assert_eq!(
+        (*version, events.len(), deposits[0].duplicate),
+        (2, 1, false)
+    );
+    assert_eq!(
+        (&deposits[1].outcome, deposits[1].duplicate),
+        (&deposits[0].outcome, true),
+        "a duplicate gets the recorded outcome again"
+    );
+    assert!(
+        matches!(deposits[2].outcome, ReplyOutcome::KeyReused { .. }) && !deposits[2].duplicate,
+        "{:?}",
+        deposits[2]
+    );
+    assert!(matches!(
+        &by_id("wd-1")[..],
+        [Reply { outcome: ReplyOutcome::Rejected { code: Some(code), .. }, duplicate: false, .. }]
+            if code == "insufficient_funds"
+    ));
+    assert!(matches!(
+        &by_id("bad-1")[..],
+        [Reply { outcome: ReplyOutcome::DeadLettered { kind, .. }, .. }] if kind == "schema"
+    ));
+    assert!(by_id("dep-2").is_empty(), "no replyto, no reply");
+    assert_eq!(
+        balance(&db).await,
+        503,
+        "the command whose reply topic is missing applied"
+    );
+    let dropped = format!("{}", metrics::REPLIES_UNDELIVERABLE_TOTAL);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while scrape(&addr, &dropped) != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "{dropped}: {:?}",
+            scrape(&addr, &dropped)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // A replay re-reads every message: none is a new delivery, so no reply is added.
+    let (ok, out) = cmdproc_on(
+        &db,
+        &topics,
+        "replay",
+        &["--partitions", "all", "--from-offset", "0"],
+    );
+    assert!(ok, "{out}");
+    // A late duplicate after the replay is a new delivery: answered, once.
+    produce_and_wait(&db, &topics, &[open.clone()], timeout, &[&worker]).await;
+    let after = replies_on(&topics.replies, 7);
+    assert_eq!(after.len(), 7, "{:#?}", &after[6..]);
+    let (id, late, _) = &after[6];
+    assert_eq!(id, "open");
+    assert!(late.duplicate);
+    assert_eq!(late.outcome, by_id("open")[0].outcome);
+    // Nothing more arrives.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(replies_on(&topics.replies, 7).len(), 7);
 }

@@ -492,8 +492,7 @@ async fn write_plans(
             .iter()
             .any(|r| matches!(r.answers, Answers::Duplicate { .. }))
     });
-    let new_duplicates =
-        store::write_duplicates(tx, topic, &duplicates, answer_duplicates).await?;
+    let new_duplicates = store::write_duplicates(tx, topic, &duplicates, answer_duplicates).await?;
 
     let events: Vec<&EventRow> = plans.iter().flat_map(|(_, p, _)| &p.events).collect();
     store::write_events(tx, &events).await?;
@@ -630,11 +629,7 @@ fn outbox_row<'t>(target: &BatchTarget<'t>, pending: Pending<'t>, seq: i64) -> O
                 partition: target.partition,
                 seq,
                 topic: r.to.topic.as_str(),
-                message: wire::reply_message(
-                    &r.reply,
-                    &message_id,
-                    r.to.correlation_id.as_deref(),
-                ),
+                message: wire::reply_message(&r.reply, &message_id, r.to.correlation_id.as_deref()),
                 message_id,
             }
         }

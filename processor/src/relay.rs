@@ -427,9 +427,7 @@ impl Relay {
                 _ => {
                     let (client, name) = (producer.clone(), topic.to_owned());
                     let looked_up = blocking(move || {
-                        let md = client
-                            .client()
-                            .fetch_metadata(Some(&name), KAFKA_TIMEOUT)?;
+                        let md = client.client().fetch_metadata(Some(&name), KAFKA_TIMEOUT)?;
                         Ok::<_, KafkaError>(md.topics().iter().any(|t| {
                             t.name() == name && t.error().is_none() && !t.partitions().is_empty()
                         }))

@@ -215,16 +215,36 @@ pub(crate) async fn write_duplicates(
         // `xmax = 0` tells a row inserted by this statement from one it updated.
         let returning = format!("{INSERT} RETURNING partition, \"offset\", xmax = 0");
         let query = sqlx::query(if report_new { &returning } else { INSERT })
-        .bind(topic)
-        .bind(d.iter().map(|(part, _)| *part).collect::<Vec<_>>())
-        .bind(d.iter().map(|(_, r)| r.offset).collect::<Vec<_>>())
-        .bind(d.iter().map(|(_, r)| r.source.as_str()).collect::<Vec<_>>())
-        .bind(d.iter().map(|(_, r)| r.command_id.as_str()).collect::<Vec<_>>())
-        .bind(d.iter().map(|(_, r)| r.key_reused()).collect::<Vec<_>>())
-        .bind(d.iter().map(|(_, r)| r.refused.as_ref().map(|x| x.digest)).collect::<Vec<_>>())
-        .bind(d.iter().map(|(_, r)| r.refused.as_ref().map(|x| x.aggregate.0.as_str())).collect::<Vec<_>>())
-        .bind(d.iter().map(|(_, r)| r.refused.as_ref().map(|x| x.aggregate.1.as_str())).collect::<Vec<_>>())
-        .bind(d.iter().map(|(_, r)| r.refused.as_ref().map(|x| x.command_type.as_str())).collect::<Vec<_>>());
+            .bind(topic)
+            .bind(d.iter().map(|(part, _)| *part).collect::<Vec<_>>())
+            .bind(d.iter().map(|(_, r)| r.offset).collect::<Vec<_>>())
+            .bind(d.iter().map(|(_, r)| r.source.as_str()).collect::<Vec<_>>())
+            .bind(
+                d.iter()
+                    .map(|(_, r)| r.command_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(d.iter().map(|(_, r)| r.key_reused()).collect::<Vec<_>>())
+            .bind(
+                d.iter()
+                    .map(|(_, r)| r.refused.as_ref().map(|x| x.digest))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                d.iter()
+                    .map(|(_, r)| r.refused.as_ref().map(|x| x.aggregate.0.as_str()))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                d.iter()
+                    .map(|(_, r)| r.refused.as_ref().map(|x| x.aggregate.1.as_str()))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                d.iter()
+                    .map(|(_, r)| r.refused.as_ref().map(|x| x.command_type.as_str()))
+                    .collect::<Vec<_>>(),
+            );
         if report_new {
             for r in query.fetch_all(&mut **tx).await? {
                 if r.get::<bool, _>(2) {
