@@ -386,3 +386,121 @@ async fn every_delivery_with_replyto_gets_one_reply_and_a_duplicate_the_recorded
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(replies_on(&topics.replies, 7).len(), 7);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_workers_answer_every_delivery_once_through_a_kill_and_late_duplicates() {
+    use rand::{Rng, SeedableRng};
+    let db = TestDb::new().await;
+    let topics = TestTopics::new(4).await;
+    let mut workers: Vec<WorkerProcess> = (0..2)
+        .map(|i| WorkerProcess::spawn(&db, &topics, &format!("w{i}"), &["--batch-size", "200"]))
+        .collect();
+    let to = topics.replies.clone();
+    let commands: Vec<Command> = support::workload::generate(21, 3_000, 200, 50, 0)
+        .into_iter()
+        .map(|c| c.with_reply_to(to.clone()))
+        .collect();
+    let model = serial_model(&commands);
+    // Schema-invalid deposits that still name a reply topic: dead-lettered, and answered.
+    let invalid: Vec<Command> = (0..20)
+        .map(|i| {
+            cmd(
+                &format!("bad-{i}"),
+                "account.Deposit",
+                &format!("acc-{i}"),
+                json!({"amount": "lots"}),
+            )
+            .with_reply_to(to.clone())
+        })
+        .collect();
+    let producer = topics.producer();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut deliveries = Vec::new();
+    let (first, second) = commands.split_at(commands.len() / 2);
+    deliveries.extend(support::produce_all(&producer, first).await);
+    deliveries.extend(support::produce_all(&producer, &invalid).await);
+    tokio::time::sleep(Duration::from_millis(rng.gen_range(200..1500))).await;
+    workers[0].kill9();
+    workers[0] = WorkerProcess::spawn(&db, &topics, "w2", &["--batch-size", "200"]);
+    deliveries.extend(support::produce_all(&producer, second).await);
+    let refs: Vec<&WorkerProcess> = workers.iter().collect();
+    let timeout = Duration::from_secs(240);
+    support::wait_processed(
+        &db,
+        &topics.commands,
+        &support::ends(&deliveries),
+        timeout,
+        &refs,
+    )
+    .await;
+    // Late duplicates, long after their originals were applied.
+    let resent: Vec<Command> = (0..300)
+        .map(|_| commands[rng.gen_range(0..commands.len())].clone())
+        .collect();
+    let late = support::produce_all(&producer, &resent).await;
+    support::wait_processed(&db, &topics.commands, &support::ends(&late), timeout, &refs).await;
+    assert_matches_model(&db, &model).await;
+
+    let want = commands.len() + invalid.len() + resent.len();
+    let replies = support::read_topic_at_least(&topics.replies, want, Duration::from_secs(60));
+    assert_eq!(replies.len(), want, "one reply per delivery, none twice");
+    let message_ids: std::collections::HashSet<String> = replies
+        .iter()
+        .map(|r| r.header("cmdproc-message-id").expect("message id"))
+        .collect();
+    assert_eq!(message_ids.len(), want, "no reply published twice");
+    let mut firsts: std::collections::HashMap<String, Reply> = Default::default();
+    let mut duplicates: std::collections::HashMap<String, Vec<Reply>> = Default::default();
+    for r in &replies {
+        let reply = Reply::from_cloudevent(r.value.as_deref().unwrap()).unwrap();
+        if reply.duplicate {
+            duplicates
+                .entry(reply.command.id.clone())
+                .or_default()
+                .push(reply);
+        } else {
+            let id = reply.command.id.clone();
+            assert!(
+                firsts.insert(id.clone(), reply).is_none(),
+                "{id} answered twice"
+            );
+        }
+    }
+    for (i, c) in commands.iter().enumerate() {
+        let reply = firsts
+            .get(c.id.as_str())
+            .unwrap_or_else(|| panic!("no reply to {}", c.id));
+        let expected = match model.outcomes[i] {
+            processor::harness::model::Outcome::Applied => "applied",
+            processor::harness::model::Outcome::Rejected => "rejected",
+            processor::harness::model::Outcome::Duplicate => unreachable!("no duplicates sent"),
+        };
+        assert_eq!(reply.outcome.name(), expected, "{}: {reply:?}", c.id);
+        if let ReplyOutcome::Rejected { code, .. } = &reply.outcome {
+            assert!(code.is_some(), "{reply:?}");
+        }
+    }
+    for b in &invalid {
+        let reply = &firsts[b.id.as_str()];
+        assert!(
+            matches!(&reply.outcome, ReplyOutcome::DeadLettered { kind, .. } if kind == "schema"),
+            "{reply:?}"
+        );
+    }
+    let mut resent_count: std::collections::HashMap<&str, usize> = Default::default();
+    for c in &resent {
+        *resent_count.entry(c.id.as_str()).or_default() += 1;
+    }
+    assert_eq!(duplicates.len(), resent_count.len());
+    for (id, got) in &duplicates {
+        assert_eq!(got.len(), resent_count[id.as_str()], "{id}");
+        for d in got {
+            assert_eq!(
+                d.outcome, firsts[id].outcome,
+                "a duplicate gets the recorded outcome"
+            );
+        }
+    }
+    drop(workers);
+    db.drop_db().await;
+}
