@@ -236,6 +236,8 @@ fn workload(seed: u64) -> Vec<Planned> {
             15..=69 => InventoryCommand::Reserve {
                 order,
                 qty: 1 + rng.below(12),
+                ttl: None,
+                sku: None,
             },
             _ => InventoryCommand::Release { order },
         };

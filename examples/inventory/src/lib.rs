@@ -1,9 +1,11 @@
-//! `inventory`: stock per SKU, held for orders, never oversold.
+//! `inventory`: stock per SKU, held for orders, never oversold; holds that expire by
+//! themselves.
 //!
 //! An example of a domain crate as a user of cmdproc writes one, against the public API of
 //! [`commands`] only: one aggregate, its JSON Schemas (embedded in the binary at build time),
-//! a [`registry`] that the `inventory` binary hands to `processor::cli::main`, and
-//! given/when/then tests that need no broker and no database.
+//! a [`registry`] that the `inventory` binary hands to `processor::cli::main` (and
+//! [`register`], to add it to another processor's registry), and given/when/then tests that
+//! need no broker and no database.
 //!
 //! Each SKU is one aggregate (type `inventory`, aggregate id = the SKU, e.g. `sku-42`), so
 //! all of its commands land on one partition and are applied by one worker, in order. That
@@ -14,22 +16,56 @@
 //! | command | data | events | rejections |
 //! |---|---|---|---|
 //! | `inventory.Receive` | `{"qty": 40}` | `Received` | `invalid_quantity`, `overflow` |
-//! | `inventory.Reserve` | `{"order": "ord-1", "qty": 3}` | `Reserved` | `invalid_quantity`, `invalid_order`, `already_reserved`, `insufficient_stock` |
+//! | `inventory.Reserve` | `{"order": "ord-1", "qty": 3, "ttl": 900, "sku": "sku-42"}` | `Reserved` | `invalid_quantity`, `invalid_order`, `invalid_ttl`, `time_required`, `sku_required`, `already_reserved`, `already_confirmed`, `insufficient_stock` |
+//! | `inventory.Confirm` | `{"order": "ord-1"}` | `Confirmed` (none if already confirmed) | `invalid_order`, `not_reserved` |
 //! | `inventory.Release` | `{"order": "ord-1"}` | `Released` | `invalid_order`, `not_reserved`, `overflow` |
+//! | `inventory.Expire` | `{"order": "ord-1"}` | `Expired` (none if the order holds nothing) | `invalid_order`, `time_required`, `not_due`, `overflow` |
+//!
+//! # Holds, and what each of them ends as
+//!
+//! A `Reserve` with a `ttl` (seconds) holds the units until the command's `time` plus the
+//! ttl: it schedules the timer `hold/<order>` of the SKU, which sends `inventory.Expire
+//! {order}` to the SKU at that time. Then exactly one of these ends the hold:
+//!
+//! - `Confirm` makes it final: the units are **sold** (they stay on hand, no longer
+//!   available or held), and the timer is cancelled. Confirming an order already confirmed
+//!   is accepted without effect (a retried confirmation); confirming an order that holds
+//!   nothing (never reserved, released or expired) is rejected `not_reserved`: its units
+//!   may be promised to somebody else by now.
+//! - `Release` (the compensation of a saga) gives the units back to the available stock and
+//!   cancels the timer. Releasing an order that holds nothing is rejected `not_reserved`,
+//!   without effect: a saga sends its releases without waiting for their outcome, so a
+//!   rejection cannot hold it up, and the rejection tells a person reading the log that the
+//!   hold was gone already (expired, or released before).
+//! - `Expire` (the timer) gives the units back. An `Expire` for an order that holds nothing
+//!   (confirmed or released meanwhile, the timer having fired just before) is accepted
+//!   without effect, so a late timer is harmless; one that comes before the hold's expiry
+//!   (its `time` is the due time for a timer) is rejected `not_due`.
+//!
+//! A `Reserve` without `ttl` holds until confirmed or released, as before timers existed.
+//!
+//! Invariants, checked by [`InventoryState::is_balanced`] in the tests: `available` never
+//! goes negative (a `u64` lowered only after checking), and every unit received is
+//! available, held or sold: `on_hand == available + held + sold`.
+//!
+//! The `sku` field of `Reserve` names the SKU the command is for (its subject): a timer is
+//! a command with a target, and a handler does not see its own aggregate id in its context
+//! yet, so the SKU is carried in the data where a timer needs it. It must equal the subject.
 //!
 //! ```
 //! use commands::testing::given;
 //! use inventory::{InventoryCommand as C, InventoryEvent as E, Inventory};
 //!
 //! given::<Inventory>([E::Received { qty: 5, available: 5 }])
-//!     .when(C::Reserve { order: "ord-1".into(), qty: 6 })
+//!     .when(C::Reserve { order: "ord-1".into(), qty: 6, ttl: None, sku: None })
 //!     .then_reject("insufficient_stock");
 //! ```
 //!
 //! # Running it
 //!
 //! The `inventory` binary is `cmdproc` with this registry: every subcommand and flag of
-//! `cmdproc`, and only the `inventory` aggregate.
+//! `cmdproc`, and only the `inventory` aggregate. (The stock `cmdproc` binary has it too,
+//! with `account`, `room` and `order`.)
 //!
 //! ```sh
 //! cargo build -p inventory                      # target/debug/inventory
@@ -44,11 +80,16 @@
 
 use std::collections::BTreeMap;
 
+use chrono::{DateTime, Duration, Utc};
+use commands::workflow::Emit;
 use commands::{Aggregate, Context, Decision, Registry, Rejection, Schemas};
 use serde::{Deserialize, Serialize};
 
 /// The most characters an order id may have (the schemas' `maxLength`).
 pub const MAX_ORDER_CHARS: usize = 200;
+
+/// The longest hold a `Reserve` may ask for, in seconds (the schema's `maximum`): 30 days.
+pub const MAX_TTL_SECS: u64 = 30 * 24 * 3600;
 
 /// The schema files, embedded at build time so that the binary works from any working
 /// directory: `(path under schemas/, text)`, the layout [`Schemas::embedded`] expects.
@@ -62,8 +103,16 @@ pub const SCHEMA_FILES: &[(&str, &str)] = &[
         include_str!("../schemas/commands/Reserve.json"),
     ),
     (
+        "commands/Confirm.json",
+        include_str!("../schemas/commands/Confirm.json"),
+    ),
+    (
         "commands/Release.json",
         include_str!("../schemas/commands/Release.json"),
+    ),
+    (
+        "commands/Expire.json",
+        include_str!("../schemas/commands/Expire.json"),
     ),
     (
         "events/Received.json",
@@ -74,8 +123,16 @@ pub const SCHEMA_FILES: &[(&str, &str)] = &[
         include_str!("../schemas/events/Reserved.json"),
     ),
     (
+        "events/Confirmed.json",
+        include_str!("../schemas/events/Confirmed.json"),
+    ),
+    (
         "events/Released.json",
         include_str!("../schemas/events/Released.json"),
+    ),
+    (
+        "events/Expired.json",
+        include_str!("../schemas/events/Expired.json"),
     ),
 ];
 
@@ -84,12 +141,23 @@ pub fn schemas() -> Schemas {
     Schemas::embedded("examples/inventory/schemas", SCHEMA_FILES)
 }
 
+/// Adds [`Inventory`], with its embedded schemas, to `registry`: how a processor with
+/// several domains (the stock `cmdproc` binary) registers this one.
+pub fn register(registry: Registry) -> Registry {
+    registry.with::<Inventory>(schemas())
+}
+
 /// The registry of this processor: [`Inventory`] with its embedded schemas.
 ///
 /// The `inventory` binary hands it to `processor::cli::main`, which checks it before
 /// running any subcommand.
 pub fn registry() -> Registry {
-    Registry::new().with::<Inventory>(schemas())
+    register(Registry::new())
+}
+
+/// The name of the timer that expires `order`'s hold on a SKU.
+pub fn hold_timer(order: &str) -> String {
+    format!("hold/{order}")
 }
 
 /// The inventory aggregate of one SKU (type `inventory`; the aggregate id is the SKU).
@@ -107,22 +175,40 @@ pub enum InventoryCommand {
         /// Units received, at least 1.
         qty: u64,
     },
-    /// Holds `qty` units for `order` out of the available stock. An order holds stock of a
-    /// SKU at most once: to change the quantity, release and reserve again.
+    /// Holds `qty` units for `order` out of the available stock, for `ttl` seconds from the
+    /// command's `time` if given. An order holds stock of a SKU at most once: to change the
+    /// quantity, release and reserve again.
     Reserve {
         /// The order to hold the stock for.
         order: String,
         /// Units to hold, at least 1.
         qty: u64,
+        /// Seconds the hold lasts unless confirmed or released; none: until then.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ttl: Option<u64>,
+        /// The SKU this command is for (its subject), which the expiry timer is sent to;
+        /// needed with `ttl`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sku: Option<String>,
     },
-    /// Gives everything `order` holds back to the available stock.
+    /// Makes `order`'s hold final: its units are sold.
+    Confirm {
+        /// The order whose hold becomes a sale.
+        order: String,
+    },
+    /// Gives everything `order` holds back to the available stock (a compensation).
     Release {
         /// The order whose hold is given back.
         order: String,
     },
+    /// Gives `order`'s hold back because its time ran out; sent by the hold's timer.
+    Expire {
+        /// The order whose hold expires.
+        order: String,
+    },
 }
 
-/// What happened to a SKU. Each event carries the available count after it, so a consumer
+/// What happened to a SKU. Each event carries the count it changed after it, so a consumer
 /// of the events topic needs no running total of its own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum InventoryEvent {
@@ -141,6 +227,18 @@ pub enum InventoryEvent {
         qty: u64,
         /// Units available after the event.
         available: u64,
+        /// When the hold expires, if it does.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at: Option<DateTime<Utc>>,
+    },
+    /// An order's hold became a sale.
+    Confirmed {
+        /// The order.
+        order: String,
+        /// Units sold: all the order held.
+        qty: u64,
+        /// Units sold in all, after the event.
+        sold: u64,
     },
     /// An order's hold was given back.
     Released {
@@ -151,19 +249,40 @@ pub enum InventoryEvent {
         /// Units available after the event.
         available: u64,
     },
+    /// An order's hold ran out and was given back.
+    Expired {
+        /// The order whose hold expired.
+        order: String,
+        /// Units given back: all the order held.
+        qty: u64,
+        /// Units available after the event.
+        available: u64,
+    },
 }
 
 /// A SKU's state; the default is a SKU with no stock and no holds.
 ///
-/// `held` is a `BTreeMap`, so the state's JSON (stored as JSONB and compared by
-/// `cmdproc verify`) does not depend on hashing.
+/// Maps are `BTreeMap`s, so the state's JSON (stored as JSONB and compared by `cmdproc
+/// verify`) does not depend on hashing.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InventoryState {
-    /// Units not held for any order. Never negative: a `u64` the handler only lowers with
-    /// checked arithmetic, after checking the reservation fits.
+    /// Units received in all: each one is available, held or sold.
+    #[serde(default)]
+    pub on_hand: u64,
+    /// Units not held for any order nor sold. Never negative: a `u64` the handler only
+    /// lowers with checked arithmetic, after checking the reservation fits.
     pub available: u64,
     /// Units held per order (order id -> units, each at least 1).
     pub held: BTreeMap<String, u64>,
+    /// When each expiring hold expires (the holds reserved with a `ttl`).
+    #[serde(default)]
+    pub expires: BTreeMap<String, DateTime<Utc>>,
+    /// Units sold in all.
+    #[serde(default)]
+    pub sold: u64,
+    /// Units sold per confirmed order.
+    #[serde(default)]
+    pub confirmed: BTreeMap<String, u64>,
 }
 
 impl InventoryState {
@@ -172,6 +291,20 @@ impl InventoryState {
         self.held
             .values()
             .fold(0u64, |sum, qty| sum.saturating_add(*qty))
+    }
+
+    /// Whether every unit received is accounted for exactly once: `on_hand == available +
+    /// held + sold`, and the sales per order add up to `sold`.
+    pub fn is_balanced(&self) -> bool {
+        let sold_per_order = self
+            .confirmed
+            .values()
+            .fold(0u64, |sum, qty| sum.saturating_add(*qty));
+        let accounted = self
+            .available
+            .checked_add(self.total_held())
+            .and_then(|n| n.checked_add(self.sold));
+        accounted == Some(self.on_hand) && sold_per_order == self.sold
     }
 }
 
@@ -184,45 +317,54 @@ impl Aggregate for Inventory {
     fn handle(
         state: &InventoryState,
         command: &InventoryCommand,
-        _context: &Context<'_>,
+        context: &Context<'_>,
     ) -> Result<Decision<InventoryEvent>, Rejection> {
         match command {
             InventoryCommand::Receive { qty } => {
                 let qty = positive(*qty)?;
-                let available = state.available.checked_add(qty).ok_or_else(|| {
+                let overflow = || {
                     Rejection::new(
                         "overflow",
                         format!(
-                            "receiving {qty} would overflow the available count {}",
-                            state.available
+                            "receiving {qty} would overflow the on-hand count {}",
+                            state.on_hand
                         ),
                     )
-                })?;
+                };
+                // `on_hand` is at least `available`, so checking it checks both.
+                state.on_hand.checked_add(qty).ok_or_else(overflow)?;
+                let available = state.available.checked_add(qty).ok_or_else(overflow)?;
                 Ok(Decision::event(InventoryEvent::Received { qty, available }))
             }
-            InventoryCommand::Reserve { order, qty } => {
-                let qty = positive(*qty)?;
+            InventoryCommand::Reserve {
+                order,
+                qty,
+                ttl,
+                sku,
+            } => reserve(state, order, *qty, *ttl, sku.as_deref(), context),
+            InventoryCommand::Confirm { order } => {
                 valid_order(order)?;
-                if let Some(held) = state.held.get(order) {
-                    return Err(Rejection::new(
-                        "already_reserved",
-                        format!("order {order} already holds {held}; release it first"),
-                    ));
+                if state.confirmed.contains_key(order) {
+                    // Confirmed before: a retried confirmation changes nothing.
+                    return Ok(Decision::new());
                 }
-                let available = state.available.checked_sub(qty).ok_or_else(|| {
-                    Rejection::new(
-                        "insufficient_stock",
+                let Some(&qty) = state.held.get(order) else {
+                    return Err(Rejection::new(
+                        "not_reserved",
                         format!(
-                            "insufficient stock: {} available, {qty} requested by order {order}",
-                            state.available
+                            "order {order} holds nothing of this SKU (never reserved, released or expired)"
                         ),
-                    )
-                })?;
-                Ok(Decision::event(InventoryEvent::Reserved {
+                    ));
+                };
+                // Sold units were held, and held ones were received: `sold + qty` is at
+                // most `on_hand`, which did not overflow.
+                let sold = state.sold.saturating_add(qty);
+                Ok(Decision::event(InventoryEvent::Confirmed {
                     order: order.clone(),
                     qty,
-                    available,
-                }))
+                    sold,
+                })
+                .cancel(hold_timer(order)))
             }
             InventoryCommand::Release { order } => {
                 valid_order(order)?;
@@ -232,18 +374,41 @@ impl Aggregate for Inventory {
                         format!("order {order} holds nothing of this SKU"),
                     ));
                 };
-                // Units held were available once, but stock received since may have filled
-                // the count up: checked, like every addition.
-                let available = state.available.checked_add(qty).ok_or_else(|| {
-                    Rejection::new(
-                        "overflow",
-                        format!(
-                            "releasing {qty} would overflow the available count {}",
-                            state.available
-                        ),
-                    )
-                })?;
+                let available = give_back(state, order, qty, "releasing")?;
                 Ok(Decision::event(InventoryEvent::Released {
+                    order: order.clone(),
+                    qty,
+                    available,
+                })
+                .cancel(hold_timer(order)))
+            }
+            InventoryCommand::Expire { order } => {
+                valid_order(order)?;
+                let Some(&qty) = state.held.get(order) else {
+                    // Confirmed or released since the timer was set (it fired just before
+                    // being cancelled), or expired already: nothing to give back.
+                    return Ok(Decision::new());
+                };
+                let now = context.time.ok_or_else(|| {
+                    Rejection::new("time_required", "an expiry needs the command's time")
+                })?;
+                match state.expires.get(order) {
+                    Some(at) if *at <= now => {}
+                    Some(at) => {
+                        return Err(Rejection::new(
+                            "not_due",
+                            format!("the hold of order {order} expires at {at}, not by {now}"),
+                        ))
+                    }
+                    None => {
+                        return Err(Rejection::new(
+                            "not_due",
+                            format!("the hold of order {order} does not expire"),
+                        ))
+                    }
+                }
+                let available = give_back(state, order, qty, "expiring")?;
+                Ok(Decision::event(InventoryEvent::Expired {
                     order: order.clone(),
                     qty,
                     available,
@@ -253,27 +418,141 @@ impl Aggregate for Inventory {
     }
 
     fn apply(state: &mut InventoryState, event: &InventoryEvent) {
-        // The available count is taken from the event rather than recomputed, which keeps
-        // `apply` total (no arithmetic that could overflow) and the event the single source
-        // of truth.
+        // The counts are taken from the events rather than recomputed, which keeps `apply`
+        // total and the event the single source of truth; `on_hand` is the one running
+        // total, saturating (the handler checked it cannot overflow).
         match event {
-            InventoryEvent::Received { available, .. } => state.available = *available,
+            InventoryEvent::Received { qty, available } => {
+                state.on_hand = state.on_hand.saturating_add(*qty);
+                state.available = *available;
+            }
             InventoryEvent::Reserved {
                 order,
                 qty,
                 available,
+                expires_at,
             } => {
                 state.available = *available;
                 state.held.insert(order.clone(), *qty);
+                if let Some(at) = expires_at {
+                    state.expires.insert(order.clone(), *at);
+                }
+            }
+            InventoryEvent::Confirmed { order, qty, sold } => {
+                state.held.remove(order);
+                state.expires.remove(order);
+                state.confirmed.insert(order.clone(), *qty);
+                state.sold = *sold;
             }
             InventoryEvent::Released {
+                order, available, ..
+            }
+            | InventoryEvent::Expired {
                 order, available, ..
             } => {
                 state.available = *available;
                 state.held.remove(order);
+                state.expires.remove(order);
             }
         }
     }
+}
+
+/// `Reserve`: checks, takes the units out of the available stock, and sets the hold's
+/// expiry timer when it has a ttl.
+fn reserve(
+    state: &InventoryState,
+    order: &str,
+    qty: u64,
+    ttl: Option<u64>,
+    sku: Option<&str>,
+    context: &Context<'_>,
+) -> Result<Decision<InventoryEvent>, Rejection> {
+    let qty = positive(qty)?;
+    valid_order(order)?;
+    if let Some(held) = state.held.get(order) {
+        return Err(Rejection::new(
+            "already_reserved",
+            format!("order {order} already holds {held}; release it first"),
+        ));
+    }
+    if state.confirmed.contains_key(order) {
+        return Err(Rejection::new(
+            "already_confirmed",
+            format!("order {order} bought this SKU already"),
+        ));
+    }
+    // The expiry is computed before anything is taken, so a reservation that cannot expire
+    // as asked takes nothing.
+    let expiry = match ttl {
+        None => None,
+        Some(ttl) => {
+            if ttl == 0 || ttl > MAX_TTL_SECS {
+                return Err(Rejection::new(
+                    "invalid_ttl",
+                    format!("a hold lasts 1 to {MAX_TTL_SECS} seconds, not {ttl}"),
+                ));
+            }
+            let now = context.time.ok_or_else(|| {
+                Rejection::new(
+                    "time_required",
+                    "a reservation with a ttl needs the command's time",
+                )
+            })?;
+            let sku = sku.filter(|s| !s.is_empty()).ok_or_else(|| {
+                Rejection::new(
+                    "sku_required",
+                    "a reservation with a ttl names its SKU, where the expiry is sent",
+                )
+            })?;
+            // `ttl` is at most 30 days, so the seconds fit and the sum is a real date.
+            let at = now + Duration::seconds(ttl as i64);
+            Some((at, sku))
+        }
+    };
+    let available = state.available.checked_sub(qty).ok_or_else(|| {
+        Rejection::new(
+            "insufficient_stock",
+            format!(
+                "insufficient stock: {} available, {qty} requested by order {order}",
+                state.available
+            ),
+        )
+    })?;
+    let decision = Decision::event(InventoryEvent::Reserved {
+        order: order.to_owned(),
+        qty,
+        available,
+        expires_at: expiry.map(|(at, _)| at),
+    });
+    Ok(match expiry {
+        None => decision,
+        Some((at, sku)) => decision.schedule(
+            hold_timer(order),
+            at,
+            Emit::command(
+                Inventory::TYPE,
+                sku,
+                &InventoryCommand::Expire {
+                    order: order.to_owned(),
+                },
+            ),
+        ),
+    })
+}
+
+/// The available count after `order`'s `qty` held units come back, checked: stock received
+/// since may have filled the count up.
+fn give_back(state: &InventoryState, order: &str, qty: u64, doing: &str) -> Result<u64, Rejection> {
+    state.available.checked_add(qty).ok_or_else(|| {
+        Rejection::new(
+            "overflow",
+            format!(
+                "{doing} the {qty} units of order {order} would overflow the available count {}",
+                state.available
+            ),
+        )
+    })
 }
 
 /// Checks a quantity is at least 1. The schemas demand it already; the handler defends
@@ -304,6 +583,7 @@ fn valid_order(order: &str) -> Result<(), Rejection> {
 mod tests {
     use super::*;
     use commands::testing::given;
+    use commands::workflow::TimerOp;
     use commands::{CommandId, Handled, Source};
     use serde_json::{json, Value};
 
@@ -318,6 +598,30 @@ mod tests {
         C::Reserve {
             order: order.into(),
             qty,
+            ttl: None,
+            sku: None,
+        }
+    }
+
+    /// A reservation of `sku-1` that lasts `ttl` seconds.
+    fn reserve_for(order: &str, qty: u64, ttl: u64) -> C {
+        C::Reserve {
+            order: order.into(),
+            qty,
+            ttl: Some(ttl),
+            sku: Some("sku-1".into()),
+        }
+    }
+
+    fn confirm(order: &str) -> C {
+        C::Confirm {
+            order: order.into(),
+        }
+    }
+
+    fn expire(order: &str) -> C {
+        C::Expire {
+            order: order.into(),
         }
     }
 
@@ -336,7 +640,39 @@ mod tests {
             order: order.into(),
             qty,
             available,
+            expires_at: None,
         }
+    }
+
+    fn reserved_until(order: &str, qty: u64, available: u64, at: DateTime<Utc>) -> E {
+        E::Reserved {
+            order: order.into(),
+            qty,
+            available,
+            expires_at: Some(at),
+        }
+    }
+
+    fn confirmed(order: &str, qty: u64, sold: u64) -> E {
+        E::Confirmed {
+            order: order.into(),
+            qty,
+            sold,
+        }
+    }
+
+    fn expired(order: &str, qty: u64, available: u64) -> E {
+        E::Expired {
+            order: order.into(),
+            qty,
+            available,
+        }
+    }
+
+    /// The clock of these tests: 2026-12-01 10:00 UTC plus `seconds`.
+    fn at(seconds: i64) -> DateTime<Utc> {
+        use chrono::TimeZone;
+        Utc.with_ymd_and_hms(2026, 12, 1, 10, 0, 0).unwrap() + Duration::seconds(seconds)
     }
 
     fn released(order: &str, qty: u64, available: u64) -> E {
@@ -355,15 +691,25 @@ mod tests {
         }
     }
 
-    /// Handles `command` against `state` with a fixed context and applies what it decided.
-    fn step(state: &mut InventoryState, command: &C) -> Result<Vec<E>, Rejection> {
+    /// Handles `command` against `state` with a fixed context at time `now` and applies
+    /// what it decided.
+    fn step_at(
+        state: &mut InventoryState,
+        command: &C,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<E>, Rejection> {
         let id = CommandId::parse("c-1").unwrap();
         let source = Source::parse("/test").unwrap();
-        let decision = Inventory::handle(state, command, &Context::new(&id, &source, 0))?;
+        let context = Context::new(&id, &source, 0).with_time(Some(now));
+        let decision = Inventory::handle(state, command, &context)?;
         for event in &decision.events {
             Inventory::apply(state, event);
         }
         Ok(decision.events)
+    }
+
+    fn step(state: &mut InventoryState, command: &C) -> Result<Vec<E>, Rejection> {
+        step_at(state, command, at(0))
     }
 
     #[test]
@@ -495,6 +841,200 @@ mod tests {
         .then_reject("overflow");
     }
 
+    /// What `command` decides at time `now` against the state `events` make, straight from
+    /// the handler: to look at the timers and emitted commands besides the events.
+    fn decide(events: &[E], command: &C, now: Option<DateTime<Utc>>) -> Decision<E> {
+        let mut state = InventoryState::default();
+        for event in events {
+            Inventory::apply(&mut state, event);
+        }
+        let id = CommandId::parse("c-1").unwrap();
+        let source = Source::parse("/test").unwrap();
+        let context = Context::new(&id, &source, events.len() as u64).with_time(now);
+        Inventory::handle(&state, command, &context).expect("accepted")
+    }
+
+    #[test]
+    fn a_reservation_with_a_ttl_schedules_its_expiry() {
+        given::<Inventory>([received(10, 10)])
+            .when(reserve_for("ord-1", 3, 900))
+            .at(at(0))
+            .then_expect([reserved_until("ord-1", 3, 7, at(900))])
+            .then_state(|s| {
+                assert_eq!(s.held["ord-1"], 3);
+                assert_eq!(s.expires["ord-1"], at(900));
+                assert!(s.is_balanced());
+            });
+        let decision = decide(&[received(10, 10)], &reserve_for("ord-1", 3, 900), Some(at(0)));
+        assert!(decision.commands.is_empty(), "nothing is sent now");
+        assert_eq!(
+            decision.timers,
+            [TimerOp::Schedule {
+                name: "hold/ord-1".into(),
+                at: at(900),
+                command: Emit::new("inventory.Expire", "sku-1", json!({"order": "ord-1"})),
+            }]
+        );
+        // Without a ttl, nothing expires and no timer is set.
+        let decision = decide(&[received(10, 10)], &reserve("ord-1", 3), None);
+        assert!(decision.timers.is_empty());
+    }
+
+    #[test]
+    fn a_reservation_that_cannot_expire_as_asked_takes_nothing() {
+        given::<Inventory>([received(10, 10)])
+            .when(reserve_for("ord-1", 3, 900))
+            .then_reject("time_required")
+            .then_state(|s| assert_eq!(s.available, 10));
+        given::<Inventory>([received(10, 10)])
+            .when(C::Reserve {
+                order: "ord-1".into(),
+                qty: 3,
+                ttl: Some(900),
+                sku: None,
+            })
+            .at(at(0))
+            .then_reject("sku_required");
+        for ttl in [0, MAX_TTL_SECS + 1] {
+            given::<Inventory>([received(10, 10)])
+                .when(reserve_for("ord-1", 3, ttl))
+                .at(at(0))
+                .then_reject("invalid_ttl");
+        }
+    }
+
+    #[test]
+    fn confirm_sells_the_hold_and_cancels_its_expiry() {
+        let history = [received(10, 10), reserved_until("ord-1", 3, 7, at(900))];
+        given::<Inventory>(history.clone())
+            .when(confirm("ord-1"))
+            .then_expect([confirmed("ord-1", 3, 3)])
+            .then_state(|s| {
+                assert_eq!((s.on_hand, s.available, s.total_held(), s.sold), (10, 7, 0, 3));
+                assert!(s.expires.is_empty());
+                assert_eq!(s.confirmed["ord-1"], 3);
+                assert!(s.is_balanced());
+            });
+        let decision = decide(&history, &confirm("ord-1"), None);
+        assert_eq!(
+            decision.timers,
+            [TimerOp::Cancel {
+                name: "hold/ord-1".into()
+            }]
+        );
+        // A retried confirmation changes nothing; a sold order cannot reserve again.
+        let sold = [
+            received(10, 10),
+            reserved("ord-1", 3, 7),
+            confirmed("ord-1", 3, 3),
+        ];
+        given::<Inventory>(sold.clone())
+            .when(confirm("ord-1"))
+            .then_expect([]);
+        given::<Inventory>(sold)
+            .when(reserve("ord-1", 1))
+            .then_reject("already_confirmed");
+    }
+
+    #[test]
+    fn confirming_a_hold_that_is_gone_is_rejected() {
+        given::<Inventory>([received(10, 10)])
+            .when(confirm("ord-1"))
+            .then_reject("not_reserved");
+        given::<Inventory>([
+            received(10, 10),
+            reserved_until("ord-1", 3, 7, at(900)),
+            expired("ord-1", 3, 10),
+        ])
+        .when(confirm("ord-1"))
+        .then_reject("not_reserved")
+        .then_state(|s| assert_eq!(s.sold, 0));
+        given::<Inventory>([
+            received(10, 10),
+            reserved("ord-1", 3, 7),
+            released("ord-1", 3, 10),
+        ])
+        .when(confirm("ord-1"))
+        .then_reject("not_reserved");
+    }
+
+    #[test]
+    fn release_cancels_the_expiry() {
+        let history = [received(10, 10), reserved_until("ord-1", 3, 7, at(900))];
+        given::<Inventory>(history.clone())
+            .when(release("ord-1"))
+            .then_expect([released("ord-1", 3, 10)])
+            .then_state(|s| assert!(s.expires.is_empty() && s.is_balanced()));
+        let decision = decide(&history, &release("ord-1"), None);
+        assert_eq!(
+            decision.timers,
+            [TimerOp::Cancel {
+                name: "hold/ord-1".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn expire_gives_a_due_hold_back() {
+        let history = [received(10, 10), reserved_until("ord-1", 3, 7, at(900))];
+        given::<Inventory>(history.clone())
+            .when(expire("ord-1"))
+            .at(at(900))
+            .then_expect([expired("ord-1", 3, 10)])
+            .then_state(|s| {
+                assert_eq!(s.available, 10);
+                assert!(s.held.is_empty() && s.expires.is_empty());
+                assert!(s.is_balanced());
+            });
+        // The timer fired: nothing to cancel, nothing to send.
+        let decision = decide(&history, &expire("ord-1"), Some(at(901)));
+        assert!(decision.timers.is_empty() && decision.commands.is_empty());
+        // Too early, without time, or a hold that does not expire: refused.
+        given::<Inventory>(history.clone())
+            .when(expire("ord-1"))
+            .at(at(899))
+            .then_reject("not_due")
+            .then_state(|s| assert_eq!(s.held["ord-1"], 3));
+        given::<Inventory>(history)
+            .when(expire("ord-1"))
+            .then_reject("time_required");
+        given::<Inventory>([received(10, 10), reserved("ord-1", 3, 7)])
+            .when(expire("ord-1"))
+            .at(at(900))
+            .then_reject("not_due");
+    }
+
+    #[test]
+    fn a_late_expiry_is_a_no_op() {
+        // Confirmed, released or expired before the timer's command came: accepted, no
+        // event, so a timer that fired just before its cancellation is harmless.
+        for history in [
+            vec![
+                received(10, 10),
+                reserved_until("ord-1", 3, 7, at(900)),
+                confirmed("ord-1", 3, 3),
+            ],
+            vec![
+                received(10, 10),
+                reserved_until("ord-1", 3, 7, at(900)),
+                released("ord-1", 3, 10),
+            ],
+            vec![
+                received(10, 10),
+                reserved_until("ord-1", 3, 7, at(900)),
+                expired("ord-1", 3, 10),
+            ],
+            vec![received(10, 10)],
+        ] {
+            let before = given::<Inventory>(history.clone()).state().clone();
+            given::<Inventory>(history)
+                .when(expire("ord-1"))
+                .at(at(900))
+                .then_expect([])
+                .then_state(|s| assert_eq!(*s, before));
+        }
+    }
+
     /// A deterministic pseudo-random sequence of commands (Knuth's MMIX LCG; no `rand`).
     struct Lcg(u64);
 
@@ -512,19 +1052,27 @@ mod tests {
         }
     }
 
-    /// `n` commands over 200 orders, with every kind of outcome: receipts, reservations
-    /// that fit and that do not, duplicate reservations, releases with and without a hold.
-    /// Receipts are rare and holds large, so the stock runs out again and again.
-    fn commands(seed: u64, n: usize) -> Vec<C> {
+    /// `n` commands over 200 orders, each with its time (a clock advancing 0 to 3 seconds a
+    /// command), with every kind of outcome: receipts, reservations with and without a ttl
+    /// that fit and that do not, duplicate reservations, confirmations, releases and expiries
+    /// with and without a hold, early and due. Receipts are rare and holds large, so the stock
+    /// runs out again and again.
+    fn commands(seed: u64, n: usize) -> Vec<(C, DateTime<Utc>)> {
         let mut rng = Lcg(seed);
+        let mut clock = 0;
         (0..n)
             .map(|_| {
+                clock += rng.below(4) as i64;
                 let order = format!("ord-{}", rng.below(200));
-                match rng.below(100) {
+                let command = match rng.below(100) {
                     0..=4 => receive(1 + rng.below(40)),
-                    5..=69 => reserve(&order, 1 + rng.below(30)),
+                    5..=39 => reserve(&order, 1 + rng.below(30)),
+                    40..=69 => reserve_for(&order, 1 + rng.below(30), 1 + rng.below(60)),
+                    70..=79 => confirm(&order),
+                    80..=89 => expire(&order),
                     _ => release(&order),
-                }
+                };
+                (command, at(clock))
             })
             .collect()
     }
@@ -535,35 +1083,61 @@ mod tests {
             let mut state = InventoryState::default();
             let mut received_total = 0u64;
             let mut codes = BTreeMap::<String, usize>::new();
+            let mut kinds = BTreeMap::<String, usize>::new();
             let mut sold_out = 0;
-            for command in commands(seed, 5_000) {
+            for (command, now) in commands(seed, 5_000) {
                 let before = state.clone();
-                match step(&mut state, &command) {
+                match step_at(&mut state, &command, now) {
                     Ok(events) => {
-                        assert_eq!(events.len(), 1, "{command:?}");
+                        assert!(events.len() <= 1, "{command:?}");
                         if let C::Receive { qty } = command {
                             received_total += qty;
                         }
-                        let (E::Received { available, .. }
-                        | E::Reserved { available, .. }
-                        | E::Released { available, .. }) = &events[0];
-                        assert_eq!(*available, state.available, "event carries the count");
+                        let Some(event) = events.first() else {
+                            // Accepted without effect: a late expiry or a repeated
+                            // confirmation.
+                            assert!(matches!(command, C::Expire { .. } | C::Confirm { .. }));
+                            assert_eq!(state, before, "a no-op changes nothing");
+                            continue;
+                        };
+                        *kinds.entry(split(event).0).or_default() += 1;
+                        match event {
+                            E::Received { available, .. }
+                            | E::Reserved { available, .. }
+                            | E::Released { available, .. }
+                            | E::Expired { available, .. } => {
+                                assert_eq!(*available, state.available, "event carries the count")
+                            }
+                            E::Confirmed { sold, .. } => assert_eq!(*sold, state.sold),
+                        }
                     }
                     Err(rejection) => {
                         assert_eq!(state, before, "a rejection changes nothing");
                         *codes.entry(rejection.code).or_default() += 1;
                     }
                 }
-                // Nothing is created or lost: every unit received is available or held.
-                assert_eq!(state.available + state.total_held(), received_total);
+                // Nothing is created or lost: every unit received is available, held or
+                // sold.
+                assert_eq!(state.on_hand, received_total);
+                assert!(state.is_balanced(), "{state:?}");
                 assert!(state.held.values().all(|qty| *qty >= 1));
+                // Only holds have expiries, and no hold outlives its expiry by an expiry
+                // (the one sent at that time would give it back).
+                assert!(state.expires.keys().all(|o| state.held.contains_key(o)));
                 sold_out += usize::from(state.available == 0);
             }
             assert!(sold_out > 0, "the stock ran out at some point");
-            // The sequence exercised every business rejection.
-            for code in ["insufficient_stock", "already_reserved", "not_reserved"] {
+            // The sequence exercised every business rejection and every event.
+            for code in [
+                "insufficient_stock",
+                "already_reserved",
+                "already_confirmed",
+                "not_reserved",
+                "not_due",
+            ] {
                 assert!(codes.get(code).is_some_and(|n| *n > 0), "{code}: {codes:?}");
             }
+            assert_eq!(kinds.len(), 5, "{kinds:?}");
         }
     }
 
@@ -573,7 +1147,7 @@ mod tests {
             let mut state = InventoryState::default();
             let outcomes: Vec<_> = commands(99, 2_000)
                 .iter()
-                .map(|c| step(&mut state, c))
+                .map(|(c, now)| step_at(&mut state, c, *now))
                 .collect();
             (outcomes, serde_json::to_string(&state).unwrap())
         };
@@ -589,10 +1163,16 @@ mod tests {
         assert_eq!(registry.types().collect::<Vec<_>>(), ["inventory"]);
         let mut commands = registry.command_names("inventory").unwrap().to_vec();
         commands.sort();
-        assert_eq!(commands, ["Receive", "Release", "Reserve"]);
+        assert_eq!(
+            commands,
+            ["Confirm", "Expire", "Receive", "Release", "Reserve"]
+        );
         let mut events = registry.event_names("inventory").unwrap().to_vec();
         events.sort();
-        assert_eq!(events, ["Received", "Released", "Reserved"]);
+        assert_eq!(
+            events,
+            ["Confirmed", "Expired", "Received", "Released", "Reserved"]
+        );
     }
 
     #[test]
@@ -642,6 +1222,10 @@ mod tests {
             ("Reserve", json!({"order": "x".repeat(201), "qty": 1})),
             ("Reserve", json!({"order": "ord-1"})),
             ("Release", json!({})),
+            ("Reserve", json!({"order": "ord-1", "qty": 1, "ttl": 0})),
+            ("Reserve", json!({"order": "ord-1", "qty": 1, "ttl": MAX_TTL_SECS + 1})),
+            ("Confirm", json!({})),
+            ("Expire", json!({"order": "ord-1", "at": "now"})),
         ] {
             assert!(
                 schemas
@@ -658,12 +1242,12 @@ mod tests {
         let schemas = registry.schemas();
         let mut state = InventoryState::default();
         let mut seen = BTreeMap::<String, usize>::new();
-        for command in commands(5, 3_000) {
+        for (command, now) in commands(5, 3_000) {
             let (name, data) = split(&command);
             schemas
                 .validate_command_data("inventory", &name, &data)
                 .unwrap_or_else(|e| panic!("{name} {data}: {e}"));
-            for event in step(&mut state, &command).unwrap_or_default() {
+            for event in step_at(&mut state, &command, now).unwrap_or_default() {
                 let (name, data) = split(&event);
                 schemas
                     .validate_event_data("inventory", &name, &data)
@@ -671,7 +1255,7 @@ mod tests {
                 *seen.entry(name).or_default() += 1;
             }
         }
-        assert_eq!(seen.len(), 3, "every event kind was emitted: {seen:?}");
+        assert_eq!(seen.len(), 5, "every event kind was emitted: {seen:?}");
     }
 
     #[test]
@@ -697,7 +1281,7 @@ mod tests {
         // Orders in key order, so equal states have equal JSON.
         assert_eq!(
             serde_json::to_string(&state).unwrap(),
-            r#"{"available":5,"held":{"ord-a":1,"ord-b":4}}"#
+            r#"{"available":5,"confirmed":{},"expires":{},"held":{"ord-a":1,"ord-b":4},"on_hand":10,"sold":0}"#
         );
         match aggregate.handle(
             &state,
