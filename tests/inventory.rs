@@ -47,16 +47,16 @@ fn inventory_bin() -> PathBuf {
         let target_dir = profile_dir.parent().expect("a target directory");
         let mut build = std::process::Command::new(option_env!("CARGO").unwrap_or("cargo"));
         build
-            .args(["build", "-p", "inventory", "--bin", "inventory"])
+            .args(["build", "-p", "inventory-cli", "--bin", "inventory"])
             .env("CARGO_TARGET_DIR", target_dir)
             .current_dir(support::repo_root());
         if profile_dir.file_name().is_some_and(|p| p == "release") {
             build.arg("--release");
         }
-        let status = build.status().expect("run cargo build -p inventory");
+        let status = build.status().expect("run cargo build -p inventory-cli");
         assert!(
             status.success(),
-            "cargo build -p inventory failed: {status}"
+            "cargo build -p inventory-cli failed: {status}"
         );
         assert!(bin.exists(), "no inventory binary at {}", bin.display());
         bin

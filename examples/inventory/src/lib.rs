@@ -63,12 +63,13 @@
 //!
 //! # Running it
 //!
-//! The `inventory` binary is `cmdproc` with this registry: every subcommand and flag of
-//! `cmdproc`, and only the `inventory` aggregate. (The stock `cmdproc` binary has it too,
-//! with `account`, `room` and `order`.)
+//! The `inventory` binary (package `inventory-cli` in `examples/inventory/cli`, so that this
+//! library does not depend on the engine) is `cmdproc` with this registry: every subcommand
+//! and flag of `cmdproc`, and only the `inventory` aggregate. The stock `cmdproc` binary has
+//! it too, with `account`, `room` and `order`.
 //!
 //! ```sh
-//! cargo build -p inventory                      # target/debug/inventory
+//! cargo build -p inventory-cli                  # target/debug/inventory
 //! inventory migrate && inventory topics create --partitions 6
 //! inventory run &
 //! inventory produce --type inventory.Receive --subject sku-42 --data '{"qty": 40}'
@@ -708,10 +709,6 @@ mod tests {
         Ok(decision.events)
     }
 
-    fn step(state: &mut InventoryState, command: &C) -> Result<Vec<E>, Rejection> {
-        step_at(state, command, at(0))
-    }
-
     #[test]
     fn receive_adds_to_available() {
         given::<Inventory>([])
@@ -865,7 +862,11 @@ mod tests {
                 assert_eq!(s.expires["ord-1"], at(900));
                 assert!(s.is_balanced());
             });
-        let decision = decide(&[received(10, 10)], &reserve_for("ord-1", 3, 900), Some(at(0)));
+        let decision = decide(
+            &[received(10, 10)],
+            &reserve_for("ord-1", 3, 900),
+            Some(at(0)),
+        );
         assert!(decision.commands.is_empty(), "nothing is sent now");
         assert_eq!(
             decision.timers,
@@ -910,7 +911,10 @@ mod tests {
             .when(confirm("ord-1"))
             .then_expect([confirmed("ord-1", 3, 3)])
             .then_state(|s| {
-                assert_eq!((s.on_hand, s.available, s.total_held(), s.sold), (10, 7, 0, 3));
+                assert_eq!(
+                    (s.on_hand, s.available, s.total_held(), s.sold),
+                    (10, 7, 0, 3)
+                );
                 assert!(s.expires.is_empty());
                 assert_eq!(s.confirmed["ord-1"], 3);
                 assert!(s.is_balanced());
@@ -1223,7 +1227,10 @@ mod tests {
             ("Reserve", json!({"order": "ord-1"})),
             ("Release", json!({})),
             ("Reserve", json!({"order": "ord-1", "qty": 1, "ttl": 0})),
-            ("Reserve", json!({"order": "ord-1", "qty": 1, "ttl": MAX_TTL_SECS + 1})),
+            (
+                "Reserve",
+                json!({"order": "ord-1", "qty": 1, "ttl": MAX_TTL_SECS + 1}),
+            ),
             ("Confirm", json!({})),
             ("Expire", json!({"order": "ord-1", "at": "now"})),
         ] {
