@@ -12,58 +12,6 @@ use serde_json::Value;
 use support::{cmdproc, cmdproc_on, on_test_services, read_topic, TestDb, TestTopics, BROKERS};
 use support::{KillOnDrop, WorkerProcess};
 
-/// The default reply topic of a test's commands topic, made by `cmdproc topics create` and
-/// deleted when the test ends (TestTopics deletes only the topics it made).
-struct ReplyTopic(Topic);
-
-impl ReplyTopic {
-    /// Runs `cmdproc topics create` over the test's topics: the three that exist are left
-    /// as they are, and the reply topic is created with the commands topic's partitions.
-    fn create(db: &TestDb, topics: &TestTopics) -> ReplyTopic {
-        let replies = topics.commands.replies();
-        let (ok, out) = cmdproc_on(db, topics, "topics", &["create", "--partitions", "7"]);
-        assert!(ok, "{out}");
-        let expected = format!("created {replies} ({} partitions)", topics.partitions);
-        assert!(out.contains(&expected), "{out}");
-        assert!(
-            out.contains(&format!(
-                "{} exists with {} partitions (not 7)",
-                topics.commands, topics.partitions
-            )),
-            "{out}"
-        );
-        // Idempotent: a second run creates nothing.
-        let (ok, again) = cmdproc_on(db, topics, "topics", &["create", "--partitions", "7"]);
-        assert!(ok, "{again}");
-        assert!(
-            again.contains(&format!(
-                "{replies} exists ({} partitions)",
-                topics.partitions
-            )),
-            "{again}"
-        );
-        ReplyTopic(replies)
-    }
-}
-
-impl Drop for ReplyTopic {
-    fn drop(&mut self) {
-        let topic = self.0.to_string();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime");
-            let _ = runtime.block_on(processor::topics::delete(
-                BROKERS,
-                &[topic.as_str()],
-                Duration::from_secs(3),
-            ));
-        })
-        .join();
-    }
-}
-
 /// What one `cmdproc produce` run said and how it ended.
 #[derive(Debug)]
 struct Run {
@@ -121,7 +69,6 @@ fn balance_of_acc_1(db: &TestDb, topics: &TestTopics) -> Value {
 async fn each_outcome_is_printed_with_its_exit_code() {
     let db = TestDb::new().await;
     let topics = TestTopics::new(3).await;
-    let _replies = ReplyTopic::create(&db, &topics);
     let worker = WorkerProcess::spawn(&db, &topics, "w1", &[]);
 
     let open = produce_wait(&db, &topics, "open", "account.Open", r#"{"owner": "ada"}"#);
@@ -242,7 +189,6 @@ async fn each_outcome_is_printed_with_its_exit_code() {
 async fn a_file_waits_for_every_reply_and_exits_with_the_worst() {
     let db = TestDb::new().await;
     let topics = TestTopics::new(2).await;
-    let _replies = ReplyTopic::create(&db, &topics);
     let worker = WorkerProcess::spawn(&db, &topics, "w1", &[]);
 
     let lines = [
@@ -275,7 +221,8 @@ async fn a_file_waits_for_every_reply_and_exits_with_the_worst() {
             "--data",
             r#"{"owner": "di"}"#,
         ])
-        .stdout(std::process::Stdio::piped());
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
     let mut other = KillOnDrop(other.spawn().expect("spawn cmdproc produce"));
 
     let run = produce(
@@ -348,11 +295,25 @@ impl WaitKept for std::process::Child {
 async fn without_a_reply_topic_nothing_is_produced() {
     let db = TestDb::new().await;
     let topics = TestTopics::new(1).await;
-    let run = produce_wait(&db, &topics, "open", "account.Open", r#"{"owner": "ada"}"#);
+    let missing = format!("{}.nowhere", topics.commands);
+    let run = produce(
+        &db,
+        &topics,
+        &[
+            "--wait",
+            "--reply-topic",
+            &missing,
+            "--type",
+            "account.Open",
+            "--subject",
+            "acc-1",
+            "--data",
+            r#"{"owner": "ada"}"#,
+        ],
+    );
     assert_eq!(run.code, Some(1), "{run:?}");
     assert!(
-        run.stderr.contains(&format!("{}.replies", topics.commands))
-            && run.stderr.contains("cmdproc topics create"),
+        run.stderr.contains(&missing) && run.stderr.contains("cmdproc topics create"),
         "{run:?}"
     );
     assert!(
@@ -362,11 +323,78 @@ async fn without_a_reply_topic_nothing_is_produced() {
     db.drop_db().await;
 }
 
+/// `cmdproc topics create` with a test's own topic names.
+fn topics_create(commands: &Topic, events: &Topic, partitions: &str) -> String {
+    let out = cmdproc()
+        .args(["--brokers", BROKERS, "--commands-topic", commands.as_str()])
+        .args(["--events-topic", events.as_str()])
+        .args(["topics", "create", "--partitions", partitions])
+        .output()
+        .expect("run cmdproc topics create");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn topics_create_makes_the_reply_topic_like_the_commands_topic() {
+    let id = support::unique();
+    let commands = Topic::parse(format!("test-{id}-commands")).unwrap();
+    let events = Topic::parse(format!("test-{id}-events")).unwrap();
+    let replies = commands.replies();
+    let all = [
+        commands.to_string(),
+        events.to_string(),
+        commands.dead_letter().to_string(),
+        replies.to_string(),
+    ];
+    // The commands topic was there before, with 3 partitions: its replies get 3 too.
+    processor::topics::create(
+        BROKERS,
+        &[(commands.to_string(), 3)],
+        1,
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("create the commands topic");
+
+    let first = topics_create(&commands, &events, "5");
+    let second = topics_create(&commands, &events, "5");
+    let _ = processor::topics::delete(
+        BROKERS,
+        &all.iter().map(String::as_str).collect::<Vec<_>>(),
+        Duration::from_secs(3),
+    )
+    .await;
+
+    assert!(
+        first.contains(&format!("created {replies} (3 partitions)")),
+        "{first}"
+    );
+    assert!(
+        first.contains(&format!("created {events} (5 partitions)")),
+        "{first}"
+    );
+    assert!(
+        first.contains(&format!("{commands} exists with 3 partitions (not 5)")),
+        "{first}"
+    );
+    // Idempotent: a second run creates nothing, and the reply topic is as it should be.
+    assert!(!second.contains("created"), "{second}");
+    assert!(
+        second.contains(&format!("{replies} exists (3 partitions)")),
+        "{second}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn without_a_worker_the_wait_times_out_with_its_own_code() {
     let db = TestDb::new().await;
     let topics = TestTopics::new(1).await;
-    let _replies = ReplyTopic::create(&db, &topics);
     let run = produce(
         &db,
         &topics,

@@ -5,9 +5,7 @@
 mod support;
 
 use std::path::PathBuf;
-use std::time::Duration;
 
-use commands::Topic;
 use serde_json::{json, Value};
 use support::{cmdproc_on, repo_root, TestDb, TestTopics, WorkerProcess, BROKERS};
 
@@ -23,27 +21,6 @@ fn python() -> PathBuf {
     python
 }
 
-/// The reply topic made by `cmdproc topics create`, deleted when the test ends.
-struct ReplyTopic(Topic);
-
-impl Drop for ReplyTopic {
-    fn drop(&mut self) {
-        let topic = self.0.to_string();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime");
-            let _ = runtime.block_on(processor::topics::delete(
-                BROKERS,
-                &[topic.as_str()],
-                Duration::from_secs(3),
-            ));
-        })
-        .join();
-    }
-}
-
 /// What one run of the example printed on stdout (the reply, parsed) and its exit code.
 #[derive(Debug)]
 struct Run {
@@ -53,7 +30,7 @@ struct Run {
     stderr: String,
 }
 
-fn reply_py(topics: &TestTopics, id: &str, ty: &str, data: Value) -> Run {
+fn reply_py(topics: &TestTopics, id: &str, ty: &str, data: Value, extra: &[&str]) -> Run {
     let out = std::process::Command::new(python())
         .arg(repo_root().join("examples/python/reply.py"))
         .args(["--brokers", BROKERS, "--topic", topics.commands.as_str()])
@@ -61,6 +38,7 @@ fn reply_py(topics: &TestTopics, id: &str, ty: &str, data: Value) -> Run {
         .args(["--subject", "acc-1", "--data", &data.to_string()])
         // Long enough for a worker that is still joining its group.
         .args(["--timeout", "90"])
+        .args(extra)
         .output()
         .expect("run examples/python/reply.py");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -76,12 +54,15 @@ fn reply_py(topics: &TestTopics, id: &str, ty: &str, data: Value) -> Run {
 async fn the_python_example_prints_each_reply_and_exits_with_its_code() {
     let db = TestDb::new().await;
     let topics = TestTopics::new(3).await;
-    let (ok, out) = cmdproc_on(&db, &topics, "topics", &["create", "--partitions", "3"]);
-    assert!(ok, "{out}");
-    let _replies = ReplyTopic(topics.commands.replies());
     let worker = WorkerProcess::spawn(&db, &topics, "w1", &[]);
 
-    let open = reply_py(&topics, "py-open", "account.Open", json!({"owner": "ada"}));
+    let open = reply_py(
+        &topics,
+        "py-open",
+        "account.Open",
+        json!({"owner": "ada"}),
+        &[],
+    );
     assert_eq!(open.code, Some(0), "{open:?}\n{}", worker.log_tail(30));
     let reply = open.reply.clone().expect("the reply as JSON");
     assert_eq!(
@@ -93,7 +74,13 @@ async fn the_python_example_prints_each_reply_and_exits_with_its_code() {
     assert_eq!(reply["events"].as_array().map(Vec::len), Some(1));
     assert_eq!(reply["duplicate"], false);
 
-    let too_much = reply_py(&topics, "py-wd", "account.Withdraw", json!({"amount": 10}));
+    let too_much = reply_py(
+        &topics,
+        "py-wd",
+        "account.Withdraw",
+        json!({"amount": 10}),
+        &[],
+    );
     assert_eq!(too_much.code, Some(3), "rejected: {too_much:?}");
     let reply = too_much.reply.clone().expect("the reply as JSON");
     assert_eq!(reply["outcome"], "rejected");
@@ -104,7 +91,13 @@ async fn the_python_example_prints_each_reply_and_exits_with_its_code() {
     );
 
     // The first command again: its recorded outcome, marked as a duplicate.
-    let again = reply_py(&topics, "py-open", "account.Open", json!({"owner": "ada"}));
+    let again = reply_py(
+        &topics,
+        "py-open",
+        "account.Open",
+        json!({"owner": "ada"}),
+        &[],
+    );
     assert_eq!(again.code, Some(0), "{again:?}");
     let mut expected = open.reply.clone().unwrap();
     expected["duplicate"] = json!(true);
@@ -123,8 +116,19 @@ async fn the_python_example_prints_each_reply_and_exits_with_its_code() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_python_example_refuses_a_missing_reply_topic() {
     let topics = TestTopics::new(1).await;
-    let run = reply_py(&topics, "py-1", "account.Open", json!({"owner": "ada"}));
+    let missing = format!("{}.nowhere", topics.commands);
+    let run = reply_py(
+        &topics,
+        "py-1",
+        "account.Open",
+        json!({"owner": "ada"}),
+        &["--reply-topic", &missing],
+    );
     assert_eq!(run.code, Some(1), "{run:?}");
     assert!(run.stderr.contains("cmdproc topics create"), "{run:?}");
     assert!(run.stdout.is_empty(), "{run:?}");
+    assert!(
+        support::read_topic(&topics.commands).is_empty(),
+        "nothing was produced"
+    );
 }

@@ -3,9 +3,9 @@
 
 The command is a structured-mode CloudEvent keyed by its subject (the aggregate id) and
 partitioned with murmur2, as every cmdproc producer does. The workers answer on the reply
-topic with a `cmdproc.reply` CloudEvent keyed by the command's id; this script reads the
-reply topic from where it ends now, so it sees only replies written after it started, and
-picks the one for its own command.
+topic with a `cmdproc.reply` CloudEvent keyed by the command's id; this script reads the one
+partition of the reply topic that murmur2 gives that id, from where it ends now, and picks
+the reply for its own command.
 
     python reply.py --type account.Deposit --subject acc-1 --data '{"amount": 500}'
 
@@ -57,22 +57,48 @@ def fail(message):
     sys.exit(EXIT_ERROR)
 
 
-def start_reading(consumer, topic, timeout):
-    """Assigns every partition of the reply topic at its current end, before the command
-    is produced: the reply is written after that, so it is read, and older replies are not."""
+def murmur2(data):
+    """Kafka's murmur2 hash (the Java client's default partitioner, and cmdproc's)."""
+    seed, m, r = 0x9747B28C, 0x5BD1E995, 24
+    length = len(data)
+    h = (seed ^ length) & 0xFFFFFFFF
+    for i in range(0, length - length % 4, 4):
+        k = int.from_bytes(data[i : i + 4], "little")
+        k = (k * m) & 0xFFFFFFFF
+        k ^= k >> r
+        k = (k * m) & 0xFFFFFFFF
+        h = ((h * m) & 0xFFFFFFFF) ^ k
+    tail = length - length % 4
+    extra = length % 4
+    if extra >= 3:
+        h ^= data[tail + 2] << 16
+    if extra >= 2:
+        h ^= data[tail + 1] << 8
+    if extra >= 1:
+        h ^= data[tail]
+        h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 15
+    return h
+
+
+def partition_for(key, partitions):
+    """The partition the murmur2 partitioner gives `key`: where the reply to it lands."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def start_reading(consumer, topic, command_id, timeout):
+    """Assigns the reply topic's partition for `command_id` at its current end, before the
+    command is produced: the reply is written after that, so it is read, and older replies
+    are not. The reply is keyed by the command's id, so only that partition can hold it."""
     metadata = consumer.list_topics(topic, timeout=timeout)
     found = metadata.topics.get(topic)
     if found is None or found.error is not None or not found.partitions:
         fail(f"reply topic `{topic}` does not exist; create it with `cmdproc topics create`")
-    # A reply goes to partition murmur2(command id) % partitions; reading them all keeps this
-    # example short, and the key below picks our reply out.
-    assignment = []
-    for partition in sorted(found.partitions):
-        _, high = consumer.get_watermark_offsets(
-            TopicPartition(topic, partition), timeout=timeout
-        )
-        assignment.append(TopicPartition(topic, partition, high))
-    consumer.assign(assignment)
+    partition = partition_for(command_id.encode(), len(found.partitions))
+    _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)
+    consumer.assign([TopicPartition(topic, partition, high)])
 
 
 def produce(brokers, topic, command, timeout):
@@ -159,7 +185,7 @@ def main():
         }
     )
     try:
-        start_reading(consumer, reply_topic, args.timeout)
+        start_reading(consumer, reply_topic, command["id"], args.timeout)
         partition, offset = produce(args.brokers, args.topic, command, args.timeout)
         print(
             f"sent {command['id']} {command['type']} {command['subject']} "
