@@ -71,7 +71,7 @@ pub struct ProduceArgs {
     /// How long --wait waits for the replies after producing, e.g. 500ms, 10s, 2m.
     #[arg(long, default_value = "10s", value_parser = super::parse_duration, requires = "wait")]
     pub timeout: Duration,
-    /// The topic the replies go to [default: <commands-topic>.replies].
+    /// The topic the replies go to (default: `<commands-topic>.replies`).
     #[arg(long, requires = "wait")]
     pub reply_topic: Option<Topic>,
     /// Print each reply as one JSON line (the reply's `data`: command, outcome, ...,
