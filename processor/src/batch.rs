@@ -1389,19 +1389,35 @@ mod workflow_tests {
         // The emitted command decodes as a command of its target.
         let back = incoming(&registry, 0, ce.clone());
         assert!(back.decoded.is_ok(), "{:?}", back.decoded);
-        let [TimerRow::Schedule { name, due_at, command, .. }] = &p.timers[..] else {
+        let [TimerRow::Schedule {
+            name,
+            due_at,
+            command,
+            ..
+        }] = &p.timers[..]
+        else {
             panic!("{p:#?}")
         };
         assert_eq!(name, "deadline");
-        assert_eq!(*due_at, Utc.with_ymd_and_hms(2026, 12, 1, 10, 0, 30).unwrap());
+        assert_eq!(
+            *due_at,
+            Utc.with_ymd_and_hms(2026, 12, 1, 10, 0, 30).unwrap()
+        );
         let fired: Value = serde_json::from_slice(&command.payload).unwrap();
-        assert_eq!(fired["time"], "2026-12-01T10:00:30Z", "a timer's command is timed when due");
+        assert_eq!(
+            fired["time"], "2026-12-01T10:00:30Z",
+            "a timer's command is timed when due"
+        );
         assert_eq!(fired["type"], "flow.Stop");
 
         // Handling the same command again derives the same ids.
         let again = plan_one(&registry, incoming(&registry, 9, start));
         assert_eq!(again.emitted[0].message_id, emitted.message_id);
-        let TimerRow::Schedule { command: again_timer, .. } = &again.timers[0] else {
+        let TimerRow::Schedule {
+            command: again_timer,
+            ..
+        } = &again.timers[0]
+        else {
             panic!()
         };
         assert_eq!(again_timer.message_id, command.message_id);
@@ -1425,7 +1441,9 @@ mod workflow_tests {
             r.to.outcome_to.as_ref().map(ToString::to_string).as_deref(),
             Some("flow/f-1")
         );
-        assert!(matches!(&r.reply.outcome, ReplyOutcome::Rejected { code: Some(c), .. } if c == "not_open"));
+        assert!(
+            matches!(&r.reply.outcome, ReplyOutcome::Rejected { code: Some(c), .. } if c == "not_open")
+        );
         let message = commands::wire::outcome_message(&r.to, &r.reply.outcome);
         let outcome = incoming(
             &registry,
@@ -1433,11 +1451,21 @@ mod workflow_tests {
             serde_json::from_slice(message.payload.as_deref().unwrap()).unwrap(),
         );
         let heard = plan_one(&registry, outcome);
-        assert_eq!(heard.applied(), 1, "the emitter accepts its Outcome: {heard:#?}");
-        assert_eq!(heard.events[0].envelope.data, json!({"Heard": {"outcome": "rejected"}})["Heard"]);
+        assert_eq!(
+            heard.applied(),
+            1,
+            "the emitter accepts its Outcome: {heard:#?}"
+        );
+        assert_eq!(
+            heard.events[0].envelope.data,
+            json!({"Heard": {"outcome": "rejected"}})["Heard"]
+        );
 
         // Schema-invalid data: dead-lettered, still answered.
-        let invalid = plan_one(&registry, incoming(&registry, 3, deposit("d-2", json!("x"))));
+        let invalid = plan_one(
+            &registry,
+            incoming(&registry, 3, deposit("d-2", json!("x"))),
+        );
         assert!(matches!(
             &invalid.replies[0].reply.outcome,
             ReplyOutcome::DeadLettered { kind, .. } if kind == "schema"

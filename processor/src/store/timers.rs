@@ -106,6 +106,17 @@ pub struct Fired {
     pub lateness: Vec<f64>,
 }
 
+/// A due timer taken for firing.
+struct Due {
+    partition: i32,
+    subject: String,
+    message_id: String,
+    payload: Vec<u8>,
+    /// Seconds past due, by the database's clock.
+    late: f64,
+    due_at: DateTime<Utc>,
+}
+
 /// Fires up to `limit` due timers of the partitions of `topic` whose epochs are given (the
 /// caller's: a partition whose stored epoch differs is skipped, fenced): deletes them and
 /// writes their commands to the outbox after each partition's last sequence, in one
@@ -157,24 +168,33 @@ pub async fn fire_due_timers(
     .bind(limit)
     .fetch_all(&mut *tx)
     .await?;
-    let mut rows: Vec<(i32, String, String, Vec<u8>, f64, DateTime<Utc>)> = rows
+    let mut rows: Vec<Due> = rows
         .into_iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+        .map(|r| Due {
+            partition: r.get(0),
+            subject: r.get(1),
+            message_id: r.get(2),
+            payload: r.get(3),
+            late: r.get(4),
+            due_at: r.get(5),
+        })
         .collect();
     // In due order within each partition, so the commands go out in the order they fire.
-    rows.sort_by(|a, b| (a.0, a.5, &a.2).cmp(&(b.0, b.5, &b.2)));
+    rows.sort_by(|a, b| {
+        (a.partition, a.due_at, &a.message_id).cmp(&(b.partition, b.due_at, &b.message_id))
+    });
     let mut seqs: HashMap<i32, i64> = mine.iter().map(|p| (*p, locked[p].outbox_seq)).collect();
     let outbox: Vec<OutboxRow<'_>> = rows
         .iter()
-        .map(|(partition, subject, message_id, payload, _, _)| {
-            let seq = seqs.get_mut(partition).expect("a locked partition");
+        .map(|due| {
+            let seq = seqs.get_mut(&due.partition).expect("a locked partition");
             *seq += 1;
             OutboxRow {
-                partition: *partition,
+                partition: due.partition,
                 seq: *seq,
                 topic,
-                message_id: message_id.clone(),
-                message: wire::command_message(subject, payload.clone()),
+                message_id: due.message_id.clone(),
+                message: wire::command_message(&due.subject, due.payload.clone()),
             }
         })
         .collect();
@@ -190,9 +210,9 @@ pub async fn fire_due_timers(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    for (partition, _, _, _, late, _) in &rows {
-        *fired.per_partition.entry(*partition).or_default() += 1;
-        fired.lateness.push(late.max(0.0));
+    for due in &rows {
+        *fired.per_partition.entry(due.partition).or_default() += 1;
+        fired.lateness.push(due.late.max(0.0));
     }
     Ok(fired)
 }
