@@ -144,11 +144,8 @@ pub async fn run(common: &Common, registry: &Registry, args: ProduceArgs) -> any
     let code = print_replies(&commands, pending, &args, waiter.topic()).await;
     drop(waiter);
     if code != 0 {
-        // `cli::main` maps an error to exit code 1; an outcome is not an error of this
-        // process, and its code is the answer. Everything is printed and produced by now.
-        use std::io::Write as _;
-        let _ = std::io::stdout().flush();
-        std::process::exit(i32::from(code));
+        // An outcome is not an error of this process: its code is the answer.
+        return Err(super::ExitWith(code).into());
     }
     Ok(())
 }
