@@ -244,6 +244,14 @@ pub trait Aggregate: 'static {
 
     /// Folds one event into the state. Pure and total.
     fn apply(state: &mut Self::State, event: &Self::Event);
+
+    /// A short label of where the aggregate stands (a saga's step: `paying`, `confirmed`,
+    /// `cancelled:out_of_stock`), stored with it and counted in the gauge
+    /// `cmdproc_aggregates{type, status}`. `None` (the default) for aggregates without one.
+    fn status(state: &Self::State) -> Option<String> {
+        let _ = state;
+        None
+    }
 }
 
 /// An event as the engine sees it: a name (without the aggregate prefix) and its JSON data.
@@ -292,4 +300,9 @@ pub trait DynAggregate: Send + Sync + fmt::Debug {
     ) -> Handled;
     /// Applies events to a state, returning the new state as JSON.
     fn apply(&self, state: &Value, events: &[DomainEvent]) -> Value;
+    /// Applies events to a state, returning the new state as JSON and its
+    /// [`Aggregate::status`].
+    fn apply_with_status(&self, state: &Value, events: &[DomainEvent]) -> (Value, Option<String>) {
+        (self.apply(state, events), None)
+    }
 }

@@ -314,6 +314,8 @@ pub struct AggregateWrite {
     pub new_version: i64,
     /// The state written.
     pub state: Value,
+    /// Its [`commands::Aggregate::status`], if the aggregate type has one.
+    pub status: Option<String>,
 }
 
 /// Everything a batch writes, and its counts.
@@ -412,6 +414,7 @@ pub fn plan(
     let mut current: HashMap<AggregateKey, Loaded> = HashMap::new();
     let mut order: Vec<AggregateKey> = Vec::new();
     let mut touched: HashSet<AggregateKey> = HashSet::new();
+    let mut statuses: HashMap<AggregateKey, Option<String>> = HashMap::new();
 
     for m in messages {
         out.next_offset = m.offset + 1;
@@ -630,7 +633,9 @@ pub fn plan(
                     });
                 }
                 if !events.is_empty() {
-                    loaded.state = aggregate.apply(&loaded.state, &events);
+                    let (state, status) = aggregate.apply_with_status(&loaded.state, &events);
+                    loaded.state = state;
+                    statuses.insert(akey.clone(), status);
                     loaded.version = base + events.len() as i64;
                     touched.insert(akey.clone());
                 }
@@ -677,6 +682,7 @@ pub fn plan(
             read_version,
             new_version: now.version,
             state: now.state.clone(),
+            status: statuses.remove(&akey).flatten(),
         });
     }
     out

@@ -217,15 +217,45 @@ pub async fn fire_due_timers(
     Ok(fired)
 }
 
-/// Pending timers per partition of `topic`.
-pub async fn pending_timers(pool: &PgPool, topic: &str) -> Result<HashMap<i32, i64>> {
+/// Pending timers of some partitions of `topic`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PendingTimers {
+    /// Pending timers per partition.
+    pub per_partition: HashMap<i32, i64>,
+    /// Those more than `overdue_after` past due.
+    pub overdue: i64,
+    /// Seconds the most overdue one is past due (0 when none is due).
+    pub oldest_overdue: f64,
+}
+
+/// The pending timers of `partitions` of `topic`, by the database's clock.
+pub async fn pending_timers(
+    pool: &PgPool,
+    topic: &str,
+    partitions: &[i32],
+    overdue_after: std::time::Duration,
+) -> Result<PendingTimers> {
     let rows = sqlx::query(
-        "SELECT partition, count(*) FROM timers WHERE commands_topic = $1 GROUP BY partition",
+        "SELECT partition, count(*),
+                count(*) FILTER (WHERE due_at < now() - $3 * interval '1 millisecond'),
+                COALESCE(EXTRACT(EPOCH FROM (now() - min(due_at)))::float8, 0)
+         FROM timers WHERE commands_topic = $1 AND partition = ANY($2) GROUP BY partition",
     )
     .bind(topic)
+    .bind(partitions)
+    .bind(overdue_after.as_millis() as f64)
     .fetch_all(pool)
     .await?;
-    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    let mut pending = PendingTimers::default();
+    for r in rows {
+        pending.per_partition.insert(r.get(0), r.get(1));
+        let overdue: i64 = r.get(2);
+        pending.overdue += overdue;
+        if overdue > 0 {
+            pending.oldest_overdue = pending.oldest_overdue.max(r.get(3));
+        }
+    }
+    Ok(pending)
 }
 
 /// The pending timers of one aggregate, soonest first: name, due time and the command.
