@@ -61,6 +61,9 @@ pub struct Context<'a> {
     pub correlation_id: Option<&'a str>,
     /// The aggregate's version before this command (0 for an aggregate with no events).
     pub version: u64,
+    /// The aggregate's id (the command's `subject`), e.g. to address a timer or an emitted
+    /// command's outcome to itself. Empty when the context was built without one.
+    pub aggregate_id: &'a str,
 }
 
 impl<'a> Context<'a> {
@@ -72,7 +75,14 @@ impl<'a> Context<'a> {
             time: None,
             correlation_id: None,
             version,
+            aggregate_id: "",
         }
+    }
+
+    /// The same context for the aggregate `aggregate_id`.
+    pub fn with_aggregate_id(mut self, aggregate_id: &'a str) -> Self {
+        self.aggregate_id = aggregate_id;
+        self
     }
 
     /// The same context with the command's `time`.

@@ -520,7 +520,8 @@ pub fn plan(
             // a bounded number of times before calling the command poison.
             let context = Context::new(&command.id, &command.source, loaded.version as u64)
                 .with_time(command.time)
-                .with_correlation_id(command.correlation_id.as_deref());
+                .with_correlation_id(command.correlation_id.as_deref())
+                .with_aggregate_id(command.subject.as_str());
             let mut attempt = 0;
             loop {
                 attempt += 1;
@@ -1313,7 +1314,11 @@ mod workflow_tests {
                             Emit::new("account.Deposit", to.clone(), json!({"amount": 5}))
                                 .with_outcome(),
                         )
-                        .schedule("deadline", due, Emit::new("flow.Stop", "f-1", json!({})))
+                        .schedule(
+                            "deadline",
+                            due,
+                            Emit::new("flow.Stop", ctx.aggregate_id, json!({})),
+                        )
                 }
                 FlowCommand::Stop {} => Decision::new().cancel("deadline"),
                 FlowCommand::Outcome(o) => Decision::event(FlowEvent::Heard {
