@@ -33,6 +33,7 @@
 //! - [`relay`]: publishes the outbox to Kafka in order per partition.
 //! - [`topics`]: admin API.
 //! - [`producer`]: the command producer client (idempotent, `acks=all`, murmur2).
+//! - [`replies`]: waiting for the reply to a command one produced (gateway, `produce --wait`).
 //! - [`inspect`]: reading an aggregate with its recent commands and events.
 //! - [`metrics`]: every Prometheus metric name, and the per-process registry.
 //! - [`http`]: the `/metrics`, `/healthz` and `/readyz` endpoint of `cmdproc run`.
@@ -60,6 +61,7 @@ pub mod pipeline;
 pub mod producer;
 pub mod relay;
 pub mod replay;
+pub mod replies;
 pub mod retry;
 pub mod store;
 pub mod topics;
