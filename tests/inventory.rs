@@ -237,7 +237,6 @@ fn workload(seed: u64) -> Vec<Planned> {
                 order,
                 qty: 1 + rng.below(12),
                 ttl: None,
-                sku: None,
             },
             _ => InventoryCommand::Release { order },
         };

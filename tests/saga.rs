@@ -163,7 +163,6 @@ fn plan(seed: u64, orders: usize) -> Plan {
             "order.Place",
             &id,
             json!({
-                "order": id,
                 "lines": lines,
                 "account": payer,
                 "amount": amount,
@@ -188,7 +187,7 @@ fn plan(seed: u64, orders: usize) -> Plan {
                 format!("reserve-{hold}"),
                 "inventory.Reserve",
                 &s,
-                json!({"order": hold, "qty": 1, "ttl": 1, "sku": s}),
+                json!({"order": hold, "qty": 1, "ttl": 1}),
             ));
             plan.walk_ins.push((s, hold));
         }

@@ -16,7 +16,7 @@
 //! | command | data | events | rejections |
 //! |---|---|---|---|
 //! | `inventory.Receive` | `{"qty": 40}` | `Received` | `invalid_quantity`, `overflow` |
-//! | `inventory.Reserve` | `{"order": "ord-1", "qty": 3, "ttl": 900, "sku": "sku-42"}` | `Reserved` | `invalid_quantity`, `invalid_order`, `invalid_ttl`, `time_required`, `sku_required`, `already_reserved`, `already_confirmed`, `insufficient_stock` |
+//! | `inventory.Reserve` | `{"order": "ord-1", "qty": 3, "ttl": 900}` | `Reserved` | `invalid_quantity`, `invalid_order`, `invalid_ttl`, `time_required`, `already_reserved`, `already_confirmed`, `insufficient_stock` |
 //! | `inventory.Confirm` | `{"order": "ord-1"}` | `Confirmed` (none if already confirmed) | `invalid_order`, `not_reserved` |
 //! | `inventory.Release` | `{"order": "ord-1"}` | `Released` | `invalid_order`, `not_reserved`, `overflow` |
 //! | `inventory.Expire` | `{"order": "ord-1"}` | `Expired` (none if the order holds nothing) | `invalid_order`, `time_required`, `not_due`, `overflow` |
@@ -48,16 +48,12 @@
 //! goes negative (a `u64` lowered only after checking), and every unit received is
 //! available, held or sold: `on_hand == available + held + sold`.
 //!
-//! The `sku` field of `Reserve` names the SKU the command is for (its subject): a timer is
-//! a command with a target, and a handler does not see its own aggregate id in its context
-//! yet, so the SKU is carried in the data where a timer needs it. It must equal the subject.
-//!
 //! ```
 //! use commands::testing::given;
 //! use inventory::{InventoryCommand as C, InventoryEvent as E, Inventory};
 //!
 //! given::<Inventory>([E::Received { qty: 5, available: 5 }])
-//!     .when(C::Reserve { order: "ord-1".into(), qty: 6, ttl: None, sku: None })
+//!     .when(C::Reserve { order: "ord-1".into(), qty: 6, ttl: None })
 //!     .then_reject("insufficient_stock");
 //! ```
 //!
@@ -187,10 +183,6 @@ pub enum InventoryCommand {
         /// Seconds the hold lasts unless confirmed or released; none: until then.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ttl: Option<u64>,
-        /// The SKU this command is for (its subject), which the expiry timer is sent to;
-        /// needed with `ttl`.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        sku: Option<String>,
     },
     /// Makes `order`'s hold final: its units are sold.
     Confirm {
@@ -337,12 +329,9 @@ impl Aggregate for Inventory {
                 let available = state.available.checked_add(qty).ok_or_else(overflow)?;
                 Ok(Decision::event(InventoryEvent::Received { qty, available }))
             }
-            InventoryCommand::Reserve {
-                order,
-                qty,
-                ttl,
-                sku,
-            } => reserve(state, order, *qty, *ttl, sku.as_deref(), context),
+            InventoryCommand::Reserve { order, qty, ttl } => {
+                reserve(state, order, *qty, *ttl, context)
+            }
             InventoryCommand::Confirm { order } => {
                 valid_order(order)?;
                 if state.confirmed.contains_key(order) {
@@ -466,7 +455,6 @@ fn reserve(
     order: &str,
     qty: u64,
     ttl: Option<u64>,
-    sku: Option<&str>,
     context: &Context<'_>,
 ) -> Result<Decision<InventoryEvent>, Rejection> {
     let qty = positive(qty)?;
@@ -500,15 +488,8 @@ fn reserve(
                     "a reservation with a ttl needs the command's time",
                 )
             })?;
-            let sku = sku.filter(|s| !s.is_empty()).ok_or_else(|| {
-                Rejection::new(
-                    "sku_required",
-                    "a reservation with a ttl names its SKU, where the expiry is sent",
-                )
-            })?;
             // `ttl` is at most 30 days, so the seconds fit and the sum is a real date.
-            let at = now + Duration::seconds(ttl as i64);
-            Some((at, sku))
+            Some(now + Duration::seconds(ttl as i64))
         }
     };
     let available = state.available.checked_sub(qty).ok_or_else(|| {
@@ -524,16 +505,17 @@ fn reserve(
         order: order.to_owned(),
         qty,
         available,
-        expires_at: expiry.map(|(at, _)| at),
+        expires_at: expiry,
     });
     Ok(match expiry {
         None => decision,
-        Some((at, sku)) => decision.schedule(
+        // The timer sends the expiry to this SKU itself.
+        Some(at) => decision.schedule(
             hold_timer(order),
             at,
             Emit::command(
                 Inventory::TYPE,
-                sku,
+                context.aggregate_id,
                 &InventoryCommand::Expire {
                     order: order.to_owned(),
                 },
@@ -600,17 +582,15 @@ mod tests {
             order: order.into(),
             qty,
             ttl: None,
-            sku: None,
         }
     }
 
-    /// A reservation of `sku-1` that lasts `ttl` seconds.
+    /// A reservation that lasts `ttl` seconds.
     fn reserve_for(order: &str, qty: u64, ttl: u64) -> C {
         C::Reserve {
             order: order.into(),
             qty,
             ttl: Some(ttl),
-            sku: Some("sku-1".into()),
         }
     }
 
@@ -701,7 +681,9 @@ mod tests {
     ) -> Result<Vec<E>, Rejection> {
         let id = CommandId::parse("c-1").unwrap();
         let source = Source::parse("/test").unwrap();
-        let context = Context::new(&id, &source, 0).with_time(Some(now));
+        let context = Context::new(&id, &source, 0)
+            .with_time(Some(now))
+            .with_aggregate_id("sku-1");
         let decision = Inventory::handle(state, command, &context)?;
         for event in &decision.events {
             Inventory::apply(state, event);
@@ -847,7 +829,9 @@ mod tests {
         }
         let id = CommandId::parse("c-1").unwrap();
         let source = Source::parse("/test").unwrap();
-        let context = Context::new(&id, &source, events.len() as u64).with_time(now);
+        let context = Context::new(&id, &source, events.len() as u64)
+            .with_time(now)
+            .with_aggregate_id("sku-1");
         Inventory::handle(&state, command, &context).expect("accepted")
     }
 
@@ -887,15 +871,6 @@ mod tests {
             .when(reserve_for("ord-1", 3, 900))
             .then_reject("time_required")
             .then_state(|s| assert_eq!(s.available, 10));
-        given::<Inventory>([received(10, 10)])
-            .when(C::Reserve {
-                order: "ord-1".into(),
-                qty: 3,
-                ttl: Some(900),
-                sku: None,
-            })
-            .at(at(0))
-            .then_reject("sku_required");
         for ttl in [0, MAX_TTL_SECS + 1] {
             given::<Inventory>([received(10, 10)])
                 .when(reserve_for("ord-1", 3, ttl))

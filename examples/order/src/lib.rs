@@ -9,8 +9,8 @@
 //!
 //! # The conversation
 //!
-//! 1. `order.Place {order, lines: [{sku, qty}], account, amount, deadline}`: the order
-//!    sends `inventory.Reserve {order, qty, ttl, sku}` to every line's SKU, asking for each
+//! 1. `order.Place {lines: [{sku, qty}], account, amount, deadline}`: the order sends
+//!    `inventory.Reserve {order, qty, ttl}` (`order` its own id) to every line's SKU, asking for each
 //!    outcome, and sets its timer `deadline`, which sends `order.Timeout` at the command's
 //!    `time` plus `deadline` seconds. The holds last [`HOLD_MARGIN_SECS`] longer than the
 //!    deadline, so a hold never expires under an order that may still confirm it. Status
@@ -43,13 +43,9 @@
 //!
 //! | command | data | events | rejections |
 //! |---|---|---|---|
-//! | `order.Place` | `{"order": "ord-1", "lines": [{"sku": "sku-1", "qty": 2}], "account": "acc-1", "amount": 1500, "deadline": 30}` | `Placed` | `already_placed`, `time_required`, `invalid_order`, `invalid_lines`, `duplicate_sku`, `invalid_quantity`, `invalid_account`, `invalid_amount`, `invalid_deadline` |
+//! | `order.Place` | `{"lines": [{"sku": "sku-1", "qty": 2}], "account": "acc-1", "amount": 1500, "deadline": 30}` | `Placed` | `already_placed`, `time_required`, `invalid_order`, `invalid_lines`, `duplicate_sku`, `invalid_quantity`, `invalid_account`, `invalid_amount`, `invalid_deadline` |
 //! | `order.Outcome` | a [`CommandOutcome`] | see above (none if already known) | `not_placed`, `unexpected_outcome` |
 //! | `order.Timeout` | `{}` | `Cancelled` (none if the order ended) | `not_placed`, `time_required`, `not_due` |
-//!
-//! The `order` field of `Place` is the order's own id (its subject): a handler does not see
-//! its aggregate id in its context yet, and the order must name itself in the reservations
-//! it sends and in its own deadline timer. It must equal the subject.
 //!
 //! ```
 //! use commands::testing::given;
@@ -59,13 +55,13 @@
 //!
 //! let then = given::<Order>([])
 //!     .when(OrderCommand::Place {
-//!         order: "ord-1".into(),
 //!         lines: vec![Line { sku: "sku-1".into(), qty: 2 }],
 //!         account: "acc-1".into(),
 //!         amount: 1500,
 //!         deadline: 30,
 //!     })
 //!     .at(now)
+//!     .on("ord-1")
 //!     .outcome();
 //! assert_eq!(then.state().status, Status::Reserving);
 //! let decision = then.decision().as_ref().unwrap();
@@ -186,8 +182,6 @@ pub enum OrderCommand {
     /// Places the order: reserves every line, then takes the payment, within `deadline`
     /// seconds of the command's `time`.
     Place {
-        /// The order's own id: the command's subject.
-        order: String,
         /// What is ordered; each SKU at most once.
         lines: Vec<Line>,
         /// The `account` aggregate the amount is taken from.
@@ -387,12 +381,11 @@ impl Aggregate for Order {
     ) -> Result<Decision<OrderEvent>, Rejection> {
         match command {
             OrderCommand::Place {
-                order,
                 lines,
                 account,
                 amount,
                 deadline,
-            } => place(state, order, lines, account, *amount, *deadline, context),
+            } => place(state, lines, account, *amount, *deadline, context),
             OrderCommand::Outcome(outcome) => {
                 if state.status == Status::New {
                     return Err(not_placed());
@@ -477,7 +470,6 @@ impl Aggregate for Order {
 /// `Place`: checks the order, sends its reservations and sets its deadline.
 fn place(
     state: &OrderState,
-    order: &str,
     lines: &[Line],
     account: &str,
     amount: i64,
@@ -490,6 +482,8 @@ fn place(
             format!("order {} was placed before", state.order),
         ));
     }
+    // The order names itself in its reservations and its deadline timer.
+    let order = context.aggregate_id;
     valid_id("invalid_order", "an order id", order)?;
     valid_id("invalid_account", "an account id", account)?;
     if lines.is_empty() || lines.len() > MAX_LINES {
@@ -547,7 +541,7 @@ fn place(
             Emit::new(
                 "inventory.Reserve",
                 line.sku.clone(),
-                json!({"order": order, "qty": line.qty, "ttl": ttl, "sku": line.sku}),
+                json!({"order": order, "qty": line.qty, "ttl": ttl}),
             )
             .with_outcome(),
         );
