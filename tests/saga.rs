@@ -430,6 +430,25 @@ async fn orders_end_confirmed_or_cancelled_with_stock_and_money_conserved() {
     for walk_in in &plan.walk_ins {
         assert!(expired.contains(walk_in), "{walk_in:?} did not expire");
     }
+    // How long past its expiry each walk-in hold lasted: the timer's tick plus a batch,
+    // unless the worker owning its SKU was the one killed (a session timeout more).
+    let lateness: Vec<f64> = sqlx::query_scalar(
+        "SELECT EXTRACT(EPOCH FROM (x.created_at - (r.data->>'expires_at')::timestamptz))::float8
+         FROM events x JOIN events r ON r.aggregate_id = x.aggregate_id
+          AND r.event_type = 'inventory.Reserved' AND r.data->>'order' = x.data->>'order'
+         WHERE x.event_type = 'inventory.Expired' AND x.data->>'order' LIKE 'walk-in-%'",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(lateness.len(), plan.walk_ins.len());
+    let latest = lateness.iter().copied().fold(0.0, f64::max);
+    assert!(
+        lateness.iter().all(|late| *late >= 0.0),
+        "a hold expired early: {lateness:?}"
+    );
+    assert!(latest < 15.0, "a hold outlived its expiry by {latest:.1} s");
+    eprintln!("saga: walk-in holds ended at most {latest:.2} s after their expiry");
 
     // Money: balances plus what confirmed orders captured is what was deposited; no
     // balance negative.
