@@ -24,6 +24,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 mod aggregates;
 mod dead_letters;
 mod events;
+mod lookup;
 mod outbox;
 mod outcomes;
 mod parking;
@@ -35,6 +36,7 @@ pub(crate) use dead_letters::{
     list_dead_letters, lock_dead_letter, mark_dead_letter_skipped, mark_redriven,
     write_dead_letters,
 };
+pub use lookup::recorded_command;
 pub(crate) use events::{load_outcomes_from_events, recent_events, write_events};
 pub use outbox::{
     dead_letter_message_id, forget_found_published, found_published, lock_relay_position,
