@@ -148,6 +148,7 @@ fn topic_names() -> TestTopics {
     TestTopics {
         events: Topic::parse(format!("test-{id}-events")).unwrap(),
         dead_letters: commands.dead_letter(),
+        replies: commands.replies(),
         commands,
         group: format!("test-{id}"),
         partitions: PARTITIONS,

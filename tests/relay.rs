@@ -252,6 +252,7 @@ async fn two_deployments_on_one_commands_topic_each_publish_all_their_events() {
         commands: blue.commands.clone(),
         events: green_own.events.clone(),
         dead_letters: blue.dead_letters.clone(),
+        replies: blue.replies.clone(),
         group: green_own.group.clone(),
         partitions: 3,
     };

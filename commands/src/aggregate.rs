@@ -12,6 +12,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use serde_json::Value;
 
 use crate::ids::{CommandId, Source};
+use crate::workflow::{Emit, TimerOp};
 
 /// A business rejection: the command was well-formed but the aggregate refuses it.
 ///
@@ -87,37 +88,40 @@ impl<'a> Context<'a> {
     }
 }
 
-/// What an accepted command does: the events it records, in order.
+/// What an accepted command does: the events it records, in order, and the commands it
+/// emits and timers it sets for what spans aggregates (see [`crate::workflow`]).
 ///
 /// The struct is `#[non_exhaustive]`: build it with [`Decision::new`], [`Decision::event`],
-/// [`Decision::events`] or `From<Vec<E>>`, so that what a handler may return can grow
-/// (commands for other aggregates, timers) without breaking handlers written today.
+/// [`Decision::events`] or `From<Vec<E>>`, then [`Decision::emit`], [`Decision::schedule`]
+/// and [`Decision::cancel`], so that what a handler may return can grow without breaking
+/// handlers written today.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Decision<E> {
     /// The events, applied to the state in this order; their index within the command
     /// derives their ids.
     pub events: Vec<E>,
+    /// Commands for other aggregates (or this one), published with the events; their index
+    /// derives their ids.
+    pub commands: Vec<Emit>,
+    /// Timers of this aggregate to set or cancel, in order.
+    pub timers: Vec<TimerOp>,
 }
 
 impl<E> Decision<E> {
     /// A decision that records nothing (the command is accepted as a no-op).
     pub fn new() -> Self {
-        Self { events: Vec::new() }
+        Self::from(Vec::new())
     }
 
     /// A decision recording one event.
     pub fn event(event: E) -> Self {
-        Self {
-            events: vec![event],
-        }
+        Self::from(vec![event])
     }
 
     /// A decision recording `events` in order.
     pub fn events(events: impl IntoIterator<Item = E>) -> Self {
-        Self {
-            events: events.into_iter().collect(),
-        }
+        Self::from(events.into_iter().collect::<Vec<_>>())
     }
 
     /// Adds one more event after the others.
@@ -126,10 +130,35 @@ impl<E> Decision<E> {
         self
     }
 
+    /// Emits a command, published in the same transaction as the events.
+    pub fn emit(mut self, command: Emit) -> Self {
+        self.commands.push(command);
+        self
+    }
+
+    /// Sets the timer `name` of this aggregate to send `command` at `at`, replacing a
+    /// pending timer of that name.
+    pub fn schedule(mut self, name: impl Into<String>, at: DateTime<Utc>, command: Emit) -> Self {
+        self.timers.push(TimerOp::Schedule {
+            name: name.into(),
+            at,
+            command,
+        });
+        self
+    }
+
+    /// Cancels the timer `name` of this aggregate, if it is pending: it never fires.
+    pub fn cancel(mut self, name: impl Into<String>) -> Self {
+        self.timers.push(TimerOp::Cancel { name: name.into() });
+        self
+    }
+
     /// The same decision with each event mapped, keeping everything else.
     pub fn map<F>(self, f: impl FnMut(E) -> F) -> Decision<F> {
         Decision {
             events: self.events.into_iter().map(f).collect(),
+            commands: self.commands,
+            timers: self.timers,
         }
     }
 }
@@ -142,7 +171,11 @@ impl<E> Default for Decision<E> {
 
 impl<E> From<Vec<E>> for Decision<E> {
     fn from(events: Vec<E>) -> Self {
-        Self { events }
+        Self {
+            events,
+            commands: Vec::new(),
+            timers: Vec::new(),
+        }
     }
 }
 

@@ -127,6 +127,39 @@ pub struct Command {
     /// The `replyto` extension: the topic that gets a [`crate::reply::Reply`] for every
     /// delivery of the command.
     pub reply_to: Option<Topic>,
+    /// The `outcometo` extension (`<aggregate type>/<aggregate id>`): the aggregate that
+    /// emitted the command and gets its outcome as its `Outcome` command.
+    pub outcome_to: Option<OutcomeTo>,
+}
+
+/// The aggregate an emitted command's outcome goes back to (the `outcometo` extension,
+/// `<aggregate type>/<aggregate id>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutcomeTo {
+    /// The emitter's aggregate type.
+    pub aggregate_type: String,
+    /// The emitter's aggregate id.
+    pub aggregate_id: String,
+}
+
+impl OutcomeTo {
+    /// Reads `<aggregate type>/<aggregate id>`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (t, id) = s.split_once('/')?;
+        let type_ok = t.starts_with(|c: char| c.is_ascii_lowercase())
+            && t.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        (type_ok && !id.is_empty() && !id.contains('\0')).then(|| Self {
+            aggregate_type: t.to_owned(),
+            aggregate_id: id.to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Display for OutcomeTo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.aggregate_type, self.aggregate_id)
+    }
 }
 
 impl Command {
@@ -148,6 +181,7 @@ impl Command {
             correlation_id: None,
             time: None,
             reply_to: None,
+            outcome_to: None,
         }
     }
 
@@ -180,6 +214,9 @@ impl Command {
         }
         if let Some(r) = &self.reply_to {
             m.insert("replyto".into(), r.as_str().into());
+        }
+        if let Some(o) = &self.outcome_to {
+            m.insert("outcometo".into(), o.to_string().into());
         }
         m.insert("data".into(), self.data.clone());
         Value::Object(m)
@@ -315,6 +352,18 @@ impl Command {
                     .map_err(|e| with_aggregate(DeadLetterKind::Schema, format!("replyto: {e}")))?,
             ),
         };
+        let outcome_to = match text(&m, "outcometo") {
+            None => None,
+            Some(o) => Some(OutcomeTo::parse(&o).ok_or_else(|| {
+                with_aggregate(
+                    DeadLetterKind::Schema,
+                    format!(
+                        "outcometo `{}` is not `<aggregate type>/<aggregate id>`",
+                        preview(o.as_bytes(), 80)
+                    ),
+                )
+            })?),
+        };
         let data = m.remove("data").unwrap_or(Value::Null);
         // Postgres stores neither `text` nor `jsonb` with U+0000, so a command carrying it
         // could never be recorded; it is refused here rather than retried forever.
@@ -351,68 +400,85 @@ impl Command {
             correlation_id,
             time,
             reply_to,
+            outcome_to,
         })
     }
 }
 
-/// Where the reply to a message goes, read leniently from its envelope: the `replyto`
-/// topic, `source` and `id` of a message that did not decode as a command (a dead letter
-/// still answers its caller when it named a valid topic and its idempotency key).
+/// Where the answers to a message go, read leniently from its envelope when it did not
+/// decode: its `replyto` topic and `outcometo` aggregate, with the command's key, type and
+/// subject (a dead letter still answers its caller when it named where, and its
+/// idempotency key).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplyAddress {
-    /// The reply topic.
-    pub topic: Topic,
+    /// The reply topic (`replyto`).
+    pub topic: Option<Topic>,
+    /// The aggregate that gets the outcome as a command (`outcometo`).
+    pub outcome_to: Option<OutcomeTo>,
     /// The command's `source`.
     pub source: String,
     /// The command's `id`.
     pub id: String,
+    /// The command's `type` (empty when unreadable).
+    pub command_type: String,
+    /// The command's `subject` (empty when unreadable).
+    pub subject: String,
     /// The command's `correlationid`, if any.
     pub correlation_id: Option<String>,
 }
 
 impl ReplyAddress {
-    /// The reply address of a decoded command, if it asked for replies.
+    /// Where a decoded command's answers go, if it asked for any.
     pub fn of(command: &Command) -> Option<Self> {
+        if command.reply_to.is_none() && command.outcome_to.is_none() {
+            return None;
+        }
         Some(Self {
-            topic: command.reply_to.clone()?,
+            topic: command.reply_to.clone(),
+            outcome_to: command.outcome_to.clone(),
             source: command.source.to_string(),
             id: command.id.to_string(),
+            command_type: command.command_type.to_string(),
+            subject: command.subject.to_string(),
             correlation_id: command.correlation_id.clone(),
         })
     }
 
-    /// The reply address of a raw message (structured or binary mode), whatever else is
-    /// wrong with it; `None` unless `replyto`, `source` and `id` are all present and valid.
+    /// Where a raw message's answers go (structured or binary mode), whatever else is wrong
+    /// with it; `None` unless `source` and `id` are valid and `replyto` or `outcometo` is.
     pub fn read(headers: &[(&str, Option<&[u8]>)], value: Option<&[u8]>) -> Option<Self> {
         let binary = headers.iter().any(|(k, _)| *k == "ce_specversion");
+        let structured: Option<Value> = if binary {
+            None
+        } else {
+            Some(serde_json::from_slice(value?).ok()?)
+        };
         let attr = |name: &str| -> Option<String> {
-            if binary {
-                let header = format!("ce_{name}");
-                let (_, v) = headers.iter().find(|(k, _)| *k == header)?;
-                std::str::from_utf8((*v)?).ok().map(str::to_owned)
-            } else {
-                None
+            match &structured {
+                Some(v) => v.get(name).and_then(Value::as_str).map(str::to_owned),
+                None => {
+                    let header = format!("ce_{name}");
+                    let (_, v) = headers.iter().find(|(k, _)| *k == header)?;
+                    std::str::from_utf8((*v)?).ok().map(str::to_owned)
+                }
             }
         };
-        let (topic, source, id, correlation_id) = if binary {
-            (
-                attr("replyto")?,
-                attr("source")?,
-                attr("id")?,
-                attr("correlationid"),
-            )
-        } else {
-            let v: Value = serde_json::from_slice(value?).ok()?;
-            let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
-            (s("replyto")?, s("source")?, s("id")?, s("correlationid"))
-        };
-        let source = Source::parse(source).ok()?.to_string();
-        let id = CommandId::parse(id).ok()?.to_string();
+        let topic = attr("replyto").and_then(|t| Topic::parse(t).ok());
+        let outcome_to = attr("outcometo").and_then(|o| OutcomeTo::parse(&o));
+        if topic.is_none() && outcome_to.is_none() {
+            return None;
+        }
+        let source = Source::parse(attr("source")?).ok()?.to_string();
+        let id = CommandId::parse(attr("id")?).ok()?.to_string();
+        let clean = |s: Option<String>| s.filter(|s| !s.contains('\0'));
         Some(Self {
-            topic: Topic::parse(topic).ok()?,
+            topic,
+            outcome_to,
             source,
             id,
-            correlation_id: correlation_id.filter(|c| !c.contains('\0')),
+            command_type: clean(attr("type")).unwrap_or_default(),
+            subject: clean(attr("subject")).unwrap_or_default(),
+            correlation_id: clean(attr("correlationid")),
         })
     }
 }

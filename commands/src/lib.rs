@@ -76,6 +76,7 @@
 //!   type-erased `DynAggregate` the engine drives.
 //! - [`registry`]: the `Registry` of aggregates with their `Schemas`, checked at start.
 //! - [`reply`]: the `cmdproc.reply` a command with `replyto` gets for every delivery.
+//! - [`workflow`]: commands a handler emits, their outcomes coming back, durable timers.
 //! - [`schema`]: the embedded envelopes and the compiled `SchemaSet`.
 //! - [`testing`]: given/when/then for aggregates.
 //! - [`wire`]: the messages the engine publishes, as bytes: events as structured-mode
@@ -92,11 +93,12 @@ pub mod reply;
 pub mod schema;
 pub mod testing;
 pub mod wire;
+pub mod workflow;
 
 pub use aggregate::{
     Aggregate, CommandError, Context, Decision, DomainEvent, DynAggregate, Handled, Rejection,
 };
-pub use envelope::{Command, DeadLetterKind, DecodeError, EventEnvelope, ReplyAddress};
+pub use envelope::{Command, DeadLetterKind, DecodeError, EventEnvelope, OutcomeTo, ReplyAddress};
 pub use ids::{AggregateId, CommandId, CommandType, Source, Topic};
 pub use registry::{ContractErrors, Registry, RegistryError, Schemas, Typed};
 pub use reply::{Reply, ReplyCommand, ReplyOutcome};

@@ -11,7 +11,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use commands::envelope::{
     event_id, payload_digest, preview, Command, DeadLetterKind, DecodeError, EventEnvelope,
 };
-use commands::{CommandError, Context, Handled, Registry, Rejection, ReplyOutcome};
+use commands::{
+    CommandError, Context, Handled, Registry, Rejection, Reply, ReplyAddress, ReplyCommand,
+    ReplyOutcome,
+};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -57,6 +60,21 @@ pub struct Outcome {
     /// after pruning. Without it a later delivery of the key is a plain duplicate, whatever
     /// its payload.
     pub digest: Option<Uuid>,
+    /// Where the delivery this outcome was recorded for sits in the commands log, when
+    /// loaded from the store: a replay re-reading that very message is no new delivery and
+    /// gets no second reply. `None` for outcomes planned in this batch and rebuilt ones.
+    pub recorded_at: Option<LogPosition>,
+}
+
+/// A message's place in the commands log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogPosition {
+    /// The commands topic.
+    pub topic: String,
+    /// Its partition.
+    pub partition: i32,
+    /// The offset.
+    pub offset: i64,
 }
 
 impl Outcome {
@@ -186,6 +204,36 @@ pub struct RefusedReuse {
     pub digest: Uuid,
 }
 
+/// A reply to one delivery of a command that named a `replyto` topic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplyRow {
+    /// Offset of the delivery.
+    pub offset: i64,
+    /// Where it goes, and the command's key and correlation id.
+    pub to: ReplyAddress,
+    /// What it says.
+    pub reply: Reply,
+    /// What the delivery was, which decides whether the reply is written (see
+    /// `pipeline::write_plans`): a delivery re-read by a replay gets no second reply.
+    pub answers: Answers,
+}
+
+/// What kind of delivery a reply answers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answers {
+    /// A command processed for the first time: always answered.
+    Processed,
+    /// A delivery of a command whose key has an outcome recorded at `recorded_at`:
+    /// answered when the delivery is recorded for the first time, and is not that very
+    /// message read again.
+    Duplicate {
+        /// Where the recorded outcome's delivery sits, if known.
+        recorded_at: Option<LogPosition>,
+    },
+    /// A dead letter: answered when the dead letter is recorded for the first time.
+    DeadLetter,
+}
+
 /// An event to store and publish.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventRow {
@@ -240,6 +288,8 @@ pub struct Plan {
     pub events: Vec<EventRow>,
     /// Dead letters, in order.
     pub dead_letters: Vec<DeadLetterRow>,
+    /// Replies to deliveries of commands with `replyto`, in order.
+    pub replies: Vec<ReplyRow>,
     /// Aggregate writes, one per touched aggregate.
     pub writes: Vec<AggregateWrite>,
     /// Commands set aside because their aggregate is parked, in offset order.
@@ -325,7 +375,7 @@ pub fn plan(
         let command = match &m.decoded {
             Ok(c) => c,
             Err(e) => {
-                out.dead_letters.push(dead_letter(m, e.clone()));
+                push_dead_letter(&mut out, m, e.clone(), None);
                 continue;
             }
         };
@@ -348,6 +398,20 @@ pub fn plan(
                     command_type: command.command_type.to_string(),
                     digest,
                 });
+            if let Some(to) = ReplyAddress::of(command) {
+                let (answer, duplicate) = match refused {
+                    Some(_) => (key_reused_outcome(outcome), false),
+                    None => (outcome.reply_outcome(), true),
+                };
+                out.replies.push(ReplyRow {
+                    offset: m.offset,
+                    reply: reply(&to, answer, duplicate),
+                    to,
+                    answers: Answers::Duplicate {
+                        recorded_at: outcome.recorded_at.clone(),
+                    },
+                });
+            }
             out.duplicates.push(DuplicateRow {
                 offset: m.offset,
                 source: ckey.0,
@@ -364,7 +428,7 @@ pub fn plan(
                 message: format!("unknown aggregate type `{agg_type}`"),
                 aggregate: Some((agg_type, command.subject.to_string())),
             };
-            out.dead_letters.push(dead_letter(m, e));
+            push_dead_letter(&mut out, m, e, Some(command));
             continue;
         };
         let akey = (agg_type.clone(), command.subject.as_str().to_owned());
@@ -382,7 +446,7 @@ pub fn plan(
                 message: reason,
                 aggregate: Some(akey),
             };
-            out.dead_letters.push(dead_letter(m, e));
+            push_dead_letter(&mut out, m, e, Some(command));
             continue;
         }
         let loaded = current.entry(akey.clone()).or_insert_with(|| {
@@ -465,7 +529,7 @@ pub fn plan(
                     message,
                     aggregate: Some(akey.clone()),
                 };
-                out.dead_letters.push(dead_letter(m, e));
+                push_dead_letter(&mut out, m, e, Some(command));
                 continue;
             }
             Ok(Handled::Invalid(command_error)) => {
@@ -478,7 +542,7 @@ pub fn plan(
                     message: command_error.to_string(),
                     aggregate: Some(akey.clone()),
                 };
-                out.dead_letters.push(dead_letter(m, e));
+                push_dead_letter(&mut out, m, e, Some(command));
                 continue;
             }
             Ok(Handled::Rejected(rejection)) => Outcome {
@@ -488,6 +552,7 @@ pub fn plan(
                 version: loaded.version,
                 event_ids: Vec::new(),
                 digest: Some(digest),
+                recorded_at: None,
             },
             Ok(Handled::Accepted(decision)) => {
                 let events = decision.events;
@@ -525,9 +590,18 @@ pub fn plan(
                     version: loaded.version,
                     event_ids: ids,
                     digest: Some(digest),
+                    recorded_at: None,
                 }
             }
         };
+        if let Some(to) = ReplyAddress::of(command) {
+            out.replies.push(ReplyRow {
+                offset: m.offset,
+                reply: reply(&to, outcome.reply_outcome(), false),
+                to,
+                answers: Answers::Processed,
+            });
+        }
         seen.insert(ckey.clone(), outcome.clone());
         out.processed.push(ProcessedRow {
             source: ckey.0,
@@ -555,6 +629,47 @@ pub fn plan(
         });
     }
     out
+}
+
+/// Records `m` as a dead letter for `e`, and a reply to it when the command (or, for a
+/// message that did not decode, its envelope read leniently) names a reply topic.
+fn push_dead_letter(out: &mut Plan, m: &Incoming, e: DecodeError, command: Option<&Command>) {
+    let to = match command {
+        Some(c) => ReplyAddress::of(c),
+        None => {
+            let headers: Vec<(&str, Option<&[u8]>)> = m
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_deref()))
+                .collect();
+            ReplyAddress::read(&headers, m.value.as_deref())
+        }
+    };
+    if let Some(to) = to {
+        let answer = ReplyOutcome::DeadLettered {
+            kind: e.kind.as_str().to_owned(),
+            message: e.message.clone(),
+        };
+        out.replies.push(ReplyRow {
+            offset: m.offset,
+            reply: reply(&to, answer, false),
+            to,
+            answers: Answers::DeadLetter,
+        });
+    }
+    out.dead_letters.push(dead_letter(m, e));
+}
+
+/// The reply to the command `to` names.
+fn reply(to: &ReplyAddress, outcome: ReplyOutcome, duplicate: bool) -> Reply {
+    Reply {
+        command: ReplyCommand {
+            source: to.source.clone(),
+            id: to.id.clone(),
+        },
+        outcome,
+        duplicate,
+    }
 }
 
 /// A dead letter of `m`, with copies of its original bytes (the batch keeps the message,
@@ -694,6 +809,7 @@ mod tests {
             version: 1,
             event_ids: vec![],
             digest: None,
+            recorded_at: None,
         };
         known.insert(("/t".to_owned(), "1".to_owned()), recorded.clone());
         let mut aggregates = HashMap::new();
@@ -834,6 +950,7 @@ mod tests {
                     0,
                 )],
                 digest: with_digest.then_some(digest),
+                recorded_at: None,
             },
         )]
         .into()

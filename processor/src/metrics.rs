@@ -41,6 +41,10 @@ pub const OUTBOX_BACKLOG: &str = "cmdproc_outbox_backlog";
 pub const PUBLISH_SECONDS: &str = "cmdproc_publish_latency_seconds";
 /// Events the relay published (committed in a Kafka transaction).
 pub const EVENTS_PUBLISHED_TOTAL: &str = "cmdproc_events_published_total";
+/// Replies the relay published to the reply topics commands named (`replyto`).
+pub const REPLIES_PUBLISHED_TOTAL: &str = "cmdproc_replies_published_total";
+/// Replies the relay dropped because the reply topic their command named does not exist.
+pub const REPLIES_UNDELIVERABLE_TOTAL: &str = "cmdproc_replies_undeliverable_total";
 /// Dead letters the relay published to the dead-letter topic.
 pub const DEAD_LETTERS_PUBLISHED_TOTAL: &str = "cmdproc_dead_letters_published_total";
 /// Times a relay, taking a partition whose Kafka position was not exactly the recorded one
@@ -142,6 +146,10 @@ pub struct Metrics {
     pub events_published: IntCounter,
     /// [`DEAD_LETTERS_PUBLISHED_TOTAL`].
     pub dead_letters_published: IntCounter,
+    /// [`REPLIES_PUBLISHED_TOTAL`].
+    pub replies_published: IntCounter,
+    /// [`REPLIES_UNDELIVERABLE_TOTAL`].
+    pub replies_undeliverable: IntCounter,
     /// [`PARTITIONS_SET_ASIDE_TOTAL`].
     pub partitions_set_aside: IntCounter,
     /// [`RELAY_RECONCILES_TOTAL`].
@@ -270,6 +278,14 @@ impl Metrics {
             dead_letters_published: counter(
                 DEAD_LETTERS_PUBLISHED_TOTAL,
                 "Dead letters published by the relay.",
+            ),
+            replies_published: counter(
+                REPLIES_PUBLISHED_TOTAL,
+                "Replies published by the relay to the topics commands named.",
+            ),
+            replies_undeliverable: counter(
+                REPLIES_UNDELIVERABLE_TOTAL,
+                "Replies dropped because the reply topic their command named does not exist.",
             ),
             partitions_set_aside: counter(
                 PARTITIONS_SET_ASIDE_TOTAL,

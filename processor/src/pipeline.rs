@@ -13,8 +13,8 @@ use commands::{wire, Registry};
 use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::batch::{
-    self, AggregateKey, DeadLetterRow, DuplicateRow, EventRow, Incoming, Loaded, Plan, PlanOptions,
-    ProcessedRow,
+    self, AggregateKey, Answers, DeadLetterRow, DuplicateRow, EventRow, Incoming, Loaded, Plan,
+    PlanOptions, ProcessedRow, ReplyRow,
 };
 use crate::cache::AggregateCache;
 use crate::store::{self, OutboxRow, Position, Result, StoreError};
@@ -485,7 +485,14 @@ async fn write_plans(
         .iter()
         .flat_map(|(t, p, _)| p.duplicates.iter().map(|r| (t.partition, r)))
         .collect();
-    store::write_duplicates(tx, topic, &duplicates).await?;
+    // A reply to a duplicate answers a delivery recorded now for the first time: a replay
+    // (or a restore) meeting it again answered it already.
+    let answer_duplicates = plans.iter().any(|(_, p, _)| {
+        p.replies
+            .iter()
+            .any(|r| matches!(r.answers, Answers::Duplicate { .. }))
+    });
+    let new_duplicates = store::write_duplicates(tx, topic, &duplicates, answer_duplicates).await?;
 
     let events: Vec<&EventRow> = plans.iter().flat_map(|(_, p, _)| &p.events).collect();
     store::write_events(tx, &events).await?;
@@ -506,7 +513,7 @@ async fn write_plans(
     let mut outbox: Vec<OutboxRow<'_>> = Vec::new();
     for (target, plan, outbox_seq) in plans {
         let mut pending: Vec<(i64, Pending<'_>)> =
-            Vec::with_capacity(plan.events.len() + plan.dead_letters.len());
+            Vec::with_capacity(plan.events.len() + plan.dead_letters.len() + plan.replies.len());
         pending.extend(
             plan.events
                 .iter()
@@ -517,6 +524,22 @@ async fn write_plans(
                 .iter()
                 .filter(|d| new_dead_letters.contains(&(target.partition, d.offset)))
                 .map(|d| (d.offset, Pending::DeadLetter(d))),
+        );
+        pending.extend(
+            plan.replies
+                .iter()
+                .filter(|r| match &r.answers {
+                    Answers::Processed => true,
+                    Answers::DeadLetter => new_dead_letters.contains(&(target.partition, r.offset)),
+                    Answers::Duplicate { recorded_at } => {
+                        new_duplicates.contains(&(target.partition, r.offset))
+                            && recorded_at.as_ref().is_none_or(|at| {
+                                (at.topic.as_str(), at.partition, at.offset)
+                                    != (target.topic, target.partition, r.offset)
+                            })
+                    }
+                })
+                .map(|r| (r.offset, Pending::Reply(r))),
         );
         pending.sort_by_key(|(offset, _)| *offset);
         let mut seq = *outbox_seq;
@@ -561,12 +584,14 @@ pub(crate) async fn plan_and_write(
 enum Pending<'p> {
     Event(&'p commands::EventEnvelope),
     DeadLetter(&'p DeadLetterRow),
+    Reply(&'p ReplyRow),
 }
 
 /// The outbox row numbered `seq` of an event (on the events topic, keyed by its
 /// aggregate) or of a dead letter (on the dead-letter topic, the original bytes and headers
-/// plus the `cmdproc-error-*` and `cmdproc-original-*` headers).
-fn outbox_row<'t>(target: &BatchTarget<'t>, pending: Pending<'_>, seq: i64) -> OutboxRow<'t> {
+/// plus the `cmdproc-error-*` and `cmdproc-original-*` headers) or of a reply (on the
+/// command's `replyto` topic, keyed by the command's id).
+fn outbox_row<'t>(target: &BatchTarget<'t>, pending: Pending<'t>, seq: i64) -> OutboxRow<'t> {
     match pending {
         Pending::Event(envelope) => OutboxRow {
             partition: target.partition,
@@ -593,5 +618,20 @@ fn outbox_row<'t>(target: &BatchTarget<'t>, pending: Pending<'_>, seq: i64) -> O
                 },
             ),
         },
+        Pending::Reply(r) => {
+            let message_id = store::reply_message_id(
+                target.topic,
+                target.partition,
+                r.offset,
+                matches!(r.answers, Answers::DeadLetter),
+            );
+            OutboxRow {
+                partition: target.partition,
+                seq,
+                topic: r.to.topic.as_str(),
+                message: wire::reply_message(&r.reply, &message_id, r.to.correlation_id.as_deref()),
+                message_id,
+            }
+        }
     }
 }

@@ -148,7 +148,13 @@ pub struct Relay {
     /// Per partition, identities of rows already on their topic (`relay_published`):
     /// skipped when their turn comes. Usually empty.
     skip: Mutex<HashMap<i32, HashSet<String>>>,
+    /// Reply topics looked up: whether each exists, and when that was learnt. A command may
+    /// name any topic as `replyto`; a missing one must not hold back the partition.
+    reply_topics: Mutex<HashMap<String, (bool, Instant)>>,
 }
+
+/// How long a reply topic found missing is taken as missing before it is looked up again.
+const MISSING_REPLY_TOPIC_TTL: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for Relay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -203,6 +209,7 @@ impl Relay {
             failing: Mutex::default(),
             shrink: Mutex::default(),
             skip: Mutex::default(),
+            reply_topics: Mutex::default(),
         })
     }
 
@@ -392,6 +399,59 @@ impl Relay {
         }
     }
 
+    /// The reply topics of `rows` that do not exist. A topic found is remembered for good (a
+    /// failed publish forgets it again); one found missing for [`MISSING_REPLY_TOPIC_TTL`].
+    /// A lookup that fails (the broker unreachable) counts the topic as existing, so that
+    /// no reply is dropped for an outage: the publish fails and is retried instead.
+    async fn missing_reply_topics(
+        &self,
+        producer: &Arc<FutureProducer>,
+        rows: &[store::OutboxMessage],
+    ) -> HashSet<String> {
+        let mut missing = HashSet::new();
+        let topics: HashSet<&str> = rows
+            .iter()
+            .filter(|r| is_reply(r))
+            .map(|r| r.topic.as_str())
+            .collect();
+        for topic in topics {
+            let cached = self
+                .reply_topics
+                .lock()
+                .expect("reply topics")
+                .get(topic)
+                .copied();
+            let exists = match cached {
+                Some((true, _)) => true,
+                Some((false, at)) if at.elapsed() < MISSING_REPLY_TOPIC_TTL => false,
+                _ => {
+                    let (client, name) = (producer.clone(), topic.to_owned());
+                    let looked_up = blocking(move || {
+                        let md = client.client().fetch_metadata(Some(&name), KAFKA_TIMEOUT)?;
+                        Ok::<_, KafkaError>(md.topics().iter().any(|t| {
+                            t.name() == name && t.error().is_none() && !t.partitions().is_empty()
+                        }))
+                    })
+                    .await;
+                    match looked_up {
+                        Ok(exists) => {
+                            self.reply_topics
+                                .lock()
+                                .expect("reply topics")
+                                .insert(topic.to_owned(), (exists, Instant::now()));
+                            exists
+                        }
+                        Err(_) => true,
+                    }
+                }
+            };
+            if !exists {
+                missing.insert(topic.to_owned());
+            }
+        }
+        missing
+    }
+
     /// The partition's transactional producer, created (fencing earlier relays) on first use.
     /// Returns whether it is new, in which case the position must be recovered from Kafka.
     async fn producer(
@@ -560,6 +620,28 @@ impl Relay {
             }
         };
 
+        // Replies whose topic does not exist go nowhere; the position still moves past them.
+        let missing = self.missing_reply_topics(&producer, &rows).await;
+        let (rows, undeliverable): (Vec<store::OutboxMessage>, Vec<store::OutboxMessage>) =
+            if missing.is_empty() {
+                (rows, Vec::new())
+            } else {
+                rows.into_iter()
+                    .partition(|r| !(is_reply(r) && missing.contains(&r.topic)))
+            };
+        if !undeliverable.is_empty() {
+            self.metrics
+                .replies_undeliverable
+                .inc_by(undeliverable.len() as u64);
+            tracing::warn!(
+                partition,
+                replies = undeliverable.len(),
+                topics = ?missing,
+                "dropped replies to topics that do not exist (the commands named them as \
+                 replyto); create the topic to get replies there"
+            );
+        }
+
         producer
             .begin_transaction()
             .map_err(|e| RelayError::Kafka(e.to_string()))?;
@@ -569,6 +651,11 @@ impl Relay {
         if let Err(e) = published_batch {
             let aborting = producer.clone();
             let _ = blocking(move || aborting.abort_transaction(KAFKA_TIMEOUT)).await;
+            // A reply topic deleted since it was looked up fails the batch: look again.
+            let mut known = self.reply_topics.lock().expect("reply topics");
+            for r in rows.iter().filter(|r| is_reply(r)) {
+                known.remove(&r.topic);
+            }
             return Err(e);
         }
         self.metrics
@@ -577,12 +664,14 @@ impl Relay {
         // Dead letters go to `<commands topic>.dlq` (`Topic::dead_letter`), events elsewhere.
         let dead_letter_topic = format!("{}.dlq", self.commands_topic);
         let dead_letters = rows.iter().filter(|r| r.topic == dead_letter_topic).count();
+        let replies = rows.iter().filter(|r| is_reply(r)).count();
         self.metrics
             .dead_letters_published
             .inc_by(dead_letters as u64);
+        self.metrics.replies_published.inc_by(replies as u64);
         self.metrics
             .events_published
-            .inc_by((rows.len() - dead_letters) as u64);
+            .inc_by((rows.len() - dead_letters - replies) as u64);
         crate::failpoint::crash_if("relay-crash-after-publish");
         store::mark_published(&mut tx, &self.commands_topic, partition, last).await?;
         if !skipped.is_empty() {
@@ -1036,6 +1125,13 @@ fn shrink(row: &store::OutboxMessage) -> (Vec<u8>, Vec<crate::batch::Header>) {
 struct Found {
     ids: Vec<String>,
     scanned: u64,
+}
+
+/// Whether an outbox row is a reply (to the topic its command named as `replyto`).
+fn is_reply(row: &store::OutboxMessage) -> bool {
+    row.message_id
+        .as_deref()
+        .is_some_and(|id| id.starts_with(store::REPLY_MESSAGE_PREFIX))
 }
 
 /// A read of the destination topics for the identities one relay identity published.

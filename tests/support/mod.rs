@@ -69,11 +69,13 @@ impl TestDb {
     }
 }
 
-/// Fresh commands, events and dead-letter topics.
+/// Fresh commands, events, dead-letter and reply topics.
 pub struct TestTopics {
     pub commands: Topic,
     pub events: Topic,
     pub dead_letters: Topic,
+    /// `<commands>.replies`, partitioned like the commands topic, as `topics create` makes it.
+    pub replies: Topic,
     pub group: String,
     pub partitions: i32,
 }
@@ -86,6 +88,7 @@ impl Drop for TestTopics {
             self.commands.to_string(),
             self.events.to_string(),
             self.dead_letters.to_string(),
+            self.replies.to_string(),
         ];
         // Drop may run inside the test's runtime, which cannot be blocked on: use a thread
         // with a runtime of its own. Failures (a broker stopped by the test) are ignored.
@@ -111,10 +114,12 @@ impl TestTopics {
         let commands = Topic::parse(format!("test-{id}-commands")).unwrap();
         let events = Topic::parse(format!("test-{id}-events")).unwrap();
         let dead_letters = commands.dead_letter();
+        let replies = commands.replies();
         let wanted = vec![
             (commands.to_string(), partitions),
             (events.to_string(), partitions),
             (dead_letters.to_string(), partitions),
+            (replies.to_string(), partitions),
         ];
         processor::topics::create(BROKERS, &wanted, 1, Duration::from_secs(10))
             .await
@@ -123,6 +128,7 @@ impl TestTopics {
             commands,
             events,
             dead_letters,
+            replies,
             group: format!("test-{id}"),
             partitions,
         }

@@ -92,6 +92,7 @@ pub(crate) async fn load_outcomes_from_events(
             // The events do not say what payload the command carried: without a digest,
             // any later delivery of the key is a plain duplicate.
             digest: None,
+            recorded_at: None,
         });
         outcome.version = r.get(2);
         outcome.event_ids.push(r.get(3));

@@ -41,7 +41,8 @@ pub(crate) use events::{load_outcomes_from_events, recent_events, write_events};
 pub use outbox::{
     dead_letter_message_id, forget_found_published, found_published, lock_relay_position,
     mark_published, next_outbox_rows, outbox_backlog, outbox_topics, record_found_published,
-    relay_deployment, relay_published_at, Backlog, OutboxMessage,
+    relay_deployment, relay_published_at, reply_message_id, Backlog, OutboxMessage,
+    REPLY_MESSAGE_PREFIX,
 };
 pub use outbox::{notify_outbox, OUTBOX_CHANNEL};
 pub(crate) use outbox::{write_outbox, OutboxRow};

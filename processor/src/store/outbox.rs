@@ -73,6 +73,17 @@ pub(crate) async fn write_outbox(
     Ok(())
 }
 
+/// The prefix of every reply's [`reply_message_id`].
+pub const REPLY_MESSAGE_PREFIX: &str = "reply/";
+
+/// The stable identity of a reply's outbox row: the place in the commands log of the
+/// delivery it answers (a dead letter's reply is told apart: a parked command an operator
+/// releases later gets its real outcome as a second reply).
+pub fn reply_message_id(topic: &str, partition: i32, offset: i64, dead_letter: bool) -> String {
+    let suffix = if dead_letter { "/dead-letter" } else { "" };
+    format!("{REPLY_MESSAGE_PREFIX}{topic}/{partition}/{offset}{suffix}")
+}
+
 /// The stable identity of a dead letter's outbox row: its place in the commands log.
 pub fn dead_letter_message_id(topic: &str, partition: i32, offset: i64) -> String {
     format!("dead-letter/{topic}/{partition}/{offset}")

@@ -9,7 +9,7 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::{Result, StoreError};
-use crate::batch::{CommandKey, DuplicateRow, Outcome, OutcomeKind, ProcessedRow};
+use crate::batch::{CommandKey, DuplicateRow, LogPosition, Outcome, OutcomeKind, ProcessedRow};
 
 /// What one pruning pass deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -102,7 +102,7 @@ pub async fn prune_horizon(
 }
 
 /// A recorded outcome from a row of `source, command_id, outcome, reason, version, event_ids,
-/// code, digest`.
+/// code, digest, topic, partition, offset`.
 fn outcome_row(r: &sqlx::postgres::PgRow) -> (CommandKey, Outcome) {
     let recorded = Outcome {
         outcome: OutcomeKind::parse(r.get::<&str, _>(2)),
@@ -111,6 +111,11 @@ fn outcome_row(r: &sqlx::postgres::PgRow) -> (CommandKey, Outcome) {
         version: r.get(4),
         event_ids: r.get(5),
         digest: r.get(7),
+        recorded_at: Some(LogPosition {
+            topic: r.get(8),
+            partition: r.get(9),
+            offset: r.get(10),
+        }),
     };
     ((r.get(0), r.get(1)), recorded)
 }
@@ -126,7 +131,7 @@ pub(crate) async fn load_outcomes<'k>(
     }
     let rows = sqlx::query(
         "SELECT p.source, p.command_id, p.outcome, p.reason, p.version, p.event_ids, p.code,
-                p.digest
+                p.digest, p.topic, p.partition, p.\"offset\"
          FROM processed_commands p
          JOIN UNNEST($1::text[], $2::text[]) AS k(source, command_id)
            ON p.source = k.source AND p.command_id = k.command_id",
@@ -185,15 +190,19 @@ pub(crate) async fn write_processed(
 /// duplicate leaves them empty, so that a replay, which re-delivers every command, writes
 /// no more than it did before. A delivery seen again only gets its time updated: what it
 /// was is decided once, when it was first recorded.
+///
+/// With `report_new`, returns the `(partition, offset)` of the deliveries recorded now for
+/// the first time (a reply answers only those); otherwise an empty set.
 pub(crate) async fn write_duplicates(
     tx: &mut Transaction<'_, Postgres>,
     topic: &str,
     duplicates: &[(i32, &DuplicateRow)],
-) -> Result<()> {
+    report_new: bool,
+) -> Result<HashSet<(i32, i64)>> {
+    let mut new = HashSet::new();
     if !duplicates.is_empty() {
         let d = duplicates;
-        sqlx::query(
-            "INSERT INTO duplicate_deliveries
+        const INSERT: &str = "INSERT INTO duplicate_deliveries
                (topic, partition, \"offset\", source, command_id, key_reused, digest, aggregate_type,
                 aggregate_id, command_type)
              SELECT $1, partition, delivery_offset, source, command_id, key_reused, digest,
@@ -202,22 +211,51 @@ pub(crate) async fn write_duplicates(
                          $8::text[], $9::text[], $10::text[])
                AS u(partition, delivery_offset, source, command_id, key_reused, digest, aggregate_type,
                     aggregate_id, command_type)
-             ON CONFLICT (topic, partition, \"offset\") DO UPDATE SET seen_at = now()",
-        )
-        .bind(topic)
-        .bind(d.iter().map(|(part, _)| *part).collect::<Vec<_>>())
-        .bind(d.iter().map(|(_, r)| r.offset).collect::<Vec<_>>())
-        .bind(d.iter().map(|(_, r)| r.source.as_str()).collect::<Vec<_>>())
-        .bind(d.iter().map(|(_, r)| r.command_id.as_str()).collect::<Vec<_>>())
-        .bind(d.iter().map(|(_, r)| r.key_reused()).collect::<Vec<_>>())
-        .bind(d.iter().map(|(_, r)| r.refused.as_ref().map(|x| x.digest)).collect::<Vec<_>>())
-        .bind(d.iter().map(|(_, r)| r.refused.as_ref().map(|x| x.aggregate.0.as_str())).collect::<Vec<_>>())
-        .bind(d.iter().map(|(_, r)| r.refused.as_ref().map(|x| x.aggregate.1.as_str())).collect::<Vec<_>>())
-        .bind(d.iter().map(|(_, r)| r.refused.as_ref().map(|x| x.command_type.as_str())).collect::<Vec<_>>())
-        .execute(&mut **tx)
-        .await?;
+             ON CONFLICT (topic, partition, \"offset\") DO UPDATE SET seen_at = now()";
+        // `xmax = 0` tells a row inserted by this statement from one it updated.
+        let returning = format!("{INSERT} RETURNING partition, \"offset\", xmax = 0");
+        let query = sqlx::query(if report_new { &returning } else { INSERT })
+            .bind(topic)
+            .bind(d.iter().map(|(part, _)| *part).collect::<Vec<_>>())
+            .bind(d.iter().map(|(_, r)| r.offset).collect::<Vec<_>>())
+            .bind(d.iter().map(|(_, r)| r.source.as_str()).collect::<Vec<_>>())
+            .bind(
+                d.iter()
+                    .map(|(_, r)| r.command_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(d.iter().map(|(_, r)| r.key_reused()).collect::<Vec<_>>())
+            .bind(
+                d.iter()
+                    .map(|(_, r)| r.refused.as_ref().map(|x| x.digest))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                d.iter()
+                    .map(|(_, r)| r.refused.as_ref().map(|x| x.aggregate.0.as_str()))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                d.iter()
+                    .map(|(_, r)| r.refused.as_ref().map(|x| x.aggregate.1.as_str()))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                d.iter()
+                    .map(|(_, r)| r.refused.as_ref().map(|x| x.command_type.as_str()))
+                    .collect::<Vec<_>>(),
+            );
+        if report_new {
+            for r in query.fetch_all(&mut **tx).await? {
+                if r.get::<bool, _>(2) {
+                    new.insert((r.get(0), r.get(1)));
+                }
+            }
+        } else {
+            query.execute(&mut **tx).await?;
+        }
     }
-    Ok(())
+    Ok(new)
 }
 
 /// The recorded outcomes of `keys` whose first delivery was processed somewhere other than
@@ -237,7 +275,7 @@ pub async fn outcomes_recorded_elsewhere(
         keys.iter().map(|(s, i)| (s.as_str(), i.as_str())).unzip();
     let rows = sqlx::query(
         "SELECT p.source, p.command_id, p.outcome, p.reason, p.version, p.event_ids, p.code,
-                p.digest
+                p.digest, p.topic, p.partition, p.\"offset\"
          FROM processed_commands p
          JOIN UNNEST($1::text[], $2::text[]) AS k(source, command_id)
            ON p.source = k.source AND p.command_id = k.command_id
