@@ -5,8 +5,10 @@
 //! Pure formatting: the engine stores these messages in its outbox and its relay publishes
 //! them as they are.
 
+use crate::envelope::ReplyAddress;
 use crate::envelope::{DeadLetterKind, EventEnvelope, CLOUDEVENTS_JSON};
-use crate::reply::Reply;
+use crate::reply::{Reply, ReplyOutcome};
+use crate::workflow::{outcome_id, CommandOutcome, OutcomeOf, OUTCOME_COMMAND, OUTCOME_SOURCE};
 
 /// A Kafka header: name and raw value.
 pub type Header = (String, Option<Vec<u8>>);
@@ -66,6 +68,54 @@ pub fn reply_message(reply: &Reply, message_id: &str, correlation_id: Option<&st
             Some(CLOUDEVENTS_JSON.as_bytes().to_vec()),
         )],
     }
+}
+
+/// A command cmdproc itself sends to the commands topic (emitted by a handler, or a
+/// timer's): the structured CloudEvent `payload`, keyed by its subject.
+pub fn command_message(subject: &str, payload: Vec<u8>) -> Message {
+    Message {
+        key: Some(subject.as_bytes().to_vec()),
+        payload: Some(payload),
+        headers: vec![(
+            CONTENT_TYPE.into(),
+            Some(CLOUDEVENTS_JSON.as_bytes().to_vec()),
+        )],
+    }
+}
+
+/// The `Outcome` command that tells the aggregate `to.outcome_to` what became of the
+/// command it emitted (`to` names that command): id derived from the command's key, so a
+/// repeated outcome is a duplicate; no `duplicate` flag, so its payload never differs.
+///
+/// # Panics
+/// If `to.outcome_to` is `None`.
+pub fn outcome_message(to: &ReplyAddress, outcome: &ReplyOutcome) -> Message {
+    let emitter = to.outcome_to.as_ref().expect("an outcome address");
+    let data = CommandOutcome {
+        command: OutcomeOf {
+            id: to.id.clone(),
+            source: to.source.clone(),
+            command_type: to.command_type.clone(),
+            subject: to.subject.clone(),
+        },
+        outcome: outcome.clone(),
+    };
+    let mut ce = serde_json::json!({
+        "specversion": "1.0",
+        "id": outcome_id(&to.source, &to.id),
+        "source": OUTCOME_SOURCE,
+        "type": format!("{}.{OUTCOME_COMMAND}", emitter.aggregate_type),
+        "subject": emitter.aggregate_id,
+        "datacontenttype": "application/json",
+        "data": data,
+    });
+    if let Some(c) = &to.correlation_id {
+        ce["correlationid"] = c.as_str().into();
+    }
+    command_message(
+        &emitter.aggregate_id,
+        serde_json::to_vec(&ce).expect("JSON serializes"),
+    )
 }
 
 /// Where a dead letter was consumed from.

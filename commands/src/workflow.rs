@@ -105,6 +105,7 @@ impl Emit {
 
 /// What a handler does to a timer of its aggregate.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TimerOp {
     /// Send `command` at `at`; replaces a pending timer of the same name.
     Schedule {

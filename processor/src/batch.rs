@@ -8,9 +8,11 @@
 use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+use chrono::{DateTime, Utc};
 use commands::envelope::{
     event_id, payload_digest, preview, Command, DeadLetterKind, DecodeError, EventEnvelope,
 };
+use commands::workflow::{emitted_id, emitter_source, timer_id, Emit, TimerOp};
 use commands::{
     CommandError, Context, Handled, Registry, Rejection, Reply, ReplyAddress, ReplyCommand,
     ReplyOutcome,
@@ -234,6 +236,43 @@ pub enum Answers {
     DeadLetter,
 }
 
+/// A command a handler emitted (or a timer's command): published to the commands topic,
+/// keyed by its subject.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmittedRow {
+    /// Offset of the command that emitted it.
+    pub offset: i64,
+    /// Its subject, the message key.
+    pub key: String,
+    /// Its stable identity on the topic: `command/<id>`.
+    pub message_id: String,
+    /// The structured CloudEvent.
+    pub payload: Vec<u8>,
+}
+
+/// A change to an aggregate's timers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TimerRow {
+    /// Set (or replace) the timer `name` of `aggregate`.
+    Schedule {
+        /// The aggregate that owns the timer.
+        aggregate: AggregateKey,
+        /// The timer's name.
+        name: String,
+        /// When it fires.
+        due_at: DateTime<Utc>,
+        /// What it sends: subject (key), identity and CloudEvent.
+        command: EmittedRow,
+    },
+    /// Forget the timer `name` of `aggregate`.
+    Cancel {
+        /// The aggregate that owns the timer.
+        aggregate: AggregateKey,
+        /// The timer's name.
+        name: String,
+    },
+}
+
 /// An event to store and publish.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventRow {
@@ -288,8 +327,12 @@ pub struct Plan {
     pub events: Vec<EventRow>,
     /// Dead letters, in order.
     pub dead_letters: Vec<DeadLetterRow>,
-    /// Replies to deliveries of commands with `replyto`, in order.
+    /// Replies to deliveries of commands with `replyto` or `outcometo`, in order.
     pub replies: Vec<ReplyRow>,
+    /// Commands the handlers emitted, in order.
+    pub emitted: Vec<EmittedRow>,
+    /// Timers set and cancelled, in order.
+    pub timers: Vec<TimerRow>,
     /// Aggregate writes, one per touched aggregate.
     pub writes: Vec<AggregateWrite>,
     /// Commands set aside because their aggregate is parked, in offset order.
@@ -555,6 +598,14 @@ pub fn plan(
                 recorded_at: None,
             },
             Ok(Handled::Accepted(decision)) => {
+                workflow_rows(
+                    &mut out,
+                    m.offset,
+                    command,
+                    &akey,
+                    &decision.commands,
+                    &decision.timers,
+                );
                 let events = decision.events;
                 let mut ids = Vec::with_capacity(events.len());
                 let base = loaded.version;
@@ -629,6 +680,76 @@ pub fn plan(
         });
     }
     out
+}
+
+/// The outbox rows of the commands a handler emitted, and its timer changes: ids derived
+/// from the emitting command's key (so handling it again derives the same ones), `source`
+/// naming the emitter, the emitting command's `time` and correlation id carried.
+fn workflow_rows(
+    out: &mut Plan,
+    offset: i64,
+    command: &Command,
+    akey: &AggregateKey,
+    emits: &[Emit],
+    timers: &[TimerOp],
+) {
+    let source = emitter_source(&akey.0, &akey.1);
+    let outcome_to = format!("{}/{}", akey.0, akey.1);
+    let build = |emit: &Emit, id: String, time: Option<DateTime<Utc>>| {
+        let mut ce = serde_json::Map::new();
+        ce.insert("specversion".into(), "1.0".into());
+        ce.insert("id".into(), id.clone().into());
+        ce.insert("source".into(), source.clone().into());
+        ce.insert("type".into(), emit.command_type.clone().into());
+        ce.insert("subject".into(), emit.subject.clone().into());
+        ce.insert("datacontenttype".into(), "application/json".into());
+        if let Some(t) = time {
+            ce.insert(
+                "time".into(),
+                t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+                    .into(),
+            );
+        }
+        if let Some(c) = &command.correlation_id {
+            ce.insert("correlationid".into(), c.clone().into());
+        }
+        if emit.outcome {
+            ce.insert("outcometo".into(), outcome_to.clone().into());
+        }
+        ce.insert("data".into(), emit.data.clone());
+        EmittedRow {
+            offset,
+            key: emit.subject.clone(),
+            message_id: format!("command/{id}"),
+            payload: serde_json::to_vec(&Value::Object(ce)).expect("JSON serializes"),
+        }
+    };
+    for (i, emit) in emits.iter().enumerate() {
+        let id = emitted_id(&command.source, &command.id, i);
+        out.emitted.push(build(emit, id, command.time));
+    }
+    for op in timers {
+        out.timers.push(match op {
+            TimerOp::Schedule {
+                name,
+                at,
+                command: emit,
+            } => {
+                let id = timer_id(&akey.0, &akey.1, name, &command.source, &command.id);
+                TimerRow::Schedule {
+                    aggregate: akey.clone(),
+                    name: name.clone(),
+                    due_at: *at,
+                    command: build(emit, id, Some(*at)),
+                }
+            }
+            TimerOp::Cancel { name } => TimerRow::Cancel {
+                aggregate: akey.clone(),
+                name: name.clone(),
+            },
+            _ => continue,
+        });
+    }
 }
 
 /// Records `m` as a dead letter for `e`, and a reply to it when the command (or, for a

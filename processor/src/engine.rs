@@ -68,6 +68,8 @@ pub struct Options {
     pub metrics_addr: Option<SocketAddr>,
     /// Most aggregates kept in memory between batches; 0 turns the cache off.
     pub aggregate_cache: usize,
+    /// How often the worker fires its partitions' due timers.
+    pub timer_tick: Duration,
     /// Benchmark baseline, not for production: one command per transaction.
     pub naive_baseline: bool,
     /// How long to wait for Postgres when connecting.
@@ -92,6 +94,7 @@ impl Default for Options {
             name: None,
             metrics_addr: None,
             aggregate_cache: 100_000,
+            timer_tick: Duration::from_millis(200),
             naive_baseline: false,
             connect_timeout: Duration::from_secs(5),
         }
@@ -260,6 +263,7 @@ impl Processor {
             batch_linger: options.batch_linger,
             naive: false,
             aggregate_cache: options.aggregate_cache,
+            timer_tick: options.timer_tick,
             max_command_bytes: options.max_command_bytes,
             session_timeout: options.session_timeout,
             misrouted: options.misrouted,

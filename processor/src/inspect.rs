@@ -21,7 +21,8 @@ pub async fn aggregate(
     let commands = store::recent_commands(pool, aggregate_type, aggregate_id, limit).await?;
     let events = store::recent_events(pool, aggregate_type, aggregate_id, limit).await?;
     let refused = store::refused_deliveries(pool, aggregate_type, aggregate_id, limit).await?;
-    if agg.is_none() && commands.is_empty() && refused.is_empty() {
+    let timers = store::aggregate_timers(pool, aggregate_type, aggregate_id).await?;
+    if agg.is_none() && commands.is_empty() && refused.is_empty() && timers.is_empty() {
         return Ok(None);
     }
     let recent_commands: Vec<Value> = commands
@@ -86,5 +87,6 @@ pub async fn aggregate(
         "recent_commands": recent_commands,
         "recent_events": recent_events,
         "refused_commands": refused_commands,
+        "pending_timers": timers,
     })))
 }

@@ -41,6 +41,18 @@ pub const OUTBOX_BACKLOG: &str = "cmdproc_outbox_backlog";
 pub const PUBLISH_SECONDS: &str = "cmdproc_publish_latency_seconds";
 /// Events the relay published (committed in a Kafka transaction).
 pub const EVENTS_PUBLISHED_TOTAL: &str = "cmdproc_events_published_total";
+/// Timers fired (their commands written to the outbox) by this worker.
+pub const TIMERS_FIRED_TOTAL: &str = "cmdproc_timers_fired_total";
+/// Timers set (or replaced) by handlers.
+pub const TIMERS_SCHEDULED_TOTAL: &str = "cmdproc_timers_scheduled_total";
+/// Timer cancellations handlers asked for.
+pub const TIMERS_CANCELLED_TOTAL: &str = "cmdproc_timers_cancelled_total";
+/// Pending timers per owned partition.
+pub const TIMERS_PENDING: &str = "cmdproc_timers_pending";
+/// How late a timer fired: from its due time to the commit that fired it.
+pub const TIMER_LATENESS_SECONDS: &str = "cmdproc_timer_lateness_seconds";
+/// Commands handlers emitted for other aggregates (or their own).
+pub const COMMANDS_EMITTED_TOTAL: &str = "cmdproc_commands_emitted_total";
 /// Replies the relay published to the reply topics commands named (`replyto`).
 pub const REPLIES_PUBLISHED_TOTAL: &str = "cmdproc_replies_published_total";
 /// Replies the relay dropped because the reply topic their command named does not exist.
@@ -146,6 +158,18 @@ pub struct Metrics {
     pub events_published: IntCounter,
     /// [`DEAD_LETTERS_PUBLISHED_TOTAL`].
     pub dead_letters_published: IntCounter,
+    /// [`TIMERS_FIRED_TOTAL`].
+    pub timers_fired: IntCounter,
+    /// [`TIMERS_SCHEDULED_TOTAL`].
+    pub timers_scheduled: IntCounter,
+    /// [`TIMERS_CANCELLED_TOTAL`].
+    pub timers_cancelled: IntCounter,
+    /// [`TIMERS_PENDING`].
+    pub timers_pending: IntGaugeVec,
+    /// [`TIMER_LATENESS_SECONDS`].
+    pub timer_lateness: Histogram,
+    /// [`COMMANDS_EMITTED_TOTAL`].
+    pub commands_emitted: IntCounter,
     /// [`REPLIES_PUBLISHED_TOTAL`].
     pub replies_published: IntCounter,
     /// [`REPLIES_UNDELIVERABLE_TOTAL`].
@@ -278,6 +302,22 @@ impl Metrics {
             dead_letters_published: counter(
                 DEAD_LETTERS_PUBLISHED_TOTAL,
                 "Dead letters published by the relay.",
+            ),
+            timers_fired: counter(TIMERS_FIRED_TOTAL, "Timers fired by this worker."),
+            timers_scheduled: counter(TIMERS_SCHEDULED_TOTAL, "Timers set or replaced by handlers."),
+            timers_cancelled: counter(
+                TIMERS_CANCELLED_TOTAL,
+                "Timer cancellations handlers asked for.",
+            ),
+            timers_pending: gauges(TIMERS_PENDING, "Pending timers, per owned partition."),
+            timer_lateness: histogram(
+                TIMER_LATENESS_SECONDS,
+                "From a timer's due time to the commit that fired it, in seconds.",
+                LATENCY_BUCKETS,
+            ),
+            commands_emitted: counter(
+                COMMANDS_EMITTED_TOTAL,
+                "Commands emitted by handlers (published to the commands topic).",
             ),
             replies_published: counter(
                 REPLIES_PUBLISHED_TOTAL,

@@ -13,11 +13,12 @@ use commands::{wire, Registry};
 use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::batch::{
-    self, AggregateKey, Answers, DeadLetterRow, DuplicateRow, EventRow, Incoming, Loaded, Plan,
-    PlanOptions, ProcessedRow, ReplyRow,
+    self, AggregateKey, Answers, DeadLetterRow, DuplicateRow, EmittedRow, EventRow, Incoming,
+    Loaded, Plan, PlanOptions, ProcessedRow, ReplyRow, TimerRow,
 };
 use crate::cache::AggregateCache;
 use crate::store::{self, OutboxRow, Position, Result, StoreError};
+use commands::ReplyOutcome;
 
 /// What a committed batch did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -37,6 +38,10 @@ pub struct BatchResult {
     pub dead_letters: usize,
     /// Events stored.
     pub events: usize,
+    /// Commands the handlers emitted.
+    pub emitted: usize,
+    /// Timers set (or replaced) and cancelled by the handlers.
+    pub timers: store::TimerChanges,
     /// Commands set aside because their aggregate is parked (the poison one included).
     pub parked: usize,
     /// Aggregates this batch parked.
@@ -328,6 +333,19 @@ async fn process_group(
                     .collect(),
                 dead_letters: plan.dead_letters.len(),
                 events: plan.events.len(),
+                emitted: plan.emitted.len(),
+                timers: store::TimerChanges {
+                    scheduled: plan
+                        .timers
+                        .iter()
+                        .filter(|t| matches!(t, TimerRow::Schedule { .. }))
+                        .count() as u64,
+                    cancelled: plan
+                        .timers
+                        .iter()
+                        .filter(|t| matches!(t, TimerRow::Cancel { .. }))
+                        .count() as u64,
+                },
                 parked: plan.parked.len(),
                 newly_parked: plan
                     .newly_parked
@@ -512,8 +530,9 @@ async fn write_plans(
     let mut ends = Vec::with_capacity(plans.len());
     let mut outbox: Vec<OutboxRow<'_>> = Vec::new();
     for (target, plan, outbox_seq) in plans {
-        let mut pending: Vec<(i64, Pending<'_>)> =
-            Vec::with_capacity(plan.events.len() + plan.dead_letters.len() + plan.replies.len());
+        let mut pending: Vec<(i64, Pending<'_>)> = Vec::with_capacity(
+            plan.events.len() + plan.dead_letters.len() + plan.replies.len() + plan.emitted.len(),
+        );
         pending.extend(
             plan.events
                 .iter()
@@ -525,6 +544,7 @@ async fn write_plans(
                 .filter(|d| new_dead_letters.contains(&(target.partition, d.offset)))
                 .map(|d| (d.offset, Pending::DeadLetter(d))),
         );
+        pending.extend(plan.emitted.iter().map(|e| (e.offset, Pending::Emitted(e))));
         pending.extend(
             plan.replies
                 .iter()
@@ -539,7 +559,18 @@ async fn write_plans(
                             })
                     }
                 })
-                .map(|r| (r.offset, Pending::Reply(r))),
+                .flat_map(|r| {
+                    let to_topic =
+                        r.to.topic
+                            .is_some()
+                            .then_some((r.offset, Pending::Reply(r)));
+                    // An outcome goes back for what the command came to, not for a reuse
+                    // of its key (whose payload differs, and would be refused as such).
+                    let to_emitter = (r.to.outcome_to.is_some()
+                        && !matches!(r.reply.outcome, ReplyOutcome::KeyReused { .. }))
+                    .then_some((r.offset, Pending::Outcome(r)));
+                    to_topic.into_iter().chain(to_emitter)
+                }),
         );
         pending.sort_by_key(|(offset, _)| *offset);
         let mut seq = *outbox_seq;
@@ -550,6 +581,11 @@ async fn write_plans(
         ends.push(seq);
     }
     store::write_outbox(tx, topic, &outbox).await?;
+    let timers: Vec<(i32, &TimerRow)> = plans
+        .iter()
+        .flat_map(|(t, p, _)| p.timers.iter().map(|r| (t.partition, r)))
+        .collect();
+    store::write_timers(tx, topic, &timers).await?;
     Ok(ends)
 }
 
@@ -585,6 +621,8 @@ enum Pending<'p> {
     Event(&'p commands::EventEnvelope),
     DeadLetter(&'p DeadLetterRow),
     Reply(&'p ReplyRow),
+    Outcome(&'p ReplyRow),
+    Emitted(&'p EmittedRow),
 }
 
 /// The outbox row numbered `seq` of an event (on the events topic, keyed by its
@@ -628,10 +666,37 @@ fn outbox_row<'t>(target: &BatchTarget<'t>, pending: Pending<'t>, seq: i64) -> O
             OutboxRow {
                 partition: target.partition,
                 seq,
-                topic: r.to.topic.as_str(),
+                topic: r.to.topic.as_ref().map_or(target.topic, |t| t.as_str()),
                 message: wire::reply_message(&r.reply, &message_id, r.to.correlation_id.as_deref()),
                 message_id,
             }
         }
+        Pending::Outcome(r) => {
+            let message_id = format!(
+                "outcome/{}/{}/{}{}",
+                target.topic,
+                target.partition,
+                r.offset,
+                if matches!(r.answers, Answers::DeadLetter) {
+                    "/dead-letter"
+                } else {
+                    ""
+                }
+            );
+            OutboxRow {
+                partition: target.partition,
+                seq,
+                topic: target.topic,
+                message: wire::outcome_message(&r.to, &r.reply.outcome),
+                message_id,
+            }
+        }
+        Pending::Emitted(e) => OutboxRow {
+            partition: target.partition,
+            seq,
+            topic: target.topic,
+            message_id: e.message_id.clone(),
+            message: wire::command_message(&e.key, e.payload.clone()),
+        },
     }
 }

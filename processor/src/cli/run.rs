@@ -112,6 +112,10 @@ pub struct RunArgs {
     /// those it has not seen (writes stay version-checked). 0 turns the cache off.
     #[arg(long, env = "CMDPROC_AGGREGATE_CACHE", default_value_t = 100_000)]
     pub aggregate_cache: usize,
+    /// How often the worker fires the due timers of the partitions it owns (a timer fires
+    /// at most this much, plus one batch, after it is due).
+    #[arg(long, env = "CMDPROC_TIMER_TICK", default_value = "200ms", value_parser = parse_duration)]
+    pub timer_tick: Duration,
     /// Benchmark baseline, not for production: apply every command in a transaction of its
     /// own (batch size 1, no linger, no aggregate cache) and commit its Kafka offset
     /// synchronously, the way a hand-rolled consumer would. `cmdproc bench` compares
@@ -138,6 +142,7 @@ pub async fn run(common: &Common, registry: Arc<Registry>, args: RunArgs) -> any
         name: args.name.clone(),
         metrics_addr: args.metrics_addr,
         aggregate_cache: args.aggregate_cache,
+        timer_tick: args.timer_tick,
         naive_baseline: args.naive_baseline,
         connect_timeout: common.connect_timeout,
     };

@@ -12,6 +12,7 @@
 //! - `parking`: parked aggregates and the commands set aside for them.
 //! - `outbox`: the outbox, the relay's positions, the identities it found published, and
 //!   the deployment id.
+//! - `timers`: durable timers, set and cancelled by batches, fired by the partition's owner.
 //!
 //! The store plans nothing: [`crate::pipeline`] loads through it, plans a batch with
 //! [`batch::plan`](crate::batch::plan) and writes the plan through it, in one transaction.
@@ -29,6 +30,7 @@ mod outbox;
 mod outcomes;
 mod parking;
 mod partitions;
+mod timers;
 
 pub use aggregates::aggregates_of_topic;
 pub(crate) use aggregates::{load_aggregates, stored_aggregate, write_aggregates};
@@ -63,6 +65,8 @@ pub use partitions::{
 pub(crate) use partitions::{
     lock_partition, lock_partitions, store_outbox_seq, store_positions, Position,
 };
+pub(crate) use timers::{aggregate_timers, write_timers};
+pub use timers::{fire_due_timers, pending_timers, Fired, TimerChanges};
 
 // Re-exported for callers not yet moved to the modules these items now live in
 // (`crate::pipeline`, `crate::cache`); new code names those modules.

@@ -377,7 +377,6 @@ impl Worker {
         results: Vec<(i32, store::Result<store::BatchResult>)>,
         elapsed: Duration,
     ) {
-        let cfg = &self.config;
         super::record::record_transaction(&self.metrics, &results, elapsed);
         let mut committed = false;
         for (partition, result) in results {
@@ -394,13 +393,18 @@ impl Worker {
                 .await;
         }
         if committed {
-            match &self.relay_wake {
-                Some(w) => w.notify_one(),
-                // Off the batch loop: the next batch need not wait for it.
-                None => {
-                    let (pool, topic) = (self.pool.clone(), cfg.commands_topic.to_string());
-                    tokio::spawn(async move { crate::store::notify_outbox(&pool, &topic).await });
-                }
+            self.wake_relay();
+        }
+    }
+
+    /// Tells the relay the outbox has new rows: in-process, or with `NOTIFY` for a
+    /// standalone `cmdproc relay` (off the batch loop: the next batch need not wait for it).
+    pub(super) fn wake_relay(&self) {
+        match &self.relay_wake {
+            Some(w) => w.notify_one(),
+            None => {
+                let (pool, topic) = (self.pool.clone(), self.config.commands_topic.to_string());
+                tokio::spawn(async move { crate::store::notify_outbox(&pool, &topic).await });
             }
         }
     }

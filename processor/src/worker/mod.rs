@@ -30,6 +30,7 @@ mod lag;
 mod naive;
 mod ownership;
 mod record;
+mod timers;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -92,6 +93,8 @@ pub struct WorkerConfig {
     pub naive: bool,
     /// Most aggregates kept in memory between batches (0: none).
     pub aggregate_cache: usize,
+    /// How often due timers of the owned partitions are fired.
+    pub timer_tick: Duration,
 }
 
 impl WorkerConfig {
@@ -339,9 +342,21 @@ impl Worker {
         // without moving it; an idle worker would never run a batch to notice, so it looks.
         let mut epoch_check = tokio::time::interval(Duration::from_secs(1));
         epoch_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Due timers fire on their own tick, so they fire while the topic is idle too.
+        let mut timer_tick = tokio::time::interval(cfg.timer_tick.max(Duration::from_millis(10)));
+        timer_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pending_reported = Instant::now() - timers::PENDING_EVERY;
         loop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = timer_tick.tick() => {
+                    if self.fire_timers().await {
+                        // More were due than one transaction takes: go on at once.
+                        timer_tick.reset_immediately();
+                    }
+                    self.report_pending_timers(&mut pending_reported).await;
+                    continue;
+                }
                 _ = epoch_check.tick() => {
                     self.retry_set_aside(&consumer);
                     self.retry_seeks(&consumer);

@@ -41,6 +41,9 @@ impl Worker {
         m.count_commands(outcome::REJECTED, r.rejected);
         m.count_commands(outcome::DUPLICATE, r.duplicates);
         m.count_commands(outcome::KEY_REUSED, r.key_reused.len());
+        m.commands_emitted.inc_by(r.emitted as u64);
+        m.timers_scheduled.inc_by(r.timers.scheduled);
+        m.timers_cancelled.inc_by(r.timers.cancelled);
         for refused in &r.key_reused {
             // Never the data: payloads may carry personal data, so logs name commands by key.
             tracing::info!(
@@ -206,6 +209,8 @@ mod tests {
             key_reused: Vec::new(),
             dead_letters,
             events: 0,
+            emitted: 0,
+            timers: Default::default(),
             parked,
             newly_parked: (0..newly_parked)
                 .map(|i| ("account".to_owned(), format!("a-{i}")))

@@ -1,0 +1,243 @@
+//! Durable timers: set and cancelled in a batch's transaction, fired by the partition's
+//! owner into the outbox.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use commands::wire;
+use serde_json::Value;
+use sqlx::{PgPool, Postgres, Row, Transaction};
+
+use super::{OutboxRow, Result};
+use crate::batch::{AggregateKey, TimerRow};
+
+/// Counts of a batch's timer changes, for the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TimerChanges {
+    /// Timers set (or replaced).
+    pub scheduled: u64,
+    /// Cancellations (of a pending timer, or of one that already fired or never was).
+    pub cancelled: u64,
+}
+
+/// Applies a group's timer changes on commands topic `topic`, each with the partition of
+/// the aggregate that made it. Only the last change of each timer counts (they come in
+/// command order), so a timer set and cancelled in one batch is never written.
+pub(crate) async fn write_timers(
+    tx: &mut Transaction<'_, Postgres>,
+    topic: &str,
+    changes: &[(i32, &TimerRow)],
+) -> Result<TimerChanges> {
+    if changes.is_empty() {
+        return Ok(TimerChanges::default());
+    }
+    let mut last: HashMap<(&AggregateKey, &str), (i32, &TimerRow)> = HashMap::new();
+    let mut order = Vec::new();
+    for (partition, row) in changes {
+        let key = match row {
+            TimerRow::Schedule {
+                aggregate, name, ..
+            }
+            | TimerRow::Cancel { aggregate, name } => (aggregate, name.as_str()),
+        };
+        if last.insert(key, (*partition, row)).is_none() {
+            order.push(key);
+        }
+    }
+    let (mut set, mut cancel) = (Vec::new(), Vec::new());
+    for key in order {
+        match last[&key] {
+            (
+                partition,
+                TimerRow::Schedule {
+                    due_at, command, ..
+                },
+            ) => set.push((key, partition, *due_at, command)),
+            (_, TimerRow::Cancel { .. }) => cancel.push(key),
+        }
+    }
+    let mut changed = TimerChanges::default();
+    if !cancel.is_empty() {
+        changed.cancelled = sqlx::query(
+            "DELETE FROM timers t USING UNNEST($1::text[], $2::text[], $3::text[]) AS u(ty, id, name)
+             WHERE t.aggregate_type = u.ty AND t.aggregate_id = u.id AND t.name = u.name",
+        )
+        .bind(cancel.iter().map(|k| k.0 .0.as_str()).collect::<Vec<_>>())
+        .bind(cancel.iter().map(|k| k.0 .1.as_str()).collect::<Vec<_>>())
+        .bind(cancel.iter().map(|k| k.1).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    }
+    if !set.is_empty() {
+        sqlx::query(
+            "INSERT INTO timers (aggregate_type, aggregate_id, name, commands_topic, partition, due_at,
+                                 subject, message_id, payload)
+             SELECT ty, id, name, $1, part, due, subject, mid, payload
+             FROM UNNEST($2::text[], $3::text[], $4::text[], $5::int[], $6::timestamptz[], $7::text[],
+                         $8::text[], $9::bytea[]) AS u(ty, id, name, part, due, subject, mid, payload)
+             ON CONFLICT (aggregate_type, aggregate_id, name) DO UPDATE SET
+               commands_topic = EXCLUDED.commands_topic, partition = EXCLUDED.partition,
+               due_at = EXCLUDED.due_at, subject = EXCLUDED.subject,
+               message_id = EXCLUDED.message_id, payload = EXCLUDED.payload, scheduled_at = now()",
+        )
+        .bind(topic)
+        .bind(set.iter().map(|s| s.0 .0 .0.as_str()).collect::<Vec<_>>())
+        .bind(set.iter().map(|s| s.0 .0 .1.as_str()).collect::<Vec<_>>())
+        .bind(set.iter().map(|s| s.0 .1).collect::<Vec<_>>())
+        .bind(set.iter().map(|s| s.1).collect::<Vec<_>>())
+        .bind(set.iter().map(|s| s.2).collect::<Vec<_>>())
+        .bind(set.iter().map(|s| s.3.key.as_str()).collect::<Vec<_>>())
+        .bind(set.iter().map(|s| s.3.message_id.as_str()).collect::<Vec<_>>())
+        .bind(set.iter().map(|s| s.3.payload.as_slice()).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+        changed.scheduled = set.len() as u64;
+    }
+    Ok(changed)
+}
+
+/// What one firing pass did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Fired {
+    /// Timers fired, per partition.
+    pub per_partition: HashMap<i32, u64>,
+    /// How late each fired timer was, in seconds (database clock).
+    pub lateness: Vec<f64>,
+}
+
+/// Fires up to `limit` due timers of the partitions of `topic` whose epochs are given (the
+/// caller's: a partition whose stored epoch differs is skipped, fenced): deletes them and
+/// writes their commands to the outbox after each partition's last sequence, in one
+/// transaction holding the partition rows' locks, as a batch does.
+pub async fn fire_due_timers(
+    pool: &PgPool,
+    topic: &str,
+    epochs: &HashMap<i32, i64>,
+    limit: i64,
+) -> Result<Fired> {
+    let mut fired = Fired::default();
+    if epochs.is_empty() {
+        return Ok(fired);
+    }
+    let partitions: Vec<i32> = epochs.keys().copied().collect();
+    // Cheap check without locks first: an idle partition costs one index probe.
+    let any: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM timers WHERE commands_topic = $1 AND partition = ANY($2)
+                        AND due_at <= now())",
+    )
+    .bind(topic)
+    .bind(&partitions)
+    .fetch_one(pool)
+    .await?;
+    if !any {
+        return Ok(fired);
+    }
+    let mut tx = pool.begin().await?;
+    let locked = super::lock_partitions(&mut tx, topic, &partitions).await?;
+    let mine: Vec<i32> = locked
+        .iter()
+        .filter(|(p, l)| epochs.get(p) == Some(&l.epoch))
+        .map(|(p, _)| *p)
+        .collect();
+    if mine.is_empty() {
+        tx.rollback().await?;
+        return Ok(fired);
+    }
+    let rows = sqlx::query(
+        "DELETE FROM timers WHERE (aggregate_type, aggregate_id, name) IN (
+             SELECT aggregate_type, aggregate_id, name FROM timers
+             WHERE commands_topic = $1 AND partition = ANY($2) AND due_at <= now()
+             ORDER BY due_at LIMIT $3 FOR UPDATE)
+         RETURNING partition, subject, message_id, payload,
+                   EXTRACT(EPOCH FROM (now() - due_at))::float8, due_at",
+    )
+    .bind(topic)
+    .bind(&mine)
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut rows: Vec<(i32, String, String, Vec<u8>, f64, DateTime<Utc>)> = rows
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+        .collect();
+    // In due order within each partition, so the commands go out in the order they fire.
+    rows.sort_by(|a, b| (a.0, a.5, &a.2).cmp(&(b.0, b.5, &b.2)));
+    let mut seqs: HashMap<i32, i64> = mine.iter().map(|p| (*p, locked[p].outbox_seq)).collect();
+    let outbox: Vec<OutboxRow<'_>> = rows
+        .iter()
+        .map(|(partition, subject, message_id, payload, _, _)| {
+            let seq = seqs.get_mut(partition).expect("a locked partition");
+            *seq += 1;
+            OutboxRow {
+                partition: *partition,
+                seq: *seq,
+                topic,
+                message_id: message_id.clone(),
+                message: wire::command_message(subject, payload.clone()),
+            }
+        })
+        .collect();
+    super::write_outbox(&mut tx, topic, &outbox).await?;
+    sqlx::query(
+        "UPDATE partitions p SET outbox_seq = u.seq
+         FROM UNNEST($2::int[], $3::bigint[]) AS u(partition, seq)
+         WHERE p.topic = $1 AND p.partition = u.partition",
+    )
+    .bind(topic)
+    .bind(seqs.keys().copied().collect::<Vec<_>>())
+    .bind(seqs.values().copied().collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    for (partition, _, _, _, late, _) in &rows {
+        *fired.per_partition.entry(*partition).or_default() += 1;
+        fired.lateness.push(late.max(0.0));
+    }
+    Ok(fired)
+}
+
+/// Pending timers per partition of `topic`.
+pub async fn pending_timers(pool: &PgPool, topic: &str) -> Result<HashMap<i32, i64>> {
+    let rows = sqlx::query(
+        "SELECT partition, count(*) FROM timers WHERE commands_topic = $1 GROUP BY partition",
+    )
+    .bind(topic)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// The pending timers of one aggregate, soonest first: name, due time and the command.
+pub(crate) async fn aggregate_timers(
+    pool: &PgPool,
+    aggregate_type: &str,
+    aggregate_id: &str,
+) -> Result<Vec<Value>> {
+    let rows = sqlx::query(
+        "SELECT name, due_at, payload FROM timers
+         WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY due_at, name",
+    )
+    .bind(aggregate_type)
+    .bind(aggregate_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let due: DateTime<Utc> = r.get(1);
+            let payload: Vec<u8> = r.get(2);
+            let command: Value = serde_json::from_slice(&payload).unwrap_or(Value::Null);
+            serde_json::json!({
+                "name": r.get::<String, _>(0),
+                "due_at": due.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                "command": {
+                    "id": command["id"],
+                    "type": command["type"],
+                    "subject": command["subject"],
+                    "data": command["data"],
+                },
+            })
+        })
+        .collect())
+}
