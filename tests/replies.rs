@@ -355,13 +355,13 @@ async fn every_delivery_with_replyto_gets_one_reply_and_a_duplicate_the_recorded
         503,
         "the command whose reply topic is missing applied"
     );
-    let dropped = format!("{}", metrics::REPLIES_UNDELIVERABLE_TOTAL);
+    let dropped = metrics::REPLIES_UNDELIVERABLE_TOTAL;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while scrape(&addr, &dropped) != Some(1.0) {
+    while scrape(&addr, dropped) != Some(1.0) {
         assert!(
             Instant::now() < deadline,
             "{dropped}: {:?}",
-            scrape(&addr, &dropped)
+            scrape(&addr, dropped)
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -375,7 +375,14 @@ async fn every_delivery_with_replyto_gets_one_reply_and_a_duplicate_the_recorded
     );
     assert!(ok, "{out}");
     // A late duplicate after the replay is a new delivery: answered, once.
-    produce_and_wait(&db, &topics, &[open.clone()], timeout, &[&worker]).await;
+    produce_and_wait(
+        &db,
+        &topics,
+        std::slice::from_ref(&open),
+        timeout,
+        &[&worker],
+    )
+    .await;
     let after = replies_on(&topics.replies, 7);
     assert_eq!(after.len(), 7, "{:#?}", &after[6..]);
     let (id, late, _) = &after[6];

@@ -61,6 +61,9 @@ pub struct Context<'a> {
     pub correlation_id: Option<&'a str>,
     /// The aggregate's version before this command (0 for an aggregate with no events).
     pub version: u64,
+    /// The aggregate's id (the command's `subject`), e.g. to address a timer or an emitted
+    /// command's outcome to itself. Empty when the context was built without one.
+    pub aggregate_id: &'a str,
 }
 
 impl<'a> Context<'a> {
@@ -72,7 +75,14 @@ impl<'a> Context<'a> {
             time: None,
             correlation_id: None,
             version,
+            aggregate_id: "",
         }
+    }
+
+    /// The same context for the aggregate `aggregate_id`.
+    pub fn with_aggregate_id(mut self, aggregate_id: &'a str) -> Self {
+        self.aggregate_id = aggregate_id;
+        self
     }
 
     /// The same context with the command's `time`.
@@ -244,6 +254,14 @@ pub trait Aggregate: 'static {
 
     /// Folds one event into the state. Pure and total.
     fn apply(state: &mut Self::State, event: &Self::Event);
+
+    /// A short label of where the aggregate stands (a saga's step: `paying`, `confirmed`,
+    /// `cancelled:out_of_stock`), stored with it and counted in the gauge
+    /// `cmdproc_aggregates{type, status}`. `None` (the default) for aggregates without one.
+    fn status(state: &Self::State) -> Option<String> {
+        let _ = state;
+        None
+    }
 }
 
 /// An event as the engine sees it: a name (without the aggregate prefix) and its JSON data.
@@ -292,4 +310,9 @@ pub trait DynAggregate: Send + Sync + fmt::Debug {
     ) -> Handled;
     /// Applies events to a state, returning the new state as JSON.
     fn apply(&self, state: &Value, events: &[DomainEvent]) -> Value;
+    /// Applies events to a state, returning the new state as JSON and its
+    /// [`Aggregate::status`].
+    fn apply_with_status(&self, state: &Value, events: &[DomainEvent]) -> (Value, Option<String>) {
+        (self.apply(state, events), None)
+    }
 }

@@ -416,12 +416,21 @@ impl<A: Aggregate> DynAggregate for Typed<A> {
     ///
     /// If `state` or an event was not produced by this adapter (see [`Typed`]).
     fn apply(&self, state: &Value, events: &[DomainEvent]) -> Value {
+        self.apply_with_status(state, events).0
+    }
+
+    /// # Panics
+    ///
+    /// If `state` or an event was not produced by this adapter (see [`Typed`]).
+    fn apply_with_status(&self, state: &Value, events: &[DomainEvent]) -> (Value, Option<String>) {
         let mut state = Self::load(state);
         for event in events {
             A::apply(&mut state, &Self::from_domain_event(event));
         }
-        serde_json::to_value(&state)
-            .unwrap_or_else(|error| panic!("{} state does not serialize: {error}", A::TYPE))
+        let status = A::status(&state);
+        let json = serde_json::to_value(&state)
+            .unwrap_or_else(|error| panic!("{} state does not serialize: {error}", A::TYPE));
+        (json, status)
     }
 }
 

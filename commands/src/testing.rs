@@ -29,8 +29,9 @@
 //! given::<Counter>([]).when(CounterCommand::Add { by: 0 }).then_reject("zero");
 //! ```
 //!
-//! The command's context (id `test-1`, source `/test`, the version after the given events,
-//! no `time`) can be set with [`When::at`], [`When::correlated`] and [`When::with_id`].
+//! The command's context (id `test-1`, source `/test`, aggregate `test-aggregate`, the
+//! version after the given events, no `time`) can be set with [`When::at`],
+//! [`When::correlated`], [`When::with_id`] and [`When::on`].
 
 use chrono::{DateTime, Utc};
 
@@ -65,6 +66,7 @@ impl<A: Aggregate> Given<A> {
             source: "/test".to_owned(),
             time: None,
             correlation_id: None,
+            aggregate_id: "test-aggregate".to_owned(),
         }
     }
 
@@ -83,9 +85,16 @@ pub struct When<A: Aggregate> {
     source: String,
     time: Option<DateTime<Utc>>,
     correlation_id: Option<String>,
+    aggregate_id: String,
 }
 
 impl<A: Aggregate> When<A> {
+    /// Sets the aggregate's id (the command's subject; `test-aggregate` by default).
+    pub fn on(mut self, aggregate_id: impl Into<String>) -> Self {
+        self.aggregate_id = aggregate_id.into();
+        self
+    }
+
     /// Sets the command's `time`, the handler's only clock.
     pub fn at(mut self, time: DateTime<Utc>) -> Self {
         self.time = Some(time);
@@ -119,7 +128,8 @@ impl<A: Aggregate> When<A> {
         let source = Source::parse(self.source.as_str()).expect("a valid test source");
         let context = Context::new(&id, &source, self.given.version)
             .with_time(self.time)
-            .with_correlation_id(self.correlation_id.as_deref());
+            .with_correlation_id(self.correlation_id.as_deref())
+            .with_aggregate_id(&self.aggregate_id);
         let decision = A::handle(&self.given.state, &self.command, &context);
         let mut state = self.given.state;
         if let Ok(decision) = &decision {

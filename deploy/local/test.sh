@@ -7,6 +7,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 
 "$ROOT/deploy/local/up.sh"
+"$ROOT/deploy/local/python.sh"
 
 # promtool (from Debian's prometheus package) checks the alert rules operators deploy.
 if ! command -v promtool >/dev/null 2>&1; then

@@ -314,6 +314,8 @@ pub struct AggregateWrite {
     pub new_version: i64,
     /// The state written.
     pub state: Value,
+    /// Its [`commands::Aggregate::status`], if the aggregate type has one.
+    pub status: Option<String>,
 }
 
 /// Everything a batch writes, and its counts.
@@ -412,6 +414,7 @@ pub fn plan(
     let mut current: HashMap<AggregateKey, Loaded> = HashMap::new();
     let mut order: Vec<AggregateKey> = Vec::new();
     let mut touched: HashSet<AggregateKey> = HashSet::new();
+    let mut statuses: HashMap<AggregateKey, Option<String>> = HashMap::new();
 
     for m in messages {
         out.next_offset = m.offset + 1;
@@ -517,7 +520,8 @@ pub fn plan(
             // a bounded number of times before calling the command poison.
             let context = Context::new(&command.id, &command.source, loaded.version as u64)
                 .with_time(command.time)
-                .with_correlation_id(command.correlation_id.as_deref());
+                .with_correlation_id(command.correlation_id.as_deref())
+                .with_aggregate_id(command.subject.as_str());
             let mut attempt = 0;
             loop {
                 attempt += 1;
@@ -630,7 +634,9 @@ pub fn plan(
                     });
                 }
                 if !events.is_empty() {
-                    loaded.state = aggregate.apply(&loaded.state, &events);
+                    let (state, status) = aggregate.apply_with_status(&loaded.state, &events);
+                    loaded.state = state;
+                    statuses.insert(akey.clone(), status);
                     loaded.version = base + events.len() as i64;
                     touched.insert(akey.clone());
                 }
@@ -677,6 +683,7 @@ pub fn plan(
             read_version,
             new_version: now.version,
             state: now.state.clone(),
+            status: statuses.remove(&akey).flatten(),
         });
     }
     out
@@ -1258,5 +1265,222 @@ mod tests {
         assert_eq!(p.duplicates.len(), 2);
         assert_eq!(p.key_reused(), 0);
         assert!(p.processed.is_empty() && p.events.is_empty() && p.writes.is_empty());
+    }
+}
+
+/// A handler's emitted commands, timers and the outcomes that come back, planned.
+#[cfg(test)]
+mod workflow_tests {
+    use chrono::{TimeZone, Utc};
+    use commands::workflow::{CommandOutcome, Emit, OUTCOME_SCHEMA};
+    use commands::{Aggregate, Context, Decision, Registry, Rejection, Schemas};
+    use serde::{Deserialize, Serialize};
+    use serde_json::json;
+
+    use super::*;
+
+    /// Starts a transfer elsewhere, asks for its outcome, and sets a deadline.
+    struct Flow;
+
+    #[derive(Debug, Deserialize)]
+    enum FlowCommand {
+        Start { to: String },
+        Stop {},
+        Outcome(CommandOutcome),
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    enum FlowEvent {
+        Started { to: String },
+        Heard { outcome: String },
+    }
+
+    impl Aggregate for Flow {
+        const TYPE: &'static str = "flow";
+        type State = Vec<String>;
+        type Command = FlowCommand;
+        type Event = FlowEvent;
+
+        fn handle(
+            _: &Vec<String>,
+            command: &FlowCommand,
+            ctx: &Context<'_>,
+        ) -> Result<Decision<FlowEvent>, Rejection> {
+            Ok(match command {
+                FlowCommand::Start { to } => {
+                    let due = ctx.time.expect("a time") + chrono::Duration::seconds(30);
+                    Decision::event(FlowEvent::Started { to: to.clone() })
+                        .emit(
+                            Emit::new("account.Deposit", to.clone(), json!({"amount": 5}))
+                                .with_outcome(),
+                        )
+                        .schedule(
+                            "deadline",
+                            due,
+                            Emit::new("flow.Stop", ctx.aggregate_id, json!({})),
+                        )
+                }
+                FlowCommand::Stop {} => Decision::new().cancel("deadline"),
+                FlowCommand::Outcome(o) => Decision::event(FlowEvent::Heard {
+                    outcome: o.outcome.name().to_owned(),
+                }),
+            })
+        }
+
+        fn apply(heard: &mut Vec<String>, event: &FlowEvent) {
+            if let FlowEvent::Heard { outcome } = event {
+                heard.push(outcome.clone());
+            }
+        }
+    }
+
+    const ANY: &str = r#"{"type": "object"}"#;
+
+    fn registry() -> Registry {
+        bank::registry().with::<Flow>(Schemas::embedded(
+            "flow",
+            &[
+                ("commands/Start.json", ANY),
+                ("commands/Stop.json", ANY),
+                ("commands/Outcome.json", OUTCOME_SCHEMA),
+                ("events/Started.json", ANY),
+                ("events/Heard.json", ANY),
+            ],
+        ))
+    }
+
+    fn incoming(registry: &Registry, offset: i64, ce: Value) -> Incoming {
+        let subject = ce["subject"].as_str().unwrap().to_owned();
+        let bytes = serde_json::to_vec(&ce).unwrap();
+        let decoded = Command::decode(
+            Some(subject.as_bytes()),
+            &[],
+            Some(&bytes),
+            registry.schemas(),
+        );
+        Incoming {
+            offset,
+            timestamp: None,
+            key: Some(subject.into_bytes()),
+            value: Some(bytes),
+            headers: vec![],
+            decoded,
+        }
+    }
+
+    fn plan_one(registry: &Registry, m: Incoming) -> Plan {
+        plan(
+            registry,
+            &PlanOptions::default(),
+            &[m],
+            &HashMap::new(),
+            &HashMap::new(),
+            &HashSet::new(),
+        )
+    }
+
+    #[test]
+    fn emitted_commands_and_timers_are_derived_from_the_emitting_command() {
+        let registry = registry();
+        let start = json!({"specversion":"1.0","id":"s-1","source":"/t","type":"flow.Start",
+                           "subject":"f-1","time":"2026-12-01T10:00:00Z","correlationid":"c-9",
+                           "data":{"to":"acc-1"}});
+        let p = plan_one(&registry, incoming(&registry, 4, start.clone()));
+        assert_eq!(p.applied(), 1, "{p:#?}");
+        let [emitted] = &p.emitted[..] else {
+            panic!("{p:#?}")
+        };
+        let ce: Value = serde_json::from_slice(&emitted.payload).unwrap();
+        assert_eq!(emitted.key, "acc-1");
+        assert_eq!(ce["type"], "account.Deposit");
+        assert_eq!(ce["source"], "/aggregates/flow/f-1");
+        assert_eq!(ce["outcometo"], "flow/f-1");
+        assert_eq!(ce["correlationid"], "c-9");
+        assert_eq!(ce["time"], "2026-12-01T10:00:00Z");
+        // The emitted command decodes as a command of its target.
+        let back = incoming(&registry, 0, ce.clone());
+        assert!(back.decoded.is_ok(), "{:?}", back.decoded);
+        let [TimerRow::Schedule {
+            name,
+            due_at,
+            command,
+            ..
+        }] = &p.timers[..]
+        else {
+            panic!("{p:#?}")
+        };
+        assert_eq!(name, "deadline");
+        assert_eq!(
+            *due_at,
+            Utc.with_ymd_and_hms(2026, 12, 1, 10, 0, 30).unwrap()
+        );
+        let fired: Value = serde_json::from_slice(&command.payload).unwrap();
+        assert_eq!(
+            fired["time"], "2026-12-01T10:00:30Z",
+            "a timer's command is timed when due"
+        );
+        assert_eq!(fired["type"], "flow.Stop");
+
+        // Handling the same command again derives the same ids.
+        let again = plan_one(&registry, incoming(&registry, 9, start));
+        assert_eq!(again.emitted[0].message_id, emitted.message_id);
+        let TimerRow::Schedule {
+            command: again_timer,
+            ..
+        } = &again.timers[0]
+        else {
+            panic!()
+        };
+        assert_eq!(again_timer.message_id, command.message_id);
+    }
+
+    #[test]
+    fn a_command_with_outcometo_answers_its_emitter_for_every_outcome() {
+        let registry = registry();
+        let deposit = |id: &str, amount: Value| {
+            json!({"specversion":"1.0","id":id,"source":"/aggregates/flow/f-1",
+                   "type":"account.Deposit","subject":"acc-1","outcometo":"flow/f-1",
+                   "data":{"amount":amount}})
+        };
+        // The account is not open: rejected, and the emitter hears so.
+        let rejected = plan_one(&registry, incoming(&registry, 1, deposit("d-1", json!(5))));
+        let [r] = &rejected.replies[..] else {
+            panic!("{rejected:#?}")
+        };
+        assert!(r.to.topic.is_none());
+        assert_eq!(
+            r.to.outcome_to.as_ref().map(ToString::to_string).as_deref(),
+            Some("flow/f-1")
+        );
+        assert!(
+            matches!(&r.reply.outcome, ReplyOutcome::Rejected { code: Some(c), .. } if c == "not_open")
+        );
+        let message = commands::wire::outcome_message(&r.to, &r.reply.outcome);
+        let outcome = incoming(
+            &registry,
+            2,
+            serde_json::from_slice(message.payload.as_deref().unwrap()).unwrap(),
+        );
+        let heard = plan_one(&registry, outcome);
+        assert_eq!(
+            heard.applied(),
+            1,
+            "the emitter accepts its Outcome: {heard:#?}"
+        );
+        assert_eq!(
+            heard.events[0].envelope.data,
+            json!({"Heard": {"outcome": "rejected"}})["Heard"]
+        );
+
+        // Schema-invalid data: dead-lettered, still answered.
+        let invalid = plan_one(
+            &registry,
+            incoming(&registry, 3, deposit("d-2", json!("x"))),
+        );
+        assert!(matches!(
+            &invalid.replies[0].reply.outcome,
+            ReplyOutcome::DeadLettered { kind, .. } if kind == "schema"
+        ));
+        assert!(matches!(invalid.replies[0].answers, Answers::DeadLetter));
     }
 }

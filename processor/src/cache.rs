@@ -119,6 +119,7 @@ mod tests {
             read_version: version - 1,
             new_version: version,
             state: json!({ "balance": version * 10 }),
+            status: None,
         }
     }
 

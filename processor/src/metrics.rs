@@ -6,8 +6,8 @@
 //! colliding.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 /// Commands by outcome (`outcome` = `applied`, `rejected`, `duplicate`, `key_reused`,
@@ -51,6 +51,19 @@ pub const TIMERS_CANCELLED_TOTAL: &str = "cmdproc_timers_cancelled_total";
 pub const TIMERS_PENDING: &str = "cmdproc_timers_pending";
 /// How late a timer fired: from its due time to the commit that fired it.
 pub const TIMER_LATENESS_SECONDS: &str = "cmdproc_timer_lateness_seconds";
+/// Pending timers of the owned partitions that are more than 10 s past due: nothing fires
+/// them (no owner, the database away), or their commands wait behind a backlog.
+pub const TIMERS_OVERDUE: &str = "cmdproc_timers_overdue";
+/// Seconds the most overdue pending timer of the owned partitions is past due (0: none).
+pub const TIMERS_OVERDUE_SECONDS: &str = "cmdproc_timers_overdue_seconds";
+/// Aggregates by type and status (`Aggregate::status`: a saga's step, a cancellation's
+/// reason), across the whole deployment: every worker reports the same counts.
+pub const AGGREGATES: &str = "cmdproc_aggregates";
+/// Events stored, by CloudEvents type (`inventory.Expired`, `order.Cancelled`, ...).
+pub const EVENTS_TOTAL: &str = "cmdproc_events_total";
+/// Commands the relay published to the commands topic: emitted by handlers, sent by timers,
+/// or outcomes going back to the aggregates that emitted commands.
+pub const COMMANDS_PUBLISHED_TOTAL: &str = "cmdproc_commands_published_total";
 /// Commands handlers emitted for other aggregates (or their own).
 pub const COMMANDS_EMITTED_TOTAL: &str = "cmdproc_commands_emitted_total";
 /// Replies the relay published to the reply topics commands named (`replyto`).
@@ -168,6 +181,16 @@ pub struct Metrics {
     pub timers_pending: IntGaugeVec,
     /// [`TIMER_LATENESS_SECONDS`].
     pub timer_lateness: Histogram,
+    /// [`TIMERS_OVERDUE`].
+    pub timers_overdue: IntGauge,
+    /// [`TIMERS_OVERDUE_SECONDS`].
+    pub timers_overdue_seconds: Gauge,
+    /// [`AGGREGATES`].
+    pub aggregates: IntGaugeVec,
+    /// [`EVENTS_TOTAL`].
+    pub events: IntCounterVec,
+    /// [`COMMANDS_PUBLISHED_TOTAL`].
+    pub commands_published: IntCounter,
     /// [`COMMANDS_EMITTED_TOTAL`].
     pub commands_emitted: IntCounter,
     /// [`REPLIES_PUBLISHED_TOTAL`].
@@ -314,6 +337,42 @@ impl Metrics {
                 TIMER_LATENESS_SECONDS,
                 "From a timer's due time to the commit that fired it, in seconds.",
                 LATENCY_BUCKETS,
+            ),
+            timers_overdue: register(
+                &registry,
+                IntGauge::new(
+                    TIMERS_OVERDUE,
+                    "Pending timers of the owned partitions more than 10 s past due.",
+                )
+                .expect("valid gauge"),
+            ),
+            timers_overdue_seconds: register(
+                &registry,
+                Gauge::new(
+                    TIMERS_OVERDUE_SECONDS,
+                    "Seconds the most overdue pending timer of the owned partitions is past due.",
+                )
+                .expect("valid gauge"),
+            ),
+            aggregates: register(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        AGGREGATES,
+                        "Aggregates by type and status, deployment-wide (every worker reports the same).",
+                    ),
+                    &["type", "status"],
+                )
+                .expect("valid gauge"),
+            ),
+            events: register(
+                &registry,
+                IntCounterVec::new(Opts::new(EVENTS_TOTAL, "Events stored, by type."), &["type"])
+                    .expect("valid counter"),
+            ),
+            commands_published: counter(
+                COMMANDS_PUBLISHED_TOTAL,
+                "Commands the relay published to the commands topic (emitted, timers, outcomes).",
             ),
             commands_emitted: counter(
                 COMMANDS_EMITTED_TOTAL,

@@ -38,6 +38,8 @@ pub struct BatchResult {
     pub dead_letters: usize,
     /// Events stored.
     pub events: usize,
+    /// Events stored, per CloudEvents type.
+    pub event_types: Vec<(String, u64)>,
     /// Commands the handlers emitted.
     pub emitted: usize,
     /// Timers set (or replaced) and cancelled by the handlers.
@@ -333,6 +335,7 @@ async fn process_group(
                     .collect(),
                 dead_letters: plan.dead_letters.len(),
                 events: plan.events.len(),
+                event_types: count_types(&plan.events),
                 emitted: plan.emitted.len(),
                 timers: store::TimerChanges {
                     scheduled: plan
@@ -358,6 +361,19 @@ async fn process_group(
         ));
     }
     Ok(out)
+}
+
+/// How many of `events` have each type.
+fn count_types(events: &[EventRow]) -> Vec<(String, u64)> {
+    let mut counts: Vec<(String, u64)> = Vec::new();
+    for e in events {
+        let ty = &e.envelope.event_type;
+        match counts.iter_mut().find(|(t, _)| t == ty) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((ty.clone(), 1)),
+        }
+    }
+    counts
 }
 
 /// The Kafka timestamp of the message at `next_offset - 1` among `messages` (in offset

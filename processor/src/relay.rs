@@ -665,13 +665,20 @@ impl Relay {
         let dead_letter_topic = format!("{}.dlq", self.commands_topic);
         let dead_letters = rows.iter().filter(|r| r.topic == dead_letter_topic).count();
         let replies = rows.iter().filter(|r| is_reply(r)).count();
+        // Commands handlers emitted, timers fired and outcomes sent back go to the commands
+        // topic itself.
+        let commands = rows
+            .iter()
+            .filter(|r| r.topic == self.commands_topic)
+            .count();
         self.metrics
             .dead_letters_published
             .inc_by(dead_letters as u64);
         self.metrics.replies_published.inc_by(replies as u64);
+        self.metrics.commands_published.inc_by(commands as u64);
         self.metrics
             .events_published
-            .inc_by((rows.len() - dead_letters - replies) as u64);
+            .inc_by((rows.len() - dead_letters - replies - commands) as u64);
         crate::failpoint::crash_if("relay-crash-after-publish");
         store::mark_published(&mut tx, &self.commands_topic, partition, last).await?;
         if !skipped.is_empty() {

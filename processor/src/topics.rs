@@ -1,4 +1,4 @@
-//! Creating the commands, events and dead-letter topics through the admin API.
+//! Creating the commands, events, dead-letter and reply topics through the admin API.
 
 use std::time::Duration;
 

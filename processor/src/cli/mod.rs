@@ -233,12 +233,22 @@ pub fn main(registry: Registry) -> std::process::ExitCode {
     };
     match runtime.block_on(dispatch(cli, Arc::new(registry))) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) if error.downcast_ref::<ExitWith>().is_some() => {
+            let ExitWith(code) = error.downcast_ref::<ExitWith>().copied().expect("checked");
+            std::process::ExitCode::from(code)
+        }
         Err(error) => {
             eprintln!("error: {error:#}");
             std::process::ExitCode::FAILURE
         }
     }
 }
+
+/// Ends a subcommand with this exit code and nothing more printed: what it answers (the
+/// outcome `produce --wait` waited for) is not an error of the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("exit code {0}")]
+pub struct ExitWith(pub u8);
 
 /// Connects to Postgres for a one-shot command.
 pub async fn pool(common: &Common, max: u32) -> anyhow::Result<sqlx::PgPool> {

@@ -1,4 +1,4 @@
-//! `cmdproc topics create`, and the operator's decisions about a commands log that changed
+//! `cmdproc topics create` (commands, events, dead letters and replies), and the operator's decisions about a commands log that changed
 //! under the workers: `topics accept-log` and `topics accept-partitions`.
 
 use clap::{Args, Subcommand};
@@ -9,7 +9,12 @@ use crate::topics::{self, TopicStatus};
 /// Topic subcommands.
 #[derive(Debug, Subcommand)]
 pub enum TopicsCommand {
-    /// Create the commands, events and dead-letter topics (idempotent).
+    /// Create the commands, events and dead-letter topics, and the default reply topic
+    /// `<commands-topic>.replies` with as many partitions as the commands topic (idempotent).
+    ///
+    /// The reply topic receives the outcome of every command sent with the `replyto`
+    /// extension naming it: `cmdproc produce --wait` and other clients read their replies
+    /// there, keyed by command id.
     Create(CreateArgs),
     /// Accept the commands log as it is now for partitions the workers halted because it
     /// changed under them (topic deleted and re-created, commands deleted by retention
@@ -29,8 +34,8 @@ pub enum TopicsCommand {
 /// Arguments of `topics create`.
 #[derive(Debug, Args)]
 pub struct CreateArgs {
-    /// Partitions of the commands and events topics: the most workers that can share the
-    /// load. Size it for the largest deployment expected: partitions added to a live commands
+    /// Partitions of the commands, events and dead-letter topics (the reply topic gets the
+    /// commands topic's count): the most workers that can share the load. Size it for the largest deployment expected: partitions added to a live commands
     /// topic move keys, and the workers halt it (README: growing a topic).
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(i32).range(1..=10_000))]
     pub partitions: i32,
@@ -76,12 +81,26 @@ pub async fn run(common: &Common, cmd: TopicsCommand) -> anyhow::Result<()> {
 
 /// Creates the topics and reports each.
 async fn create(common: &Common, args: CreateArgs) -> anyhow::Result<()> {
+    topics::check_reachable(&common.brokers, common.connect_timeout)?;
+    // Replies are keyed by command id and partitioned by murmur2 like the commands, over the
+    // reply topic's own partitions: it gets the commands topic's count, also when that topic
+    // existed before with another count than --partitions.
+    let reply_partitions = topics::partitions_of(
+        &common.brokers,
+        common.commands_topic.as_str(),
+        common.connect_timeout,
+    )?
+    .unwrap_or(args.partitions);
     let wanted = vec![
         (common.commands_topic.to_string(), args.partitions),
         (common.events_topic.to_string(), args.partitions),
         (
             common.commands_topic.dead_letter().to_string(),
             args.partitions,
+        ),
+        (
+            common.commands_topic.replies().to_string(),
+            reply_partitions,
         ),
     ];
     let results = topics::create(
@@ -91,13 +110,12 @@ async fn create(common: &Common, args: CreateArgs) -> anyhow::Result<()> {
         common.connect_timeout,
     )
     .await?;
-    for (topic, status) in results {
+    for ((topic, status), (_, asked)) in results.into_iter().zip(&wanted) {
         match status {
             TopicStatus::Created { partitions } => println!("created {topic} ({partitions} partitions)"),
-            TopicStatus::Exists { partitions } if partitions != args.partitions => println!(
-                "{topic} exists with {partitions} partitions (not {}); left as it is, since changing the \
-                 partition count would move keys between partitions",
-                args.partitions
+            TopicStatus::Exists { partitions } if partitions != *asked => println!(
+                "{topic} exists with {partitions} partitions (not {asked}); left as it is, since changing the \
+                 partition count would move keys between partitions"
             ),
             TopicStatus::Exists { partitions } => println!("{topic} exists ({partitions} partitions)"),
         }

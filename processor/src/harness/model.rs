@@ -99,7 +99,8 @@ impl Model {
             });
             let context = Context::new(&c.id, &c.source, entry.version as u64)
                 .with_time(c.time)
-                .with_correlation_id(c.correlation_id.as_deref());
+                .with_correlation_id(c.correlation_id.as_deref())
+                .with_aggregate_id(c.subject.as_str());
             match aggregate.handle(&entry.state, c.command_type.name(), &c.data, &context) {
                 Handled::Invalid(e) => {
                     return Err(Error::Invalid {

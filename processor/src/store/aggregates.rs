@@ -61,8 +61,8 @@ pub(crate) async fn write_aggregates<'w>(
     let (inserts, updates): (Vec<_>, Vec<_>) = writes.partition(|w| w.read_version == 0);
     if !inserts.is_empty() {
         let n = sqlx::query(
-            "INSERT INTO aggregates (aggregate_type, aggregate_id, version, state)
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::jsonb[])
+            "INSERT INTO aggregates (aggregate_type, aggregate_id, version, state, status)
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::jsonb[], $5::text[])
              ON CONFLICT DO NOTHING",
         )
         .bind(
@@ -79,6 +79,12 @@ pub(crate) async fn write_aggregates<'w>(
         )
         .bind(inserts.iter().map(|w| w.new_version).collect::<Vec<_>>())
         .bind(inserts.iter().map(|w| &w.state).collect::<Vec<_>>())
+        .bind(
+            inserts
+                .iter()
+                .map(|w| w.status.as_deref())
+                .collect::<Vec<_>>(),
+        )
         .execute(&mut **tx)
         .await?
         .rows_affected();
@@ -92,9 +98,10 @@ pub(crate) async fn write_aggregates<'w>(
     }
     if !updates.is_empty() {
         let n = sqlx::query(
-            "UPDATE aggregates a SET version = u.new_version, state = u.state, updated_at = now()
-             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::jsonb[])
-               AS u(t, i, read_version, new_version, state)
+            "UPDATE aggregates a SET version = u.new_version, state = u.state, status = u.status,
+                    updated_at = now()
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::jsonb[], $6::text[])
+               AS u(t, i, read_version, new_version, state, status)
              WHERE a.aggregate_type = u.t AND a.aggregate_id = u.i AND a.version = u.read_version",
         )
         .bind(
@@ -112,6 +119,7 @@ pub(crate) async fn write_aggregates<'w>(
         .bind(updates.iter().map(|w| w.read_version).collect::<Vec<_>>())
         .bind(updates.iter().map(|w| w.new_version).collect::<Vec<_>>())
         .bind(updates.iter().map(|w| &w.state).collect::<Vec<_>>())
+        .bind(updates.iter().map(|w| w.status.as_deref()).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?
         .rows_affected();
@@ -161,4 +169,19 @@ pub(crate) async fn stored_aggregate(
         version: r.get(0),
         state: r.get(1),
     }))
+}
+
+/// How many aggregates of each type stand at each [`commands::Aggregate::status`] (types
+/// without statuses are left out).
+pub async fn statuses(pool: &PgPool) -> Result<Vec<(String, String, i64)>> {
+    let rows = sqlx::query(
+        "SELECT aggregate_type, status, count(*) FROM aggregates WHERE status IS NOT NULL
+         GROUP BY aggregate_type, status",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
 }

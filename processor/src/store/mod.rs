@@ -32,7 +32,7 @@ mod parking;
 mod partitions;
 mod timers;
 
-pub use aggregates::aggregates_of_topic;
+pub use aggregates::{aggregates_of_topic, statuses};
 pub(crate) use aggregates::{load_aggregates, stored_aggregate, write_aggregates};
 pub(crate) use dead_letters::{
     list_dead_letters, lock_dead_letter, mark_dead_letter_skipped, mark_redriven,
@@ -66,7 +66,7 @@ pub(crate) use partitions::{
     lock_partition, lock_partitions, store_outbox_seq, store_positions, Position,
 };
 pub(crate) use timers::{aggregate_timers, write_timers};
-pub use timers::{fire_due_timers, pending_timers, Fired, TimerChanges};
+pub use timers::{fire_due_timers, pending_timers, Fired, PendingTimers, TimerChanges};
 
 // Re-exported for callers not yet moved to the modules these items now live in
 // (`crate::pipeline`, `crate::cache`); new code names those modules.

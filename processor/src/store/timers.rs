@@ -106,6 +106,17 @@ pub struct Fired {
     pub lateness: Vec<f64>,
 }
 
+/// A due timer taken for firing.
+struct Due {
+    partition: i32,
+    subject: String,
+    message_id: String,
+    payload: Vec<u8>,
+    /// Seconds past due, by the database's clock.
+    late: f64,
+    due_at: DateTime<Utc>,
+}
+
 /// Fires up to `limit` due timers of the partitions of `topic` whose epochs are given (the
 /// caller's: a partition whose stored epoch differs is skipped, fenced): deletes them and
 /// writes their commands to the outbox after each partition's last sequence, in one
@@ -157,24 +168,33 @@ pub async fn fire_due_timers(
     .bind(limit)
     .fetch_all(&mut *tx)
     .await?;
-    let mut rows: Vec<(i32, String, String, Vec<u8>, f64, DateTime<Utc>)> = rows
+    let mut rows: Vec<Due> = rows
         .into_iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+        .map(|r| Due {
+            partition: r.get(0),
+            subject: r.get(1),
+            message_id: r.get(2),
+            payload: r.get(3),
+            late: r.get(4),
+            due_at: r.get(5),
+        })
         .collect();
     // In due order within each partition, so the commands go out in the order they fire.
-    rows.sort_by(|a, b| (a.0, a.5, &a.2).cmp(&(b.0, b.5, &b.2)));
+    rows.sort_by(|a, b| {
+        (a.partition, a.due_at, &a.message_id).cmp(&(b.partition, b.due_at, &b.message_id))
+    });
     let mut seqs: HashMap<i32, i64> = mine.iter().map(|p| (*p, locked[p].outbox_seq)).collect();
     let outbox: Vec<OutboxRow<'_>> = rows
         .iter()
-        .map(|(partition, subject, message_id, payload, _, _)| {
-            let seq = seqs.get_mut(partition).expect("a locked partition");
+        .map(|due| {
+            let seq = seqs.get_mut(&due.partition).expect("a locked partition");
             *seq += 1;
             OutboxRow {
-                partition: *partition,
+                partition: due.partition,
                 seq: *seq,
                 topic,
-                message_id: message_id.clone(),
-                message: wire::command_message(subject, payload.clone()),
+                message_id: due.message_id.clone(),
+                message: wire::command_message(&due.subject, due.payload.clone()),
             }
         })
         .collect();
@@ -190,22 +210,52 @@ pub async fn fire_due_timers(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    for (partition, _, _, _, late, _) in &rows {
-        *fired.per_partition.entry(*partition).or_default() += 1;
-        fired.lateness.push(late.max(0.0));
+    for due in &rows {
+        *fired.per_partition.entry(due.partition).or_default() += 1;
+        fired.lateness.push(due.late.max(0.0));
     }
     Ok(fired)
 }
 
-/// Pending timers per partition of `topic`.
-pub async fn pending_timers(pool: &PgPool, topic: &str) -> Result<HashMap<i32, i64>> {
+/// Pending timers of some partitions of `topic`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PendingTimers {
+    /// Pending timers per partition.
+    pub per_partition: HashMap<i32, i64>,
+    /// Those more than `overdue_after` past due.
+    pub overdue: i64,
+    /// Seconds the most overdue one is past due (0 when none is due).
+    pub oldest_overdue: f64,
+}
+
+/// The pending timers of `partitions` of `topic`, by the database's clock.
+pub async fn pending_timers(
+    pool: &PgPool,
+    topic: &str,
+    partitions: &[i32],
+    overdue_after: std::time::Duration,
+) -> Result<PendingTimers> {
     let rows = sqlx::query(
-        "SELECT partition, count(*) FROM timers WHERE commands_topic = $1 GROUP BY partition",
+        "SELECT partition, count(*),
+                count(*) FILTER (WHERE due_at < now() - $3 * interval '1 millisecond'),
+                COALESCE(EXTRACT(EPOCH FROM (now() - min(due_at)))::float8, 0)
+         FROM timers WHERE commands_topic = $1 AND partition = ANY($2) GROUP BY partition",
     )
     .bind(topic)
+    .bind(partitions)
+    .bind(overdue_after.as_millis() as f64)
     .fetch_all(pool)
     .await?;
-    Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    let mut pending = PendingTimers::default();
+    for r in rows {
+        pending.per_partition.insert(r.get(0), r.get(1));
+        let overdue: i64 = r.get(2);
+        pending.overdue += overdue;
+        if overdue > 0 {
+            pending.oldest_overdue = pending.oldest_overdue.max(r.get(3));
+        }
+    }
+    Ok(pending)
 }
 
 /// The pending timers of one aggregate, soonest first: name, due time and the command.

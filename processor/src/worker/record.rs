@@ -42,6 +42,9 @@ impl Worker {
         m.count_commands(outcome::DUPLICATE, r.duplicates);
         m.count_commands(outcome::KEY_REUSED, r.key_reused.len());
         m.commands_emitted.inc_by(r.emitted as u64);
+        for (ty, n) in &r.event_types {
+            m.events.with_label_values(&[ty]).inc_by(*n);
+        }
         m.timers_scheduled.inc_by(r.timers.scheduled);
         m.timers_cancelled.inc_by(r.timers.cancelled);
         for refused in &r.key_reused {
@@ -209,6 +212,7 @@ mod tests {
             key_reused: Vec::new(),
             dead_letters,
             events: 0,
+            event_types: Vec::new(),
             emitted: 0,
             timers: Default::default(),
             parked,

@@ -9,6 +9,9 @@ use crate::store;
 /// Most timers fired in one transaction; more wait for the next tick.
 const FIRE_LIMIT: i64 = 2_000;
 
+/// A pending timer this far past due counts as overdue.
+const OVERDUE_AFTER: Duration = Duration::from_secs(10);
+
 /// How often the pending-timers gauge is refreshed.
 pub(super) const PENDING_EVERY: Duration = Duration::from_secs(5);
 
@@ -46,8 +49,8 @@ impl Worker {
         }
     }
 
-    /// Sets the pending-timers gauge of the owned partitions, at most every
-    /// [`PENDING_EVERY`].
+    /// Sets the timer gauges of the owned partitions and the aggregates-by-status gauge,
+    /// at most every [`PENDING_EVERY`].
     pub(super) async fn report_pending_timers(&self, last: &mut Instant) {
         if last.elapsed() < PENDING_EVERY {
             return;
@@ -60,15 +63,25 @@ impl Worker {
             .keys()
             .copied()
             .collect();
-        if let Ok(pending) =
-            store::pending_timers(&self.pool, self.config.commands_topic.as_str()).await
-        {
-            self.metrics.timers_pending.reset();
+        let topic = self.config.commands_topic.as_str();
+        if let Ok(pending) = store::pending_timers(&self.pool, topic, &owned, OVERDUE_AFTER).await {
+            let m = &self.metrics;
+            m.timers_pending.reset();
             for p in owned {
-                self.metrics
-                    .timers_pending
+                m.timers_pending
                     .with_label_values(&[&p.to_string()])
-                    .set(pending.get(&p).copied().unwrap_or(0));
+                    .set(pending.per_partition.get(&p).copied().unwrap_or(0));
+            }
+            m.timers_overdue.set(pending.overdue);
+            m.timers_overdue_seconds.set(pending.oldest_overdue);
+        }
+        if let Ok(statuses) = store::statuses(&self.pool).await {
+            self.metrics.aggregates.reset();
+            for (ty, status, n) in statuses {
+                self.metrics
+                    .aggregates
+                    .with_label_values(&[&ty, &status])
+                    .set(n);
             }
         }
     }
