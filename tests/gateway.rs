@@ -149,6 +149,9 @@ async fn stored_account(db: &TestDb, account: &str) -> (i64, i64) {
     (state["balance"].as_i64().expect("a balance"), version)
 }
 
+/// A new deposit or withdrawal to send: account, `Deposit` or `Withdraw`, amount.
+type Planned = (String, &'static str, i64);
+
 /// A deposit or withdrawal sent once, with its answer.
 #[derive(Debug, Clone)]
 struct Sent {
@@ -195,7 +198,7 @@ async fn a_thousand_requests_with_retries_match_a_serial_model() {
         let at = rng.gen_range(50..=slots.len());
         slots.insert(at, None);
     }
-    let plan: Vec<(usize, Option<(String, &'static str, i64)>)> = slots
+    let plan: Vec<(usize, Option<Planned>)> = slots
         .iter()
         .enumerate()
         .map(|(n, slot)| {

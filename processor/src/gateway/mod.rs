@@ -16,9 +16,8 @@
 //! - `answer`: an outcome to a status and body; problems.
 //! - [`metrics`]: the gateway's metric names and registry.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -96,7 +95,6 @@ struct Inner {
     pool: PgPool,
     settings: Settings,
     metrics: GatewayMetrics,
-    in_flight: KeyLocks,
     shutdown: CancellationToken,
 }
 
@@ -125,7 +123,6 @@ impl Gateway {
                 pool,
                 settings,
                 metrics: GatewayMetrics::new(),
-                in_flight: KeyLocks::default(),
                 shutdown,
             }),
         })
@@ -192,22 +189,20 @@ impl Gateway {
             id: command.id.to_string(),
         };
         let deadline = started + settings.deadline;
-        // Requests with the same key take turns in this gateway, so that each gets the reply
-        // to its own delivery: a retry waits for the first attempt's answer, then gets the
-        // recorded outcome as a duplicate (or key_reused, if its payload differs).
-        let Ok(_turn) =
-            tokio::time::timeout_at(deadline.into(), self.inner.in_flight.lock(&key)).await
-        else {
-            return answer::pending(&key);
-        };
-        let pending = self.inner.replies.expect(&key.source, &key.id);
+        // Each request takes the reply to its own delivery: a retry in flight gets the
+        // recorded outcome as a duplicate, a request reusing the key with another body gets
+        // key_reused, whatever gateway or attempt the other delivery came from.
+        let mut pending = self.inner.replies.expect_delivery(&key.source, &key.id);
         self.inner.metrics.waiting.inc();
         let _waiting = Decrement(&self.inner.metrics.waiting);
         let produced = Instant::now();
-        if let Err(e) = self.inner.producer.send(&command).await {
-            tracing::warn!(error = %e, source = %key.source, id = %key.id, "cannot produce a command");
-            return Problem::unavailable(format!("the command was not accepted by Kafka: {e}"))
-                .into_response();
+        match self.inner.producer.send(&command).await {
+            Ok(delivery) => pending.for_delivery(&settings.commands_topic, delivery),
+            Err(e) => {
+                tracing::warn!(error = %e, source = %key.source, id = %key.id, "cannot produce a command");
+                return Problem::unavailable(format!("the command was not accepted by Kafka: {e}"))
+                    .into_response();
+            }
         }
         match pending
             .wait(deadline.saturating_duration_since(Instant::now()))
@@ -386,49 +381,4 @@ pub async fn listen(addr: SocketAddr) -> Result<tokio::net::TcpListener, crate::
     tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| crate::http::ListenError { addr, source })
-}
-
-/// One turn per idempotency key among this gateway's requests.
-#[derive(Debug, Default)]
-struct KeyLocks {
-    locks: Mutex<HashMap<ReplyCommand, Arc<tokio::sync::Mutex<()>>>>,
-}
-
-/// A request's turn on its key; the key's entry goes when no other request waits for it.
-struct Turn<'a> {
-    locks: &'a KeyLocks,
-    key: ReplyCommand,
-    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
-}
-
-impl KeyLocks {
-    async fn lock(&self, key: &ReplyCommand) -> Turn<'_> {
-        let lock = Arc::clone(
-            self.locks
-                .lock()
-                .expect("key locks")
-                .entry(key.clone())
-                .or_default(),
-        );
-        let guard = lock.lock_owned().await;
-        Turn {
-            locks: self,
-            key: key.clone(),
-            guard: Some(guard),
-        }
-    }
-}
-
-impl Drop for Turn<'_> {
-    fn drop(&mut self) {
-        let mut locks = self.locks.locks.lock().expect("key locks");
-        self.guard = None;
-        // Only the map holds the lock now: nobody waits for this key.
-        if locks
-            .get(&self.key)
-            .is_some_and(|lock| Arc::strong_count(lock) == 1)
-        {
-            locks.remove(&self.key);
-        }
-    }
 }
