@@ -38,8 +38,8 @@ pub(crate) use dead_letters::{
     list_dead_letters, lock_dead_letter, mark_dead_letter_skipped, mark_redriven,
     write_dead_letters,
 };
-pub use lookup::recorded_command;
 pub(crate) use events::{load_outcomes_from_events, recent_events, write_events};
+pub use lookup::recorded_command;
 pub use outbox::{
     dead_letter_message_id, forget_found_published, found_published, lock_relay_position,
     mark_published, next_outbox_rows, outbox_backlog, outbox_topics, record_found_published,
