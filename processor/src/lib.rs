@@ -37,6 +37,7 @@
 //! - [`inspect`]: reading an aggregate with its recent commands and events.
 //! - [`metrics`]: every Prometheus metric name, and the per-process registry.
 //! - [`http`]: the `/metrics`, `/healthz` and `/readyz` endpoint of `cmdproc run`.
+//! - [`gateway`]: `cmdproc gateway`, HTTP in, outcome out.
 //! - [`cli`]: the `cmdproc` subcommands.
 //! - [`harness`]: the workload, serial model and topic reader that `demo`, `bench` and the
 //!   integration tests share.
@@ -53,6 +54,7 @@ pub mod dlq;
 pub mod engine;
 pub mod error;
 pub mod failpoint;
+pub mod gateway;
 pub mod harness;
 pub mod http;
 pub mod inspect;

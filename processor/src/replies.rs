@@ -38,6 +38,9 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use commands::reply::{Reply, ReplyCommand};
 use commands::Topic;
+use uuid::Uuid;
+
+use crate::producer::Delivery;
 
 /// How long starting a waiter waits for the broker's metadata and watermarks.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -70,7 +73,43 @@ pub enum ReplyError {
 
 /// The callers waiting for a reply, by the command's idempotency key, each under a number of
 /// its own so that dropping one forgets only it.
-type Pending = HashMap<ReplyCommand, HashMap<u64, oneshot::Sender<Reply>>>;
+type Pending = HashMap<ReplyCommand, HashMap<u64, Waiter>>;
+
+/// One caller waiting, and which replies to the key it takes.
+#[derive(Debug)]
+struct Waiter {
+    sender: oneshot::Sender<Reply>,
+    takes: Takes,
+}
+
+/// Which replies to its key a waiter takes.
+#[derive(Debug)]
+enum Takes {
+    /// The first one ([`ReplyWaiter::expect`]).
+    Any,
+    /// Only the reply to its own delivery, not yet known: replies are kept until
+    /// [`PendingReply::for_delivery`] says which ([`ReplyWaiter::expect_delivery`]).
+    Unsettled(Vec<(Reply, Option<Uuid>)>),
+    /// Only a reply with one of these CloudEvent ids (the delivery's reply, or its dead
+    /// letter's).
+    Only([Uuid; 2]),
+}
+
+impl Takes {
+    fn accepts(&self, reply_id: Option<Uuid>) -> bool {
+        match self {
+            Takes::Any => true,
+            Takes::Unsettled(_) => false,
+            Takes::Only(ids) => reply_id.is_some_and(|id| ids.contains(&id)),
+        }
+    }
+}
+
+/// The CloudEvent `id` of a reply, which names the delivery it answers.
+#[derive(serde::Deserialize)]
+struct ReplyId {
+    id: Option<Uuid>,
+}
 
 #[derive(Debug, Default)]
 struct Shared {
@@ -80,15 +119,50 @@ struct Shared {
 }
 
 impl Shared {
-    fn deliver(&self, reply: Reply) {
-        let waiters = self
-            .pending
-            .lock()
-            .expect("pending replies")
-            .remove(&reply.command);
-        for (_, sender) in waiters.into_iter().flatten() {
-            // A caller that stopped waiting dropped its receiver: nothing to do.
-            let _ = sender.send(reply.clone());
+    fn deliver(&self, reply: Reply, reply_id: Option<Uuid>) {
+        let mut pending = self.pending.lock().expect("pending replies");
+        let Some(waiters) = pending.get_mut(&reply.command) else {
+            return;
+        };
+        let taking: Vec<u64> = waiters
+            .iter_mut()
+            .filter_map(|(n, waiter)| {
+                if let Takes::Unsettled(kept) = &mut waiter.takes {
+                    kept.push((reply.clone(), reply_id));
+                }
+                waiter.takes.accepts(reply_id).then_some(*n)
+            })
+            .collect();
+        for n in taking {
+            if let Some(waiter) = waiters.remove(&n) {
+                // A caller that stopped waiting dropped its receiver: nothing to do.
+                let _ = waiter.sender.send(reply.clone());
+            }
+        }
+        if waiters.is_empty() {
+            pending.remove(&reply.command);
+        }
+    }
+
+    fn settle(&self, key: &ReplyCommand, waiter: u64, ids: [Uuid; 2]) {
+        let mut pending = self.pending.lock().expect("pending replies");
+        let Some(waiters) = pending.get_mut(key) else {
+            return;
+        };
+        let Some(entry) = waiters.get_mut(&waiter) else {
+            return;
+        };
+        let kept = match std::mem::replace(&mut entry.takes, Takes::Only(ids)) {
+            Takes::Unsettled(kept) => kept,
+            _ => Vec::new(),
+        };
+        if let Some((reply, _)) = kept.into_iter().find(|(_, id)| entry.takes.accepts(*id)) {
+            if let Some(entry) = waiters.remove(&waiter) {
+                let _ = entry.sender.send(reply);
+            }
+            if waiters.is_empty() {
+                pending.remove(key);
+            }
         }
     }
 
@@ -184,25 +258,20 @@ impl ReplyWaiter {
     /// command. Several callers may wait on the same key (a retry in flight while the first
     /// attempt waits): each gets the reply. Dropping the returned value forgets the interest.
     pub fn expect(&self, source: &str, id: &str) -> PendingReply {
-        let key = ReplyCommand {
-            source: source.to_owned(),
-            id: id.to_owned(),
-        };
-        let waiter = self.shared.next_waiter.fetch_add(1, Ordering::Relaxed);
-        let (sender, receiver) = oneshot::channel();
-        self.shared
-            .pending
-            .lock()
-            .expect("pending replies")
-            .entry(key.clone())
-            .or_default()
-            .insert(waiter, sender);
-        PendingReply {
-            shared: Arc::clone(&self.shared),
-            key,
-            waiter,
-            receiver: Some(receiver),
-        }
+        self.register(source, id, Takes::Any)
+    }
+
+    /// Like [`expect`](Self::expect), for the reply to one delivery only: after producing,
+    /// say which with [`PendingReply::for_delivery`]; replies to the key that arrive before
+    /// are kept until then. Replies to other deliveries of the same key (an earlier
+    /// attempt's late reply, or another caller's command reusing the key) go to whoever
+    /// waits for them, so each caller learns what became of its own delivery.
+    pub fn expect_delivery(&self, source: &str, id: &str) -> PendingReply {
+        self.register(source, id, Takes::Unsettled(Vec::new()))
+    }
+
+    fn register(&self, source: &str, id: &str, takes: Takes) -> PendingReply {
+        register(&self.shared, source, id, takes)
     }
 
     /// The reply topic this waiter reads.
@@ -238,6 +307,22 @@ pub struct PendingReply {
 }
 
 impl PendingReply {
+    /// Takes only the reply to the delivery the producer reported at `delivery` on
+    /// `commands_topic` (for a [`ReplyWaiter::expect_delivery`] interest; on an
+    /// [`expect`](ReplyWaiter::expect) one it narrows what is taken from now on).
+    pub fn for_delivery(&mut self, commands_topic: &Topic, delivery: Delivery) {
+        let id = |dead_letter| {
+            Reply::id_for(&crate::store::reply_message_id(
+                commands_topic.as_str(),
+                delivery.partition,
+                delivery.offset,
+                dead_letter,
+            ))
+        };
+        self.shared
+            .settle(&self.key, self.waiter, [id(false), id(true)]);
+    }
+
     /// Waits for the reply up to `timeout`; `None` when none came in time.
     pub async fn wait(mut self, timeout: Duration) -> Option<commands::Reply> {
         let receiver = self.receiver.take()?;
@@ -251,6 +336,28 @@ impl PendingReply {
 impl Drop for PendingReply {
     fn drop(&mut self) {
         self.shared.forget(&self.key, self.waiter);
+    }
+}
+
+fn register(shared: &Arc<Shared>, source: &str, id: &str, takes: Takes) -> PendingReply {
+    let key = ReplyCommand {
+        source: source.to_owned(),
+        id: id.to_owned(),
+    };
+    let waiter = shared.next_waiter.fetch_add(1, Ordering::Relaxed);
+    let (sender, receiver) = oneshot::channel();
+    shared
+        .pending
+        .lock()
+        .expect("pending replies")
+        .entry(key.clone())
+        .or_default()
+        .insert(waiter, Waiter { sender, takes });
+    PendingReply {
+        shared: Arc::clone(shared),
+        key,
+        waiter,
+        receiver: Some(receiver),
     }
 }
 
@@ -293,10 +400,15 @@ async fn read_replies(
             m = consumer.recv() => m,
         };
         match message {
-            Ok(m) => match m.payload().map(Reply::from_cloudevent) {
-                Some(Ok(reply)) => shared.deliver(reply),
+            Ok(m) => match m.payload().map(|p| (Reply::from_cloudevent(p), p)) {
+                Some((Ok(reply), payload)) => {
+                    let reply_id = serde_json::from_slice::<ReplyId>(payload)
+                        .ok()
+                        .and_then(|r| r.id);
+                    shared.deliver(reply, reply_id);
+                }
                 // Not a reply: someone else's message on the topic; nobody waits for it.
-                Some(Err(e)) => {
+                Some((Err(e), _)) => {
                     tracing::debug!(%topic, partition = m.partition(), offset = m.offset(), error = %e, "ignoring a message that is not a reply");
                 }
                 None => {}
@@ -330,38 +442,52 @@ mod tests {
     #[tokio::test]
     async fn every_caller_waiting_on_a_key_gets_its_reply_and_only_it() {
         let shared = Arc::new(Shared::default());
-        let waiter = |id: &str| {
-            let key = ReplyCommand {
-                source: "/s".into(),
-                id: id.into(),
-            };
-            let (sender, receiver) = oneshot::channel();
-            let n = shared.next_waiter.fetch_add(1, Ordering::Relaxed);
-            shared
-                .pending
-                .lock()
-                .unwrap()
-                .entry(key.clone())
-                .or_default()
-                .insert(n, sender);
-            PendingReply {
-                shared: Arc::clone(&shared),
-                key,
-                waiter: n,
-                receiver: Some(receiver),
-            }
-        };
+        let waiter = |id: &str| register(&shared, "/s", id, Takes::Any);
         let first = waiter("c-1");
         let retry = waiter("c-1");
         let other = waiter("c-2");
         let forgotten = waiter("c-3");
         drop(forgotten);
-        shared.deliver(reply("c-1"));
-        shared.deliver(reply("c-3"));
+        shared.deliver(reply("c-1"), None);
+        shared.deliver(reply("c-3"), None);
         let short = Duration::from_millis(50);
         assert_eq!(first.wait(short).await, Some(reply("c-1")));
         assert_eq!(retry.wait(short).await, Some(reply("c-1")));
         assert_eq!(other.wait(short).await, None);
+        assert!(shared.pending.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_delivery_waiter_takes_only_the_reply_to_its_own_delivery() {
+        let shared = Arc::new(Shared::default());
+        let topic = Topic::parse("commands").unwrap();
+        let at = |offset| Delivery {
+            partition: 0,
+            offset,
+        };
+        let reply_id = |offset| {
+            Some(Reply::id_for(&crate::store::reply_message_id(
+                "commands", 0, offset, false,
+            )))
+        };
+        let mut late = reply("c-1");
+        late.duplicate = false;
+        let mut own = reply("c-1");
+        own.duplicate = true;
+        // The first attempt's reply arrives before the retry knows its offset: kept, not taken.
+        let mut retry = register(&shared, "/s", "c-1", Takes::Unsettled(Vec::new()));
+        shared.deliver(late.clone(), reply_id(7));
+        retry.for_delivery(&topic, at(9));
+        shared.deliver(own.clone(), reply_id(9));
+        assert_eq!(
+            retry.wait(Duration::from_millis(50)).await,
+            Some(own.clone())
+        );
+        // A reply that came before the offset was known is handed over when it is.
+        let mut early = register(&shared, "/s", "c-1", Takes::Unsettled(Vec::new()));
+        shared.deliver(own.clone(), reply_id(9));
+        early.for_delivery(&topic, at(9));
+        assert_eq!(early.wait(Duration::from_millis(50)).await, Some(own));
         assert!(shared.pending.lock().unwrap().is_empty());
     }
 }

@@ -12,10 +12,13 @@
 //! - `replay`: the `uniform` run's partitions rewound to offset 0 (as `cmdproc replay`
 //!   does) and consumed again: every command is a duplicate without effect;
 //! - `naive`: the same as `uniform` (fewer commands) with workers in `--naive-baseline` mode;
-//! - `latency`: deposits offered at a fixed rate, end-to-end latency percentiles.
+//! - `latency`: deposits offered at a fixed rate, end-to-end latency percentiles;
+//! - `gateway` (only when asked for): time to an outcome through `cmdproc gateway`, against
+//!   produce-and-wait-for-the-reply and produce-and-poll (see `gateway`).
 
 mod ceiling;
 mod chart;
+mod gateway;
 mod latency;
 
 use std::collections::BTreeMap;
@@ -59,6 +62,9 @@ pub enum Run {
     Naive,
     /// End-to-end latency at a fixed offered rate.
     Latency,
+    /// Time to an outcome through `cmdproc gateway`, `produce --wait` and produce-and-poll
+    /// at `--gateway-rate` (writes bench-gateway.json; not among the default runs).
+    Gateway,
 }
 
 impl Run {
@@ -70,6 +76,7 @@ impl Run {
             Run::Zipf => "zipf",
             Run::Naive => "naive",
             Run::Latency => "latency",
+            Run::Gateway => "gateway",
         }
     }
 }
@@ -108,6 +115,9 @@ pub struct BenchArgs {
     /// Length of the latency run.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     pub latency_duration: Duration,
+    /// Offered rate of the gateway run (each of its three ways), requests per second.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub gateway_rate: u32,
     /// Batch size of the workers (and of the ceiling).
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch_size: u32,
@@ -322,6 +332,10 @@ pub async fn run(common: &Common, registry: Arc<Registry>, args: BenchArgs) -> a
                     Mix::DepositsOnly,
                 )?;
                 with_workers(common, &registry, &args, Run::Latency, commands, &[], false).await?
+            }
+            Run::Gateway => {
+                gateway::run(common, &registry, &args).await?;
+                Vec::new()
             }
         };
         for r in &got {

@@ -10,6 +10,7 @@ use commands::{Registry, Topic};
 pub mod bench;
 pub mod demo;
 pub mod dlq;
+pub mod gateway;
 pub mod inspect;
 pub mod migrate;
 pub mod produce;
@@ -119,6 +120,9 @@ pub enum Command {
     /// Measure throughput, latency and replay speed against a naive baseline and the
     /// database's ceiling; writes JSON and an SVG chart.
     Bench(bench::BenchArgs),
+    /// Serve HTTP: POST /commands produces a command and answers with its outcome;
+    /// GET /commands/{source}/{id} reads a recorded one.
+    Gateway(gateway::GatewayArgs),
 }
 
 /// Parses `500ms`, `5s`, `2m` or a bare number of seconds.
@@ -160,6 +164,7 @@ pub async fn dispatch(cli: Cli, registry: Arc<Registry>) -> anyhow::Result<()> {
         Command::Replay(a) => replay::run(&common, &registry, a).await,
         Command::Demo(a) => demo::run(&common, &registry, a).await,
         Command::Bench(a) => bench::run(&common, registry, a).await,
+        Command::Gateway(a) => gateway::run(&common, registry, a).await,
     }
 }
 

@@ -25,6 +25,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 mod aggregates;
 mod dead_letters;
 mod events;
+mod lookup;
 mod outbox;
 mod outcomes;
 mod parking;
@@ -38,6 +39,7 @@ pub(crate) use dead_letters::{
     write_dead_letters,
 };
 pub(crate) use events::{load_outcomes_from_events, recent_events, write_events};
+pub use lookup::recorded_command;
 pub use outbox::{
     dead_letter_message_id, forget_found_published, found_published, lock_relay_position,
     mark_published, next_outbox_rows, outbox_backlog, outbox_topics, record_found_published,
