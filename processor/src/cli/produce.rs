@@ -253,6 +253,8 @@ fn from_flags(args: &ProduceArgs, schemas: &SchemaSet) -> anyhow::Result<Command
     let mut c = Command::new(Source::parse(args.source.clone())?, id, ty, subject, data);
     c.expected_version = args.expected_version;
     c.correlation_id = args.correlation_id.clone();
+    // The handler's only clock (a hold's expiry, a saga's deadline).
+    c.time = Some(chrono::Utc::now());
     Command::from_json(c.to_json(), schemas).map_err(|e| anyhow::anyhow!("invalid command: {e}"))
 }
 
@@ -273,7 +275,12 @@ fn read_lines(path: &PathBuf, schemas: &SchemaSet) -> anyhow::Result<Vec<Command
         }
         let parsed = serde_json::from_str::<Value>(&line)
             .map_err(|e| format!("not JSON: {e}"))
-            .and_then(|v| Command::from_json(v, schemas).map_err(|e| e.to_string()));
+            .and_then(|v| Command::from_json(v, schemas).map_err(|e| e.to_string()))
+            .map(|mut c| {
+                // A command without `time` gets the moment it is produced.
+                c.time.get_or_insert_with(chrono::Utc::now);
+                c
+            });
         match parsed {
             Ok(c) => out.push(c),
             Err(e) => errors.push(format!("line {}: {e}", n + 1)),

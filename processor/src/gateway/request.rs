@@ -89,6 +89,10 @@ pub(super) fn command(
     fields
         .entry("source")
         .or_insert_with(|| default_source.as_str().into());
+    // A command without `time` is stamped with the moment it arrived: the only clock its
+    // handler sees (a hold's expiry, a saga's deadline). A retry stamped later is still a
+    // duplicate: `time` is not part of what the idempotency key stands for.
+    fields.entry("time").or_insert_with(|| now_rfc3339().into());
     // The gateway waits for the reply on its own topic, whatever the caller asked for.
     fields.insert("replyto".into(), reply_topic.as_str().into());
     let command = Command::from_json(Value::Object(fields), registry.schemas())
@@ -108,6 +112,11 @@ pub(super) fn command(
         ));
     }
     Ok(command)
+}
+
+/// Now, as a CloudEvents `time`.
+pub(crate) fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// A header's value as text, `None` when absent.
