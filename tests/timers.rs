@@ -76,7 +76,14 @@ async fn ten_thousand_timers_fire_once_each_across_a_kill_and_a_rebalance() {
         .collect();
     let d = produce_all(&producer, &stock).await;
     let refs: Vec<&WorkerProcess> = workers.iter().collect();
-    wait_processed(&db, &topics.commands, &ends(&d), Duration::from_secs(120), &refs).await;
+    wait_processed(
+        &db,
+        &topics.commands,
+        &ends(&d),
+        Duration::from_secs(120),
+        &refs,
+    )
+    .await;
 
     // Holds whose expiries fall due evenly over the 20 seconds after the last is sent: each
     // hold's time is when it is sent, its ttl brings it to its due time.
@@ -136,8 +143,14 @@ async fn ten_thousand_timers_fire_once_each_across_a_kill_and_a_rebalance() {
     let took = produced.elapsed();
     let refs: Vec<&WorkerProcess> = workers.iter().collect();
     // The relay has published everything the workers wrote (the fired commands included).
-    wait_processed(&db, &topics.commands, &ends(&deliveries), Duration::from_secs(60), &refs)
-        .await;
+    wait_processed(
+        &db,
+        &topics.commands,
+        &ends(&deliveries),
+        Duration::from_secs(60),
+        &refs,
+    )
+    .await;
 
     // Once each on the commands topic, once each in Postgres.
     let fired: Vec<Value> = support::read_topic(&topics.commands)
@@ -179,15 +192,14 @@ async fn ten_thousand_timers_fire_once_each_across_a_kill_and_a_rebalance() {
     );
 
     // How late the holds ended: from each due time to the commit of its Expired event.
-    let ended: Vec<(Value, DateTime<Utc>)> = sqlx::query(
-        "SELECT data, created_at FROM events WHERE event_type = 'inventory.Expired'",
-    )
-    .fetch_all(&db.pool)
-    .await
-    .unwrap()
-    .into_iter()
-    .map(|r| (r.get(0), r.get(1)))
-    .collect();
+    let ended: Vec<(Value, DateTime<Utc>)> =
+        sqlx::query("SELECT data, created_at FROM events WHERE event_type = 'inventory.Expired'")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
     let mut late: Vec<f64> = ended
         .iter()
         .map(|(data, at)| {
@@ -208,16 +220,15 @@ async fn ten_thousand_timers_fire_once_each_across_a_kill_and_a_rebalance() {
 
     // A replay of every partition while the workers run changes no hold.
     let before = support::workload::stored_aggregates(&db).await;
-    let positions: BTreeMap<i32, i64> = sqlx::query(
-        "SELECT partition, next_offset FROM partitions WHERE topic = $1",
-    )
-    .bind(topics.commands.as_str())
-    .fetch_all(&db.pool)
-    .await
-    .unwrap()
-    .into_iter()
-    .map(|r| (r.get(0), r.get(1)))
-    .collect();
+    let positions: BTreeMap<i32, i64> =
+        sqlx::query("SELECT partition, next_offset FROM partitions WHERE topic = $1")
+            .bind(topics.commands.as_str())
+            .fetch_all(&db.pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
     let (ok, out) = cmdproc_on(
         &db,
         &topics,
@@ -241,7 +252,10 @@ async fn ten_thousand_timers_fire_once_each_across_a_kill_and_a_rebalance() {
         if behind == 0 {
             break;
         }
-        assert!(Instant::now() < settle, "the replay did not finish: {behind} partitions behind");
+        assert!(
+            Instant::now() < settle,
+            "the replay did not finish: {behind} partitions behind"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert_eq!(support::workload::stored_aggregates(&db).await, before);

@@ -465,6 +465,20 @@ impl Aggregate for Order {
             OrderEvent::Refunded { .. } => state.payment = Payment::Refunded,
         }
     }
+
+    /// `reserving`, `paying`, `confirmed` or `cancelled:<reason>`: counted per status in
+    /// `cmdproc_aggregates{type="order"}` (sagas by state, cancellations by reason).
+    fn status(state: &OrderState) -> Option<String> {
+        Some(match state.status {
+            Status::New => "new".to_owned(),
+            Status::Reserving => "reserving".to_owned(),
+            Status::Paying => "paying".to_owned(),
+            Status::Confirmed => "confirmed".to_owned(),
+            Status::Cancelled => {
+                format!("cancelled:{}", state.reason.as_deref().unwrap_or("unknown"))
+            }
+        })
+    }
 }
 
 /// `Place`: checks the order, sends its reservations and sets its deadline.

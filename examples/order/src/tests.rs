@@ -784,3 +784,24 @@ fn every_interleaving_ends_with_stock_and_money_conserved() {
         assert!(ends.contains_key(end), "{end}: {ends:?}");
     }
 }
+
+#[test]
+fn the_status_says_where_the_order_stands_and_why_it_was_cancelled() {
+    let state_after = |events: &[E]| given::<Order>(events.to_vec()).state().clone();
+    assert_eq!(
+        Order::status(&OrderState::default()).as_deref(),
+        Some("new")
+    );
+    assert_eq!(
+        Order::status(&state_after(&[placed()])).as_deref(),
+        Some("reserving")
+    );
+    assert_eq!(
+        Order::status(&state_after(&paying())).as_deref(),
+        Some("paying")
+    );
+    assert_eq!(
+        Order::status(&state_after(&[placed(), cancelled("out_of_stock", &[])])).as_deref(),
+        Some("cancelled:out_of_stock")
+    );
+}
