@@ -13,7 +13,10 @@
 //!   bench and the integration tests.
 //! - `workers`: the worker processes and the guard that stops them.
 //! - `verify`: waiting, reading back, the summary and the invariants.
+//! - `sagas`: orders (the `order` saga over `inventory` and `account`, with timers), and
+//!   the invariants of workflows; run when the registry has those domains.
 
+pub(super) mod sagas;
 pub(super) mod verify;
 pub(super) mod workers;
 
@@ -72,6 +75,8 @@ pub struct DemoArgs {
 pub(super) const SOURCE: &str = "/cmdproc-demo";
 /// Accounts the workload opens and then moves money in and out of.
 const ACCOUNTS: usize = 50;
+/// Orders the saga part places.
+const ORDERS: usize = 300;
 /// Rooms the workload books and cancels.
 const ROOMS: usize = 20;
 /// Share of valid commands that are sent a second time.
@@ -342,9 +347,36 @@ async fn scenario(
     verify::print_summary(&workload, &model, &observed, timings);
 
     println!("[7/8] invariants");
-    let checks = verify::checks(&workload, &model, &deliveries, &observed);
+    let mut checks = verify::checks(&workload, &model, &deliveries, &observed);
     for c in &checks {
         println!("  {c}");
+    }
+    if sagas::available(registry) {
+        println!(
+            "      sagas: {ORDERS} orders over the accounts and 10 SKUs (2 scarce), each \
+             reserving stock, paying, confirming or compensating"
+        );
+        let placing = Instant::now();
+        let outcome = sagas::run(
+            &common.brokers,
+            ns,
+            pool,
+            workers,
+            sagas::Orders {
+                seed: args.seed,
+                orders: ORDERS,
+                accounts: ACCOUNTS,
+                timeout: args.timeout,
+            },
+        )
+        .await?;
+        println!("      settled in {:.1}s", placing.elapsed().as_secs_f64());
+        let first = (b'a' + checks.len() as u8) as char;
+        let more = sagas::checks(&outcome, first);
+        for c in &more {
+            println!("  {c}");
+        }
+        checks.extend(more);
     }
     let failed = checks.iter().filter(|c| !c.pass).count();
     if failed > 0 {

@@ -458,16 +458,16 @@ fn invalid_messages(
         "unknown command account.Teleport",
     ));
     out.push(raw(
-        Some("order-1"),
+        Some("ship-1"),
         Some(json_bytes(&envelope(
             source,
             &next_id(),
-            "order.Place",
-            "order-1",
-            json!({"sku": "tea"}),
+            "shipment.Dispatch",
+            "ship-1",
+            json!({"to": "mars"}),
         ))),
         UnknownType,
-        "unknown aggregate type order",
+        "unknown aggregate type shipment",
     ));
 
     // Schema violations, of the data and of the envelope.

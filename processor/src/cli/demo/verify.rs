@@ -413,7 +413,12 @@ impl std::fmt::Display for Check {
 /// How many counterexamples a failed check lists.
 const EXAMPLES: usize = 5;
 
-fn check(label: char, title: &'static str, problems: Vec<String>, ok: String) -> Check {
+pub(in crate::cli) fn check(
+    label: char,
+    title: &'static str,
+    problems: Vec<String>,
+    ok: String,
+) -> Check {
     let pass = problems.is_empty();
     let detail = if pass {
         ok
