@@ -16,6 +16,7 @@ use rdkafka::ClientConfig;
 use serde_json::json;
 use sqlx::Row;
 use support::workload::assert_events_published;
+use support::{backup, restore};
 use support::{
     cmdproc, cmdproc_on, ends, free_addr, produce_all, read_topic, read_topic_at_least, repo_root,
     scrape, wait_processed, KillOnDrop, TestDb, TestTopics, WorkerProcess, BROKERS,
@@ -184,48 +185,6 @@ async fn deployment(db: &TestDb) -> String {
         .await
         .unwrap()
         .to_string()
-}
-
-/// A custom-format backup of the test's database.
-fn backup(db: &TestDb) -> PathBuf {
-    let dump = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{}.dump", db.name));
-    let status = std::process::Command::new("pg_dump")
-        .args(["--format=custom", "--file"])
-        .arg(&dump)
-        .arg(format!("--dbname={}", db.url))
-        .status()
-        .unwrap();
-    assert!(status.success(), "pg_dump");
-    dump
-}
-
-/// Replaces the test's database with the backup, under whatever runs against it.
-async fn restore(db: &mut TestDb, dump: &PathBuf) {
-    db.pool.close().await;
-    {
-        use sqlx::Connection;
-        let mut admin = sqlx::PgConnection::connect(&support::admin_url())
-            .await
-            .unwrap();
-        sqlx::query(&format!("DROP DATABASE {} WITH (FORCE)", db.name))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        sqlx::query(&format!("CREATE DATABASE {}", db.name))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-    }
-    let status = std::process::Command::new("pg_restore")
-        .args(["--single-transaction", "--no-owner"])
-        .arg(format!("--dbname={}", db.url))
-        .arg(dump)
-        .status()
-        .unwrap();
-    assert!(status.success(), "pg_restore");
-    db.pool = processor::store::connect(&db.url, 4, Duration::from_secs(5))
-        .await
-        .unwrap();
 }
 
 /// How many events each stored event id appears on the topic.

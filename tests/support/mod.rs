@@ -598,3 +598,43 @@ pub async fn produce_and_wait(
     wait_processed(db, &topics.commands, &ends(&deliveries), timeout, workers).await;
     deliveries
 }
+
+/// A custom-format backup of the test's database.
+pub fn backup(db: &TestDb) -> PathBuf {
+    let dump = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{}.dump", db.name));
+    let status = std::process::Command::new("pg_dump")
+        .args(["--format=custom", "--file"])
+        .arg(&dump)
+        .arg(format!("--dbname={}", db.url))
+        .status()
+        .unwrap();
+    assert!(status.success(), "pg_dump");
+    dump
+}
+
+/// Replaces the test's database with the backup, under whatever runs against it.
+pub async fn restore(db: &mut TestDb, dump: &PathBuf) {
+    db.pool.close().await;
+    {
+        use sqlx::Connection;
+        let mut admin = sqlx::PgConnection::connect(&admin_url()).await.unwrap();
+        sqlx::query(&format!("DROP DATABASE {} WITH (FORCE)", db.name))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        sqlx::query(&format!("CREATE DATABASE {}", db.name))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
+    let status = std::process::Command::new("pg_restore")
+        .args(["--single-transaction", "--no-owner"])
+        .arg(format!("--dbname={}", db.url))
+        .arg(dump)
+        .status()
+        .unwrap();
+    assert!(status.success(), "pg_restore");
+    db.pool = processor::store::connect(&db.url, 4, Duration::from_secs(5))
+        .await
+        .unwrap();
+}
