@@ -30,7 +30,7 @@ pub struct GatewayArgs {
     /// Where to serve HTTP.
     #[arg(long, env = "CMDPROC_GATEWAY_LISTEN", default_value = crate::gateway::DEFAULT_ADDR)]
     pub listen: SocketAddr,
-    /// The topic replies are asked on and read from [default: <commands-topic>.replies].
+    /// The topic replies are asked on and read from (default: `<commands-topic>.replies`).
     /// Every gateway reads all of it and keeps the replies to its own requests.
     #[arg(long, env = "CMDPROC_REPLY_TOPIC")]
     pub reply_topic: Option<Topic>,
