@@ -27,10 +27,10 @@ const SOURCE: &str = "/inventory-e2e";
 const SKUS: usize = 10;
 const PARTITIONS: i32 = 4;
 
-/// The example's binary. `cargo test --workspace` builds it with the workspace; a run of
-/// this suite alone (`-p processor --test inventory`) builds only `processor`'s binaries, so
-/// then it is built here, into the target directory this test was built in (the test
-/// executable is `<target>/<profile>/deps/inventory-<hash>`).
+/// The example's binary, built here (an up-to-date build costs a second) into the target
+/// directory this test was built in (the test executable is
+/// `<target>/<profile>/deps/inventory-<hash>`): a run of this suite alone builds only
+/// `processor`'s binaries, and a binary left by an older build must not be tested.
 fn inventory_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -41,13 +41,19 @@ fn inventory_bin() -> PathBuf {
             .expect("the test runs from <target>/<profile>/deps")
             .to_path_buf();
         let bin = profile_dir.join(format!("inventory{}", std::env::consts::EXE_SUFFIX));
-        if bin.exists() && std::env::var_os("CMDPROC_REBUILD_EXAMPLE").is_none() {
-            return bin;
-        }
         let target_dir = profile_dir.parent().expect("a target directory");
         let mut build = std::process::Command::new(option_env!("CARGO").unwrap_or("cargo"));
         build
-            .args(["build", "-p", "inventory-cli", "--bin", "inventory"])
+            // Always: cargo does nothing when it is up to date, and a binary left by an
+            // older build of the example would be tested instead of this one.
+            .args([
+                "build",
+                "--locked",
+                "-p",
+                "inventory-cli",
+                "--bin",
+                "inventory",
+            ])
             .env("CARGO_TARGET_DIR", target_dir)
             .current_dir(support::repo_root());
         if profile_dir.file_name().is_some_and(|p| p == "release") {

@@ -350,12 +350,6 @@ async fn a_restored_database_fires_its_timers_again_without_a_second_effect() {
         .map(|ce| ce["id"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(fired.len(), N, "the timers' commands kept their ids");
-    assert!(
-        worker
-            .log_text()
-            .contains("skipped outbox rows already on their topic"),
-        "the timers fired again after the restore, and the relay recognised their commands"
-    );
     drop(worker);
     db.drop_db().await;
 }

@@ -32,8 +32,13 @@ pub async fn run(common: &Common, registry: &Registry, args: InspectArgs) -> any
         .await?
     {
         Some(v) => {
-            println!("{}", serde_json::to_string_pretty(&v)?);
-            Ok(())
+            use std::io::Write as _;
+            let text = serde_json::to_string_pretty(&v)?;
+            match writeln!(std::io::stdout().lock(), "{text}") {
+                // Piped into `head` or the like, which stopped reading: nothing is lost.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                other => Ok(other?),
+            }
         }
         None => anyhow::bail!(
             "no {} `{}` has been seen",

@@ -212,6 +212,16 @@ impl Worker {
     }
 
     /// `partition`'s stored next offset as this worker knows it, while it owns it.
+    /// The owned partitions with this worker's epoch of each.
+    pub(super) fn owned_epochs(&self) -> std::collections::HashMap<i32, i64> {
+        self.owned
+            .lock()
+            .expect("owned map")
+            .iter()
+            .map(|(p, o)| (*p, o.epoch))
+            .collect()
+    }
+
     pub(super) fn next_offset(&self, partition: i32) -> Option<i64> {
         self.owned
             .lock()
@@ -227,13 +237,7 @@ impl Worker {
     /// on the member the group gave it to.
     pub(super) async fn check_epochs(&self, consumer: &Consumer) {
         self.retake_dropped(consumer).await;
-        let mine: Vec<(i32, i64)> = self
-            .owned
-            .lock()
-            .expect("owned map")
-            .iter()
-            .map(|(p, o)| (*p, o.epoch))
-            .collect();
+        let mine: Vec<(i32, i64)> = self.owned_epochs().into_iter().collect();
         if mine.is_empty() {
             return;
         }

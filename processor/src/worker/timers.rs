@@ -1,6 +1,5 @@
 //! Firing the due timers of the partitions this worker owns.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use super::Worker;
@@ -20,13 +19,7 @@ impl Worker {
     /// wakes the relay when it fired any. Returns whether it fired as many as it may in one
     /// go (more may be due).
     pub(super) async fn fire_timers(&self) -> bool {
-        let epochs: HashMap<i32, i64> = self
-            .owned
-            .lock()
-            .expect("owned map")
-            .iter()
-            .map(|(p, o)| (*p, o.epoch))
-            .collect();
+        let epochs = self.owned_epochs();
         let topic = self.config.commands_topic.as_str();
         match store::fire_due_timers(&self.pool, topic, &epochs, FIRE_LIMIT).await {
             Ok(fired) if !fired.lateness.is_empty() => {
