@@ -131,17 +131,18 @@ pub async fn fire_due_timers(
     if epochs.is_empty() {
         return Ok(fired);
     }
-    let partitions: Vec<i32> = epochs.keys().copied().collect();
-    // Cheap check without locks first: an idle partition costs one index probe.
-    let any: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM timers WHERE commands_topic = $1 AND partition = ANY($2)
-                        AND due_at <= now())",
+    let owned: Vec<i32> = epochs.keys().copied().collect();
+    // Without locks first: an idle partition costs one index probe, and only the
+    // partitions with due timers are locked (each lock holds back that partition's batch).
+    let partitions: Vec<i32> = sqlx::query_scalar(
+        "SELECT DISTINCT partition FROM timers WHERE commands_topic = $1 AND partition = ANY($2)
+         AND due_at <= now()",
     )
     .bind(topic)
-    .bind(&partitions)
-    .fetch_one(pool)
+    .bind(&owned)
+    .fetch_all(pool)
     .await?;
-    if !any {
+    if partitions.is_empty() {
         return Ok(fired);
     }
     let mut tx = pool.begin().await?;
