@@ -165,15 +165,7 @@ async fn after_a_database_restore_the_workers_reapply_exactly_what_was_lost() {
     .await;
 
     // Back up mid-run, then let the run go on.
-    let dump =
-        std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{}.dump", db.name));
-    let status = std::process::Command::new("pg_dump")
-        .args(["--format=custom", "--file"])
-        .arg(&dump)
-        .arg(format!("--dbname={}", db.url))
-        .status()
-        .unwrap();
-    assert!(status.success(), "pg_dump");
+    let dump = crate::support::backup(&db);
     let d2 = produce_all(&producer, second).await;
     let mut all = d1.clone();
     all.extend(d2);
@@ -193,33 +185,9 @@ async fn after_a_database_restore_the_workers_reapply_exactly_what_was_lost() {
         .map(|r| (r.get(0), r.get(1)))
         .collect();
 
-    // Restore the backup under the running workers: everything after it is lost.
-    db.pool.close().await;
-    {
-        use sqlx::Connection;
-        let mut admin = sqlx::PgConnection::connect(&crate::support::admin_url())
-            .await
-            .unwrap();
-        sqlx::query(&format!("DROP DATABASE {} WITH (FORCE)", db.name))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        sqlx::query(&format!("CREATE DATABASE {}", db.name))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-    }
-    // One transaction: the workers, retrying meanwhile, see the old tables or none.
-    let status = std::process::Command::new("pg_restore")
-        .args(["--single-transaction", "--no-owner"])
-        .arg(format!("--dbname={}", db.url))
-        .arg(&dump)
-        .status()
-        .unwrap();
-    assert!(status.success(), "pg_restore");
-    db.pool = processor::store::connect(&db.url, 4, Duration::from_secs(5))
-        .await
-        .unwrap();
+    // Restore the backup under the running workers: everything after it is lost. One
+    // transaction: the workers, retrying meanwhile, see the old tables or none.
+    crate::support::restore(&mut db, &dump).await;
     let restored_at = chrono::Utc::now();
     let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_commands")
         .fetch_one(&db.pool)
