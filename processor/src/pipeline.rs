@@ -564,17 +564,7 @@ async fn write_plans(
         pending.extend(
             plan.replies
                 .iter()
-                .filter(|r| match &r.answers {
-                    Answers::Processed => true,
-                    Answers::DeadLetter => new_dead_letters.contains(&(target.partition, r.offset)),
-                    Answers::Duplicate { recorded_at } => {
-                        new_duplicates.contains(&(target.partition, r.offset))
-                            && recorded_at.as_ref().is_none_or(|at| {
-                                (at.topic.as_str(), at.partition, at.offset)
-                                    != (target.topic, target.partition, r.offset)
-                            })
-                    }
-                })
+                .filter(|r| answered(r, target, &new_dead_letters, &new_duplicates))
                 .flat_map(|r| {
                     let to_topic =
                         r.to.topic
@@ -603,6 +593,30 @@ async fn write_plans(
         .collect();
     store::write_timers(tx, topic, &timers).await?;
     Ok(ends)
+}
+
+/// Whether the delivery `reply` answers is recorded by this batch for the first time, and
+/// so gets its reply (and its emitter its outcome): a processed command always; a dead
+/// letter whose `dead_letters` row is new; a duplicate whose `duplicate_deliveries` row is
+/// new and that is not the very message whose outcome was recorded (a replay re-reading it).
+fn answered(
+    reply: &ReplyRow,
+    target: &BatchTarget<'_>,
+    new_dead_letters: &HashSet<(i32, i64)>,
+    new_duplicates: &HashSet<(i32, i64)>,
+) -> bool {
+    let delivery = (target.partition, reply.offset);
+    match &reply.answers {
+        Answers::Processed => true,
+        Answers::DeadLetter => new_dead_letters.contains(&delivery),
+        Answers::Duplicate { recorded_at } => {
+            new_duplicates.contains(&delivery)
+                && recorded_at.as_ref().is_none_or(|at| {
+                    (at.topic.as_str(), at.partition, at.offset)
+                        != (target.topic, target.partition, reply.offset)
+                })
+        }
+    }
 }
 
 /// Inside `tx`, which holds the partition's row lock: loads the outcomes, aggregates and
